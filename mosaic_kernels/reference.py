@@ -1,0 +1,177 @@
+"""Plain-torch definitions of every mosaic_kernels op: the ground truth in tests.
+
+Every function computes in fp32 and casts the result back to the dtype of its main input
+(``x`` or ``res``; for ``attention``, ``qkv``). They are deliberately plain: no fusion, no
+in-place tricks, no backend dispatch. Kernels (Triton, CUDA) are tested against them.
+
+Shapes use B = batch, L = tokens, D = model width (C in the runtime), K = GEMM input width,
+N = GEMM output width, H = heads, hd = head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "attention_ref",
+    "gated_residual_ln_modulate_ref",
+    "gated_residual_ref",
+    "gelu_tanh_ref",
+    "linear_gated_residual_ref",
+    "linear_gelu_ref",
+    "ln_modulate_ref",
+]
+
+
+def _layer_norm_fp32(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine over the last dim, on an fp32 tensor (biased variance)."""
+    mean = x.mean(dim=-1, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dim=-1, keepdim=True)
+    return xc * torch.rsqrt(var + eps)
+
+
+def ln_modulate_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :]`` (LayerNorm without affine).
+
+    ``LN(x) = (x - mean(x)) / sqrt(var(x) + eps)`` over the last dim, with the biased variance
+    (as ``torch.nn.LayerNorm``). This is the adaLN-Zero "norm + modulate" of a DiT block.
+
+    Args:
+        x: (B, L, D) activations.
+        shift: (B, D) per-sample shift.
+        scale: (B, D) per-sample scale (the modulation is ``1 + scale``).
+        eps: variance epsilon.
+
+    Returns:
+        (B, L, D) tensor of ``x.dtype``.
+    """
+    xf = x.float()
+    y = _layer_norm_fp32(xf, eps) * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    return y.to(x.dtype)
+
+
+def gated_residual_ref(res: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``out = res + gate[:, None, :] * y``.
+
+    Args:
+        res: (B, L, D) residual stream.
+        gate: (B, D) per-sample gate.
+        y: (B, L, D) branch output.
+
+    Returns:
+        (B, L, D) tensor of ``res.dtype``.
+    """
+    out = res.float() + gate.float()[:, None, :] * y.float()
+    return out.to(res.dtype)
+
+
+def gated_residual_ln_modulate_ref(
+    res: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = res + gate[:, None, :] * y``; ``normed = LN(h) * (1 + scale[:, None, :]) + shift[:, None, :]``.
+
+    Step 1: the gated residual update ``h`` (the new residual stream).
+    Step 2: ``normed`` is ``ln_modulate`` of ``h`` for the next sub-block. It is computed from
+    the fp32 ``h`` (before ``h`` is rounded to the output dtype), as a fused kernel does.
+
+    Args:
+        res: (B, L, D) residual stream.
+        gate: (B, D) per-sample gate.
+        y: (B, L, D) branch output.
+        shift: (B, D) per-sample shift of the next norm.
+        scale: (B, D) per-sample scale of the next norm.
+        eps: variance epsilon.
+
+    Returns:
+        ``(h, normed)``, both (B, L, D) tensors of ``res.dtype``.
+    """
+    h = res.float() + gate.float()[:, None, :] * y.float()
+    normed = _layer_norm_fp32(h, eps) * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    return h.to(res.dtype), normed.to(res.dtype)
+
+
+def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(x) = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))``, in fp32.
+
+    Args:
+        x: tensor of any shape.
+
+    Returns:
+        fp32 tensor of the same shape.
+    """
+    xf = x.float()
+    inner = math.sqrt(2.0 / math.pi) * (xf + 0.044715 * xf * xf * xf)
+    return 0.5 * xf * (1.0 + torch.tanh(inner))
+
+
+def linear_gelu_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``y = gelu_tanh(x @ weight.T + bias)`` (the DiT fc1 with its tanh-GELU).
+
+    Args:
+        x: (..., K) input.
+        weight: (N, K) weight, as ``nn.Linear.weight``.
+        bias: (N,) bias, or None.
+
+    Returns:
+        (..., N) tensor of ``x.dtype``.
+    """
+    acc = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return gelu_tanh_ref(acc).to(x.dtype)
+
+
+def linear_gated_residual_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gate: torch.Tensor,
+    res: torch.Tensor,
+) -> torch.Tensor:
+    """``out = res + gate[:, None, :] * (x @ weight.T + bias)`` (attention proj or fc2 of a DiT block).
+
+    Args:
+        x: (B, L, K) input.
+        weight: (N, K) weight, as ``nn.Linear.weight``.
+        bias: (N,) bias, or None.
+        gate: (B, N) per-sample gate.
+        res: (B, L, N) residual stream.
+
+    Returns:
+        (B, L, N) tensor of ``res.dtype``.
+    """
+    acc = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    out = res.float() + gate.float()[:, None, :] * acc
+    return out.to(res.dtype)
+
+
+def attention_ref(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``out = softmax(q @ k^T / sqrt(hd)) @ v`` per head, heads concatenated.
+
+    ``qkv`` is laid out ``[q | k | v]`` along the last dim, each part ``H * hd`` wide with
+    heads contiguous (head ``i`` is columns ``i*hd:(i+1)*hd`` of its part). Non-causal, no mask.
+
+    Args:
+        qkv: (B, L, 3 * H * hd) fused projections.
+        num_heads: H.
+
+    Returns:
+        (B, L, H * hd) tensor of ``qkv.dtype``.
+    """
+    B, L, three_hd = qkv.shape
+    hd = three_hd // (3 * num_heads)
+    q, k, v = qkv.float().view(B, L, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))
+    out = scores.softmax(dim=-1) @ v  # (B, H, L, hd)
+    return out.transpose(1, 2).reshape(B, L, num_heads * hd).to(qkv.dtype)

@@ -1,0 +1,211 @@
+"""Stage calibration: noised inputs per stage and the input Hessians of every block's consumers.
+
+For a stage ``[t_start, t_end)`` the calibration set is clean data ``x_0`` (VAE latents for
+DiT-XL/2, pixels for the embedded model) noised to ``t ~ U[t_start, t_end)`` with the model's
+training schedule. With classifier-free guidance each batch is duplicated with the null class,
+so both branches enter the statistics. The Hessians ``H = X^T X / n_tokens`` of the inputs of
+every block's ``proj`` (attention output) and ``fc2`` (MLP output) are accumulated in float64
+by forward pre-hooks during one pass of the dense model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mosaicdiff import schedule
+from mosaicdiff.integrations import diffusers_dit as dit
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Calibration", "collect_hessians", "resolve_alphas_cumprod", "stage_inputs"]
+
+_CHUNK_ELEMENTS = 1 << 24  # float64 temporaries of at most 128 MiB while accumulating X^T X
+
+
+@dataclass
+class Calibration:
+    """Clean calibration data.
+
+    Parameters:
+        x0 (`torch.Tensor` of shape `(N, C, H, W)`): clean latents (or pixels) as the model
+            sees them at t = 0 (for DiT-XL/2: VAE latents times the VAE scaling factor).
+        labels (`torch.Tensor` of shape `(N,)`): class labels (converted to int64).
+        null_class (`int`, *optional*, defaults to 1000): the unconditional class id used for
+            classifier-free guidance (DiT: 1000 = ``num_embeds_ada_norm``).
+    """
+
+    x0: torch.Tensor
+    labels: torch.Tensor
+    null_class: int = 1000
+
+    def __post_init__(self):
+        if not isinstance(self.x0, torch.Tensor) or self.x0.dim() != 4:
+            shape = tuple(self.x0.shape) if isinstance(self.x0, torch.Tensor) else type(self.x0).__name__
+            raise ValueError(f"Calibration.x0 must be a (N, C, H, W) tensor, got {shape}")
+        if not self.x0.is_floating_point():
+            raise TypeError(f"Calibration.x0 must be floating point, got {self.x0.dtype}")
+        if self.x0.shape[0] == 0:
+            raise ValueError("Calibration is empty: x0 has 0 samples")
+        labels = torch.as_tensor(self.labels)
+        if labels.dim() != 1 or labels.shape[0] != self.x0.shape[0]:
+            raise ValueError(f"Calibration.labels must be ({self.x0.shape[0]},), got {tuple(labels.shape)}")
+        if labels.is_floating_point() and not torch.equal(labels, labels.round()):
+            raise TypeError("Calibration.labels must be integer class ids")
+        self.labels = labels.to(device=self.x0.device, dtype=torch.long)
+        if int(self.null_class) != self.null_class or self.null_class < 0:
+            raise ValueError(f"Calibration.null_class must be a non-negative integer, got {self.null_class!r}")
+        self.null_class = int(self.null_class)
+
+    def __len__(self) -> int:
+        return int(self.x0.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x0.device
+
+    @property
+    def x0_sq_norm(self) -> float:
+        """``r = ||x_0||^2 / d`` averaged over the samples (the closed form's data term)."""
+        return float(self.x0.detach().to(torch.float64).pow(2).mean())
+
+
+def resolve_alphas_cumprod(alphas_cumprod=None) -> torch.Tensor:
+    """``alphas_cumprod`` as float64 CPU tensor from None (DiT's linear schedule), an array or a scheduler."""
+    if alphas_cumprod is None:
+        return torch.from_numpy(schedule.linear_alphas_cumprod())
+    if hasattr(alphas_cumprod, "alphas_cumprod"):
+        return dit.scheduler_alphas_cumprod(alphas_cumprod)
+    if isinstance(alphas_cumprod, np.ndarray):
+        return torch.from_numpy(alphas_cumprod.astype(np.float64))
+    return torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+
+
+def stage_inputs(calibration: Calibration, t_start: int, t_end: int, n_samples: int, cfg: bool = True,
+                 generator: torch.Generator | None = None,
+                 alphas_cumprod=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Calibration inputs of one stage: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``.
+
+    Samples are drawn from `calibration` in random order, cycling through it when `n_samples`
+    exceeds its size; ``t`` is uniform on ``[t_start, t_end)``.
+
+    Args:
+        calibration (`Calibration`): the clean data.
+        t_start (`int`): first timestep of the stage (inclusive).
+        t_end (`int`): end of the stage (exclusive), ``<= len(alphas_cumprod)``.
+        n_samples (`int`): noised samples to draw (before CFG duplication).
+        cfg (`bool`, *optional*, defaults to True): append a copy of the batch with the labels
+            replaced by ``calibration.null_class`` (so the result has ``2 * n_samples`` rows).
+        generator (`torch.Generator`, *optional*): CPU generator for indices, t and noise.
+        alphas_cumprod (*optional*): ``abar`` (array/tensor of length T) or a diffusers scheduler;
+            default: DiT's linear schedule (1e-4 .. 0.02, T = 1000).
+
+    Returns:
+        `(x_t, t, labels)` on the calibration's device: ``x_t`` like ``x0`` (its dtype), ``t``
+        and ``labels`` int64.
+
+    Raises:
+        ValueError: on an empty or out-of-range t interval or a non-positive `n_samples`.
+    """
+    abar = resolve_alphas_cumprod(alphas_cumprod)
+    T = abar.numel()
+    if not (0 <= t_start < t_end <= T):
+        raise ValueError(f"need 0 <= t_start < t_end <= T={T}, got t_start={t_start}, t_end={t_end}")
+    if int(n_samples) != n_samples or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    n_samples = int(n_samples)
+    N = len(calibration)
+    reps = -(-n_samples // N)
+    idx = torch.cat([torch.randperm(N, generator=generator) for _ in range(reps)])[:n_samples]
+    t = torch.randint(int(t_start), int(t_end), (n_samples,), generator=generator)
+    x0 = calibration.x0.detach()
+    noise = torch.randn((n_samples, *x0.shape[1:]), generator=generator, dtype=torch.float32)
+    a = abar[t].to(torch.float32).view(-1, 1, 1, 1)
+    dev = x0.device
+    x_t = a.sqrt().to(dev) * x0[idx.to(dev)].float() + (1 - a).sqrt().to(dev) * noise.to(dev)
+    x_t = x_t.to(x0.dtype)
+    t = t.to(dev)
+    labels = calibration.labels[idx.to(dev)]
+    if cfg:
+        x_t = torch.cat([x_t, x_t])
+        t = torch.cat([t, t])
+        labels = torch.cat([labels, torch.full_like(labels, calibration.null_class)])
+    return x_t, t, labels
+
+
+class _HessianHook:
+    """Forward pre-hook accumulating ``X^T X`` (float64) of a linear layer's input."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.n = n
+        self.H = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def __call__(self, module: nn.Module, args):
+        x = args[0].detach().reshape(-1, self.n)
+        rows = max(1, _CHUNK_ELEMENTS // self.n)
+        for chunk in x.split(rows):
+            c = chunk.to(torch.float64)
+            self.H.addmm_(c.T, c)
+        self.tokens += x.shape[0]
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                     batch_size: int = 64, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Runs the dense DiT on the calibration inputs and returns each block's input Hessians.
+
+    Args:
+        model (`nn.Module`): a DiT accepted by `mosaicdiff.integrations.diffusers_dit.validate_dit`.
+        x_t (`torch.Tensor`): (B, C, H, W) noised inputs (as from `stage_inputs`).
+        t (`torch.Tensor`): (B,) timesteps.
+        labels (`torch.Tensor`): (B,) class labels.
+        batch_size (`int`, *optional*, defaults to 64): model batch size.
+        progress (`bool`, *optional*, defaults to True): show a tqdm progress bar.
+
+    Returns:
+        `list[dict]`, one per block: ``{"proj": H, "fc2": H}``, float64 (in, in) matrices
+        ``X^T X / n_tokens`` on the model's device.
+
+    Raises:
+        ValueError: on mismatched batch sizes, an empty batch or a bad `batch_size`.
+    """
+    dit.validate_dit(model)
+    B = x_t.shape[0]
+    if B == 0 or t.shape != (B,) or labels.shape != (B,):
+        raise ValueError(f"expected x_t (B>0, ...), t (B,), labels (B,); got {tuple(x_t.shape)}, "
+                         f"{tuple(t.shape)}, {tuple(labels.shape)}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    param = next(model.parameters())
+    hooks, handles = [], []
+    for block in dit.transformer_blocks(model):
+        lin = dit.block_linears(block)
+        entry = {}
+        for name in ("proj", "fc2"):
+            hook = _HessianHook(lin[name].in_features, param.device)
+            handles.append(lin[name].register_forward_pre_hook(hook))
+            entry[name] = hook
+        hooks.append(entry)
+    was_training = model.training
+    model.eval()
+    try:
+        starts = range(0, B, int(batch_size))
+        for s in tqdm(starts, desc="calibrating", disable=not progress, leave=False):
+            sl = slice(s, s + int(batch_size))
+            dit.run_dit(model, x_t[sl].to(param.device, param.dtype), t[sl].to(param.device),
+                        labels[sl].to(param.device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = []
+    for entry in hooks:
+        out.append({name: hook.H.div_(max(hook.tokens, 1)) for name, hook in entry.items()})
+    logger.debug("collected Hessians of %d blocks from %d samples", len(out), B)
+    return out

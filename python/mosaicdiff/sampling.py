@@ -1,0 +1,204 @@
+"""Class-conditional sampling with classifier-free guidance for DiT-like models.
+
+`sample` works for any `nn.Module` called like diffusers' ``DiTTransformer2DModel``:
+``model(x, timestep=(2B,) long tensor, class_labels=(2B,) long tensor).sample`` with a
+``config`` holding ``in_channels``, ``out_channels``, ``sample_size`` and ``num_embeds_ada_norm``
+(the null class index used for guidance). The dense diffusers model and `MosaicDiT` both qualify.
+
+Fixed-noise comparisons: with the same seed (or the same `noise` tensor) and the default
+deterministic DDIM sampler (eta = 0), every method starts from the same initial noise, so the
+images of a dense and a pruned model can be compared pixel by pixel (PSNR).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trajectory", "default_scheduler", "make_noise", "sample"]
+
+
+class Trajectory(NamedTuple):
+    """The model inputs of one sampling run.
+
+    Attributes:
+        xs: one `(B, C, H, W)` CPU float32 tensor per sampling step: the ``x_t`` fed to the model
+            at that step (high noise first).
+        timesteps: `(num_steps,)` int64 training timesteps of the steps, in sampling order.
+    """
+
+    xs: list[torch.Tensor]
+    timesteps: torch.Tensor
+
+
+def default_scheduler():
+    """DDIM with DiT's training schedule (linear betas 1e-4..0.02, T = 1000), eta = 0 at `step`.
+
+    ``clip_sample=False``, as in DiT. Clipping the predicted ``x_0`` to [-1, 1] looks natural in
+    pixel space, but diffusers' DDIM then mixes the clipped ``x_0`` with the unclipped noise
+    direction; measured on the embedded digits model (100 samples, g = 1, a mid-training
+    checkpoint) clipping raised digits-FID from 152 to 188 at 20 steps, from 153 to 257 at 50
+    and from 153 to 568 at 200 steps (class accuracy 0.70 -> 0.16), while without clipping FID
+    was flat in the step count. ``timestep_spacing="leading"`` with ``set_alpha_to_one=True``
+    gives DiT's timesteps 980, 960, ..., 0 for 50 steps and a clean final ``x_0``. The final
+    images are clamped to [-1, 1] by `sample`.
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                         beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
+                         steps_offset=0, timestep_spacing="leading", prediction_type="epsilon")
+
+
+def _cfg(model: nn.Module, name: str):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"sample: model {type(model).__name__} has no `config` (expected a DiT-like model)")
+    value = config.get(name) if hasattr(config, "get") else getattr(config, name, None)
+    if value is None:
+        raise TypeError(f"sample: model config lacks {name!r} (expected a DiT-like model config)")
+    return value
+
+
+def _param_like(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def make_noise(model: nn.Module, num: int, seed: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initial noise `(num, C, H, W)` float32 on CPU, drawn from a CPU generator.
+
+    Drawing on the CPU makes the noise of a seed identical on every device and for every method.
+    """
+    c, s = int(_cfg(model, "in_channels")), int(_cfg(model, "sample_size"))
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
+    return torch.randn((num, c, s, s), generator=generator, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    labels,
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.5,
+    scheduler=None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    progress: bool = True,
+    batch_size: int | None = None,
+):
+    """Sample class-conditional images with classifier-free guidance.
+
+    At each step the batch is doubled: ``[x, x]`` with labels ``[y, null]`` (null =
+    ``model.config.num_embeds_ada_norm``) and the (2B,) int64 timestep; the guided noise is
+    ``eps = eps_u + g * (eps_c - eps_u)``. A learned-sigma model (``out_channels ==
+    2 * in_channels``) has its variance channels dropped (DDIM does not use them). With
+    ``guidance_scale == 1`` the unconditional branch is skipped (same result, half the work).
+
+    Args:
+        model: a DiT-like model (see the module docstring), e.g. ``DiTTransformer2DModel`` or
+            `MosaicDiT`. Its device and dtype are used for the forward passes.
+        labels: `(B,)` class ids (ints or a tensor).
+        num_inference_steps: sampler steps (`scheduler.set_timesteps`).
+        guidance_scale: CFG scale ``g`` (1 = conditional only). The default 1.5 suits the
+            embedded digits model (see `mosaicdiff.demo`).
+        scheduler: a diffusers scheduler (epsilon prediction); default `default_scheduler()`. It is
+            copied per batch, so stateful multistep schedulers work and the caller's is untouched.
+        noise: `(B, C, H, W)` initial noise; default drawn on the CPU from `generator`
+            (see `make_noise`). Pass the same noise (or seed) for fixed-noise comparisons.
+        generator: CPU generator for the initial noise (and stochastic schedulers).
+        return_trajectory: also return the `Trajectory` of model inputs.
+        progress: show a tqdm bar over the sampling steps.
+        batch_size: images per sampling run (default all at once).
+
+    Returns:
+        `(B, C, H, W)` float32 CPU images clamped to [-1, 1]; with `return_trajectory`, the tuple
+        ``(images, Trajectory)``.
+
+    Raises:
+        ValueError: on bad labels, noise shape, step count or batch size.
+        TypeError: if `model` has no DiT-like config.
+    """
+    from tqdm.auto import tqdm
+
+    in_ch = int(_cfg(model, "in_channels"))
+    out_ch = int(_cfg(model, "out_channels") or in_ch)
+    size = int(_cfg(model, "sample_size"))
+    null_class = int(_cfg(model, "num_embeds_ada_norm"))
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise ValueError(f"sample: out_channels must be in_channels ({in_ch}) or 2*in_channels "
+                         f"(learned sigma), got {out_ch}")
+    labels = torch.as_tensor(labels).reshape(-1)
+    if labels.is_floating_point():
+        raise TypeError(f"sample: labels must be integers, got {labels.dtype}")
+    labels = labels.long().cpu()
+    if labels.numel() == 0 or labels.min() < 0 or labels.max() >= null_class:
+        raise ValueError(f"sample: labels must be non-empty class ids in [0, {null_class}), "
+                         f"got {labels.tolist()[:16]}")
+    if int(num_inference_steps) < 1:
+        raise ValueError(f"sample: num_inference_steps must be >= 1, got {num_inference_steps}")
+    n = labels.numel()
+    if noise is None:
+        noise = make_noise(model, n, generator=generator)
+    elif tuple(noise.shape) != (n, in_ch, size, size):
+        raise ValueError(f"sample: noise must be {(n, in_ch, size, size)}, got {tuple(noise.shape)}")
+    bs = n if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"sample: batch_size must be >= 1, got {batch_size}")
+    base = scheduler if scheduler is not None else default_scheduler()
+    device, dtype = _param_like(model)
+    g = float(guidance_scale)
+    use_cfg = g != 1.0
+
+    outputs, traj_chunks, step_ts = [], [], None
+    num_chunks = (n + bs - 1) // bs
+    bar = tqdm(total=int(num_inference_steps) * num_chunks, desc="sampling", disable=not progress,
+               leave=False)
+    for i in range(0, n, bs):
+        sched = copy.deepcopy(base)
+        sched.set_timesteps(int(num_inference_steps))
+        step_kwargs = {"generator": generator} if _takes_generator(sched) else {}
+        y = labels[i:i + bs].to(device)
+        b = y.numel()
+        x = noise[i:i + bs].to(device=device, dtype=torch.float32) * float(sched.init_noise_sigma)
+        y_in = torch.cat([y, torch.full_like(y, null_class)]) if use_cfg else y
+        xs = []
+        for t in sched.timesteps:
+            if return_trajectory:
+                xs.append(x.detach().float().cpu())
+            x_in = sched.scale_model_input(x, t)
+            x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
+            t_in = torch.as_tensor(t, device=device).long().reshape(()).expand(x_in.shape[0])
+            out = model(x_in.to(dtype), timestep=t_in, class_labels=y_in).sample.float()
+            eps = out[:, :in_ch]
+            if use_cfg:
+                eps_c, eps_u = eps[:b], eps[b:]
+                eps = eps_u + g * (eps_c - eps_u)
+            x = sched.step(eps, t, x, return_dict=False, **step_kwargs)[0]
+            bar.update(1)
+        outputs.append(x.float().clamp(-1, 1).cpu())
+        traj_chunks.append(xs)
+        step_ts = sched.timesteps.detach().cpu().long()
+    bar.close()
+    images = torch.cat(outputs)
+    if not return_trajectory:
+        return images
+    xs = [torch.cat([chunk[k] for chunk in traj_chunks]) for k in range(len(traj_chunks[0]))]
+    return images, Trajectory(xs=xs, timesteps=step_ts)
+
+
+def _takes_generator(scheduler) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters

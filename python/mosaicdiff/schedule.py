@@ -1,0 +1,358 @@
+r"""Divide: the learning-speed score along the noise axis, stage boundaries, sparsity allocation.
+
+Closed form (``research/method.md``): with ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` and
+``r = ||x_0||^2 / d``, the expected per-dimension distance of the noisy latent to the clean one is::
+
+    E[MSE(t)] = (1 - sqrt(abar_t))^2 * r + (1 - abar_t)
+    Grad(t)   = E[MSE(t)] - E[MSE(t - 1)]            # with E[MSE(-1)] = 0 (x_{-1} = x_0)
+    Score(t)  = norm(Grad)(t) + lam * norm(ln SNR)(t)  # norm: min-max to [0, 1] over t
+
+The middle ("fast-learning") stage is the contiguous run of t around ``argmax Score`` where
+``Score(t) >= M * max Score``; it is ``[t_low, t_high)``. Early is ``t >= t_high`` (high noise),
+late is ``t < t_low``. A timestep equal to a boundary belongs to the stage *above* it, so with
+boundaries 600/200 the DDIM-50 timesteps 980, 960, ..., 0 split 20 / 20 / 10.
+
+Curves are returned as float64 numpy arrays indexed by the training timestep ``t = 0..T-1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STAGE_ORDER",
+    "allocate_sparsity",
+    "empirical_curve",
+    "expected_mse",
+    "learning_grad",
+    "linear_alphas_cumprod",
+    "log_snr",
+    "normalized_score",
+    "scaled_linear_alphas_cumprod",
+    "score",
+    "stage_boundaries",
+    "stage_mean_scores",
+    "stages_from_boundaries",
+    "steps_per_stage",
+]
+
+#: Stage names in trajectory order (sampling runs early -> middle -> late).
+STAGE_ORDER = ("early", "middle", "late")
+
+Stage = tuple[str, int, int]  # (name, t_start inclusive, t_end exclusive)
+
+
+def _as_abar(alphas_cumprod) -> np.ndarray:
+    if isinstance(alphas_cumprod, torch.Tensor):
+        alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64).numpy()
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    if abar.ndim != 1 or abar.size < 2:
+        raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {abar.shape}")
+    if not np.all((abar > 0) & (abar <= 1)):
+        raise ValueError(
+            f"alphas_cumprod must lie in (0, 1], got min {abar.min():.3g} and max {abar.max():.3g}"
+        )
+    return abar
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    span = x.max() - x.min()
+    if span <= 0:
+        return np.zeros_like(x)
+    return (x - x.min()) / span
+
+
+def linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                          beta_end: float = 0.02) -> np.ndarray:
+    """``cumprod(1 - beta)`` for ``beta = linspace(beta_start, beta_end, T)`` (DiT's schedule)."""
+    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+    return np.cumprod(1.0 - betas)
+
+
+def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                                 beta_end: float = 0.012) -> np.ndarray:
+    """``cumprod(1 - beta)`` for ``beta = linspace(sqrt(b0), sqrt(b1), T)^2`` (SDXL's schedule)."""
+    betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_train_timesteps,
+                        dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def expected_mse(alphas_cumprod, x0_sq_norm: float = 1.0) -> np.ndarray:
+    """``E[MSE(t)] = (1 - sqrt(abar_t))^2 * r + (1 - abar_t)``, per dimension.
+
+    Args:
+        alphas_cumprod (`np.ndarray` or `torch.Tensor`): ``abar_t`` for t = 0..T-1.
+        x0_sq_norm (`float`, *optional*, defaults to 1.0): ``r = ||x_0||^2 / d`` of the data.
+
+    Returns:
+        `np.ndarray` (T,) float64.
+    """
+    abar = _as_abar(alphas_cumprod)
+    if x0_sq_norm < 0:
+        raise ValueError(f"x0_sq_norm must be >= 0, got {x0_sq_norm}")
+    return (1.0 - np.sqrt(abar)) ** 2 * float(x0_sq_norm) + (1.0 - abar)
+
+
+def learning_grad(alphas_cumprod, x0_sq_norm: float = 1.0) -> np.ndarray:
+    """Per-step change of `expected_mse`: ``Grad(t) = E[MSE(t)] - E[MSE(t-1)]``, ``E[MSE(-1)] = 0``.
+
+    Returns:
+        `np.ndarray` (T,) float64, positive for any decreasing ``abar``.
+    """
+    mse = expected_mse(alphas_cumprod, x0_sq_norm)
+    return np.diff(mse, prepend=0.0)
+
+
+def log_snr(alphas_cumprod) -> np.ndarray:
+    """``ln SNR(t) = ln(abar_t / (1 - abar_t))`` (abar clipped below 1 to keep it finite)."""
+    abar = np.minimum(_as_abar(alphas_cumprod), 1.0 - 1e-12)
+    return np.log(abar) - np.log1p(-abar)
+
+
+def score(alphas_cumprod, lam: float = 0.0, x0_sq_norm: float = 1.0) -> np.ndarray:
+    """``Score(t) = norm(Grad)(t) + lam * norm(ln SNR)(t)``, both terms min-max normalized to [0, 1].
+
+    Normalizing first makes `lam` scale-free (our decision; the paper does not say).
+
+    Args:
+        alphas_cumprod: ``abar_t`` for t = 0..T-1.
+        lam (`float`, *optional*, defaults to 0.0): weight of the log-SNR term.
+        x0_sq_norm (`float`, *optional*, defaults to 1.0): ``||x_0||^2 / d``.
+
+    Returns:
+        `np.ndarray` (T,) float64.
+    """
+    grad = _minmax(learning_grad(alphas_cumprod, x0_sq_norm))
+    if lam == 0:
+        return grad
+    return grad + float(lam) * _minmax(log_snr(alphas_cumprod))
+
+
+def normalized_score(alphas_cumprod, lam: float = 0.0, x0_sq_norm: float = 1.0) -> np.ndarray:
+    """`score` min-max normalized to [0, 1] (what the sparsity allocation averages per stage)."""
+    return _minmax(score(alphas_cumprod, lam, x0_sq_norm))
+
+
+def stage_boundaries(alphas_cumprod, M: float = 0.55, lam: float = 0.0,
+                     x0_sq_norm: float = 1.0) -> tuple[int, int]:
+    """The middle (fast-learning) stage ``[t_low, t_high)`` from the closed-form score.
+
+    The middle stage is the contiguous run of timesteps containing ``argmax Score`` on which
+    ``Score(t) >= M * max Score`` (if the threshold set has several runs, the others are ignored
+    and logged). Early is ``t >= t_high``, late is ``t < t_low``. For DiT's linear schedule with
+    ``M = 0.55, lam = 0, r = 1`` this gives ``(111, 576)``; the paper's summaries quote bands of
+    about ``(200, 600]`` (pass explicit boundaries to use those).
+
+    Args:
+        alphas_cumprod: ``abar_t`` for t = 0..T-1.
+        M (`float`, *optional*, defaults to 0.55): threshold relative to the peak, in (0, 1].
+        lam (`float`, *optional*, defaults to 0.0): log-SNR weight, see `score`.
+        x0_sq_norm (`float`, *optional*, defaults to 1.0): ``||x_0||^2 / d``.
+
+    Returns:
+        `(t_low, t_high)` ints with ``0 <= t_low < t_high <= T``.
+
+    Raises:
+        ValueError: if `M` is not in (0, 1] or the score has no positive peak.
+    """
+    if not 0 < M <= 1:
+        raise ValueError(f"M must be in (0, 1], got {M}")
+    s = score(alphas_cumprod, lam, x0_sq_norm)
+    peak = int(np.argmax(s))
+    if s[peak] <= 0:
+        raise ValueError(f"the score has no positive peak (max {s[peak]:.3g}); pass explicit boundaries")
+    above = s >= M * s[peak]
+    lo = peak
+    while lo > 0 and above[lo - 1]:
+        lo -= 1
+    hi = peak + 1
+    while hi < s.size and above[hi]:
+        hi += 1
+    if int(above.sum()) != hi - lo:
+        logger.info("score >= M*max on %d timesteps outside the run [%d, %d) around the peak; ignored",
+                    int(above.sum()) - (hi - lo), lo, hi)
+    return lo, hi
+
+
+def stages_from_boundaries(t_low: int, t_high: int, T: int = 1000) -> list[Stage]:
+    """The three stages ``[(name, t_start, t_end)]`` in sampling order, ``t_end`` exclusive.
+
+    Returns:
+        ``[("early", t_high, T), ("middle", t_low, t_high), ("late", 0, t_low)]``.
+
+    Raises:
+        ValueError: unless ``0 < t_low < t_high < T`` (every stage non-empty).
+    """
+    for name, v in (("t_low", t_low), ("t_high", t_high), ("T", T)):
+        if int(v) != v:
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+    t_low, t_high, T = int(t_low), int(t_high), int(T)
+    if not 0 < t_low < t_high < T:
+        raise ValueError(f"stage boundaries must satisfy 0 < t_low < t_high < T={T}, "
+                         f"got t_low={t_low}, t_high={t_high}")
+    return [("early", t_high, T), ("middle", t_low, t_high), ("late", 0, t_low)]
+
+
+def steps_per_stage(timesteps, stages: Sequence[Stage]) -> dict[str, int]:
+    """Counts the sampler's timesteps falling in each stage (``t_start <= t < t_end``).
+
+    Args:
+        timesteps: the sampler's timesteps (e.g. ``scheduler.timesteps``), any order.
+        stages: ``[(name, t_start, t_end)]`` as from `stages_from_boundaries`.
+
+    Returns:
+        `dict` name -> number of steps, in the order of `stages`.
+
+    Raises:
+        ValueError: if a timestep lies in no stage or in more than one.
+    """
+    ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1).numpy()
+    counts = {}
+    hits = np.zeros(ts.shape, dtype=np.int64)
+    for name, t_start, t_end in stages:
+        inside = (ts >= t_start) & (ts < t_end)
+        counts[name] = int(inside.sum())
+        hits += inside
+    if np.any(hits != 1):
+        bad = ts[hits != 1]
+        raise ValueError(
+            f"timesteps {bad[:8].tolist()} fall in {hits[hits != 1][:8].tolist()} stages each "
+            f"(expected exactly 1); stages: {list(stages)}"
+        )
+    return counts
+
+
+def stage_mean_scores(stages: Sequence[Stage], norm_score) -> list[float]:
+    """Mean of a [0, 1] score over each stage's ``[t_start, t_end)`` (e.g. `normalized_score`)."""
+    s = np.asarray(norm_score, dtype=np.float64)
+    out = []
+    for name, t_start, t_end in stages:
+        if not 0 <= t_start < t_end <= s.size:
+            raise ValueError(f"stage {name!r} [{t_start}, {t_end}) is outside the score's t range [0, {s.size})")
+        out.append(float(s[t_start:t_end].mean()))
+    return out
+
+
+def allocate_sparsity(target_mean: float, stage_scores: Sequence[float],
+                      steps_per_stage: Mapping[str, int] | Sequence[int], s_max: float = 0.9,
+                      explicit: Sequence[float] | None = None) -> list[float]:
+    """Per-stage sparsities whose step-weighted mean equals `target_mean`.
+
+    ``s_i = c * (1 - score_i)`` with ``c`` chosen so that ``sum_i n_i s_i / sum_i n_i`` equals
+    `target_mean` (``n_i`` = sampling steps in stage i), then clipped to ``[0, s_max]``: stages
+    that hit ``s_max`` are fixed there and the rest of the budget is spread again over the
+    others, proportionally to ``1 - score_i`` (uniformly if those weights are all zero).
+    The stage with the highest mean score (the middle one) gets the least sparsity.
+
+    Args:
+        target_mean (`float`): target sparsity averaged over sampling steps, in ``[0, s_max]``.
+        stage_scores (`Sequence[float]`): mean normalized score of each stage, in [0, 1].
+        steps_per_stage: steps of each stage, as a sequence in the order of `stage_scores` or a
+            name -> count mapping in that order (`steps_per_stage`).
+        s_max (`float`, *optional*, defaults to 0.9): upper clip, in (0, 1).
+        explicit (`Sequence[float]`, *optional*): per-stage sparsities chosen by the user; they
+            are validated and returned as given (their mean need not equal `target_mean`).
+
+    Returns:
+        `list[float]`, one sparsity per stage.
+
+    Raises:
+        ValueError: on mismatched lengths, values out of range, no sampling steps at all, or a
+            target that cannot be reached under `s_max`.
+    """
+    scores = np.asarray(list(stage_scores), dtype=np.float64)
+    steps = np.asarray(list(steps_per_stage.values()) if isinstance(steps_per_stage, Mapping)
+                       else list(steps_per_stage), dtype=np.float64)
+    if scores.shape != steps.shape or scores.size == 0:
+        raise ValueError(f"stage_scores and steps_per_stage must have the same non-zero length, "
+                         f"got {scores.size} and {steps.size}")
+    if explicit is not None:
+        exp = [float(v) for v in explicit]
+        if len(exp) != scores.size:
+            raise ValueError(f"expected {scores.size} explicit stage sparsities, got {len(exp)}")
+        for v in exp:
+            if not 0 <= v < 1:
+                raise ValueError(f"stage sparsities must be in [0, 1), got {exp}")
+        return exp
+    if not 0 < s_max < 1:
+        raise ValueError(f"s_max must be in (0, 1), got {s_max}")
+    if not 0 <= target_mean <= s_max:
+        raise ValueError(f"target_mean must be in [0, s_max={s_max}], got {target_mean}")
+    if np.any(steps < 0) or steps.sum() <= 0:
+        raise ValueError(f"steps_per_stage must be >= 0 with a positive total, got {steps.tolist()}")
+    if np.any(~np.isfinite(scores)) or np.any(scores < -1e-12) or np.any(scores > 1 + 1e-12):
+        raise ValueError(f"stage_scores must be in [0, 1], got {scores.tolist()}")
+
+    weight = np.clip(1.0 - scores, 0.0, 1.0)
+    if weight.max() <= 0:
+        weight = np.ones_like(weight)
+    budget = float(target_mean) * steps.sum()  # sum_i n_i s_i must equal this
+    fixed = np.zeros(scores.size, dtype=bool)
+    s = np.zeros(scores.size)
+    for _ in range(scores.size + 1):
+        free = ~fixed
+        rest = budget - s_max * steps[fixed].sum()
+        w = weight[free]
+        denom = float((steps[free] * w).sum())
+        if denom <= 0:  # the free stages have no steps or zero weight: spread uniformly
+            w = np.ones_like(w)
+            denom = float(steps[free].sum())
+        s[free] = (rest / denom * w) if denom > 0 else 0.0
+        over = free & (s > s_max)
+        if not over.any():
+            break
+        s[over] = s_max
+        fixed |= over
+    s = np.clip(s, 0.0, s_max)
+    mean = float((steps * s).sum() / steps.sum())
+    if abs(mean - target_mean) > 1e-9:
+        raise ValueError(f"cannot reach target_mean={target_mean} with s_max={s_max} and steps "
+                         f"{steps.tolist()} (best mean {mean:.6f})")
+    return [float(v) for v in s]
+
+
+def empirical_curve(trajectory: Sequence[torch.Tensor], x0_final: torch.Tensor,
+                    timesteps=None) -> tuple[np.ndarray, np.ndarray]:
+    """The measured counterpart of `expected_mse` / `learning_grad` along one sampling run.
+
+    Args:
+        trajectory (`Sequence[torch.Tensor]`): the model inputs ``x_t`` of each sampling step, in
+            sampling order (high noise first), each shaped like `x0_final`.
+        x0_final (`torch.Tensor`): the sample the run ended with.
+        timesteps (*optional*): the steps' training timesteps; when given, the rate is per unit
+            of t (comparable with `learning_grad`), else per sampling step.
+
+    Returns:
+        `(mse, rate)`: float64 arrays (n_steps,). ``mse[i] = mean((x_{t_i} - x0_final)^2)``;
+        ``rate[i] = (mse[i] - mse[i+1]) / (t_i - t_{i+1})`` with ``mse[n] = 0`` at ``t_n = -1``
+        (the final sample), or without the division when `timesteps` is None.
+
+    Raises:
+        ValueError: on an empty trajectory, shape mismatches or a wrong number of timesteps.
+    """
+    if len(trajectory) == 0:
+        raise ValueError("trajectory is empty")
+    ref = x0_final.detach().to(torch.float64)
+    mse = []
+    for i, x in enumerate(trajectory):
+        if x.shape != x0_final.shape:
+            raise ValueError(f"trajectory[{i}] has shape {tuple(x.shape)}, expected {tuple(x0_final.shape)}")
+        mse.append(float(((x.detach().to(ref.device, torch.float64) - ref) ** 2).mean()))
+    mse = np.asarray(mse)
+    rate = mse - np.append(mse[1:], 0.0)
+    if timesteps is not None:
+        ts = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1).numpy()
+        if ts.size != mse.size:
+            raise ValueError(f"expected {mse.size} timesteps, got {ts.size}")
+        dt = ts - np.append(ts[1:], -1.0)
+        if np.any(dt <= 0):
+            raise ValueError(f"timesteps must be strictly decreasing and >= 0, got {ts.tolist()}")
+        rate = rate / dt
+    return mse, rate

@@ -1,0 +1,87 @@
+"""attention: SDPA over strided q/k/v views of a fused qkv, against reference.attention_ref."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mosaic_kernels as mk
+from mosaic_kernels.reference import attention_ref
+
+# (B, L, H, hd): DiT head_dim 72, 32, an odd 36, L = 1, B = 3, a pruned head count.
+SHAPES = [
+    (2, 16, 3, 72),
+    (1, 1, 2, 32),
+    (3, 7, 5, 36),
+    (2, 9, 1, 72),
+]
+
+# fp32: softmax and two matmuls in another order, ~1e-6 for O(1) values -> 1e-5. bf16/fp16:
+# SDPA keeps the softmax statistics in fp32 but may round the probabilities to the input dtype
+# before P @ V, an error up to 1 ulp of each weight times max|v| (each output is a convex
+# combination of v rows), plus the final rounding; atol = 2 ulp * max|v| covers both.
+BF16_REL = 2.0**-7
+FP16_REL = 2.0**-10
+DTYPE_TOLS = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 2 * BF16_REL, 2 * BF16_REL, id="bf16"),
+    pytest.param(torch.float16, 2 * FP16_REL, 2 * FP16_REL, id="fp16"),
+]
+
+
+@pytest.mark.parametrize("dtype, ulp_atol, rtol", DTYPE_TOLS)
+@pytest.mark.parametrize("B, L, H, hd", SHAPES, ids=str)
+def test_matches_reference(device, B, L, H, hd, dtype, ulp_atol, rtol, check_close):
+    qkv = torch.randn(B, L, 3 * H * hd).to(device, dtype)
+    out = mk.attention(qkv, H)
+    assert out.shape == (B, L, H * hd) and out.dtype == dtype and out.is_contiguous()
+    v_max = qkv[..., 2 * H * hd:].float().abs().max().item()
+    atol = 1e-5 if dtype == torch.float32 else ulp_atol * v_max
+    check_close(out, attention_ref(qkv.float(), H), atol, rtol, f"attention {(B, L, H, hd)} {dtype}")
+
+
+def test_heads_are_independent(device, check_close):
+    """Head i of the output depends only on head i of q, k and v (layout [q | k | v], heads contiguous)."""
+    B, L, H, hd = 1, 6, 3, 8
+    qkv = torch.randn(B, L, 3 * H * hd, device=device)
+    per_head = []
+    for i in range(H):
+        cols = [p * H * hd + i * hd + j for p in range(3) for j in range(hd)]
+        per_head.append(attention_ref(qkv[..., cols], 1))
+    check_close(mk.attention(qkv, H), torch.cat(per_head, dim=-1), 1e-5, 1e-5, "per-head")
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_copies_before_sdpa(device):
+    """q, k, v reach SDPA as views of qkv: no clone/contiguous/copy ops run before it."""
+    qkv = torch.randn(2, 5, 3 * 2 * 72, device=device)
+    with _RecordOps() as rec:
+        mk.attention(qkv, 2)
+    first_sdpa = next(i for i, name in enumerate(rec.ops) if "scaled_dot_product" in name)
+    copies = [n for n in rec.ops[:first_sdpa] if any(c in n for c in ("clone", "copy", "contiguous", "_to_copy"))]
+    assert not copies, f"copies before SDPA: {copies}; all ops: {rec.ops}"
+
+
+@pytest.mark.parametrize(
+    "qkv, heads, error, match",
+    [
+        (torch.zeros(2, 5, 3 * 2 * 8), 0, ValueError, "num_heads must be a positive int"),
+        (torch.zeros(2, 5, 50), 2, ValueError, "3 \\* num_heads \\* head_dim with num_heads=2, got 50"),
+        (torch.zeros(10, 48), 2, ValueError, "qkv must be 3-D"),
+        (torch.zeros(2, 5, 48, dtype=torch.float64), 2, TypeError, "got torch.float64"),
+        (torch.zeros(2, 48, 5).transpose(1, 2), 2, ValueError, "unit stride in its last dim"),
+    ],
+)
+def test_bad_inputs_raise(qkv, heads, error, match):
+    with pytest.raises(error, match=match):
+        mk.attention(qkv, heads)

@@ -1,0 +1,107 @@
+"""gated_residual: out = res + gate[:, None, :] * y, every backend against reference.gated_residual_ref."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mosaic_kernels as mk
+from mosaic_kernels.reference import gated_residual_ref
+
+OP = "gated_residual"
+
+# (B, L, D): DiT width, pruned widths, an unaligned 2301, primes, L = 1, B = 3.
+SHAPES = [
+    (2, 8, 1152),
+    (3, 7, 72),
+    (1, 1, 1000),
+    (3, 4, 2301),
+    (2, 3, 13),
+    (5, 1, 1),
+]
+
+# fp32: the kernel may fuse gate*y+res into one FMA (one rounding instead of two), a difference
+# of about one fp32 ulp of |gate*y| (~1e-6 for O(10) products) -> atol 1e-5. bf16/fp16: one
+# rounding (truncation in the interpreter) of the fp32 result, <= 1 ulp <= 2**-7 |v| (bf16),
+# 2**-10 |v| (fp16); rtol allows 2 ulps.
+BF16_REL = 2.0**-7
+FP16_REL = 2.0**-10
+DTYPE_TOLS = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 1e-5, 2 * BF16_REL, id="bf16"),
+    pytest.param(torch.float16, 1e-5, 2 * FP16_REL, id="fp16"),
+]
+
+
+def make_inputs(shape, dtype, device):
+    B, L, D = shape
+    res = torch.randn(B, L, D).to(device, dtype)
+    gate = torch.randn(B, D).to(device, dtype)
+    y = (3 * torch.randn(B, L, D)).to(device, dtype)
+    return res, gate, y
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(backend, device, shape, dtype, atol, rtol, check_close):
+    res, gate, y = make_inputs(shape, dtype, device)
+    out = mk.gated_residual(res, gate, y)
+    assert out.dtype == dtype and out.shape == res.shape
+    expected = gated_residual_ref(res.float(), gate.float(), y.float())
+    check_close(out, expected, atol, rtol, f"{OP}[{backend}] {shape} {dtype}")
+
+
+def test_tolerance_rejects_ungated_update(device, check_close):
+    """Negative control: a gate of 1 everywhere (the classic missing-gate bug) is caught."""
+    res, gate, y = make_inputs((2, 3, 72), torch.float32, device)
+    with pytest.raises(AssertionError, match="max \\|diff\\|"):
+        check_close(res + y, gated_residual_ref(res, gate, y), 1e-5, 1e-5, "negative control")
+
+
+def test_strided_gate(backend, device, check_close):
+    """gate as a chunk of the (B, 6*D) adaLN output (row-strided view)."""
+    res, _, y = make_inputs((3, 5, 72), torch.float32, device)
+    gate = torch.randn(3, 6 * 72, device=device).chunk(6, dim=1)[2]
+    check_close(mk.gated_residual(res, gate, y), gated_residual_ref(res, gate, y), 1e-5, 1e-5, OP)
+
+
+def test_non_contiguous_inputs_raise(device):
+    res, gate, y = make_inputs((2, 5, 72), torch.float32, device)
+    with pytest.raises(ValueError, match="res must be contiguous"):
+        mk.gated_residual(res.transpose(0, 1).contiguous().transpose(0, 1), gate, y)
+    with pytest.raises(ValueError, match="y must be contiguous"):
+        mk.gated_residual(res, gate, y.transpose(0, 1).contiguous().transpose(0, 1))
+    with pytest.raises(ValueError, match="gate must have unit stride"):
+        mk.gated_residual(res, torch.randn(72, 2, device=device).t(), y)
+
+
+@pytest.mark.parametrize(
+    "res_shape, gate_shape, y_shape, y_dtype, error, match",
+    [
+        ((2, 5, 72), (2, 72), (2, 5, 71), torch.float32, ValueError, r"y must have the shape of res \(2, 5, 72\)"),
+        ((2, 5, 72), (1, 72), (2, 5, 72), torch.float32, ValueError, r"gate must be \(B, D\)=\(2, 72\), got \(1, 72\)"),
+        ((2, 5, 72), (2, 72), (2, 5, 72), torch.bfloat16, TypeError, "y must have the dtype of res"),
+        ((10, 72), (2, 72), (10, 72), torch.float32, ValueError, "res must be 3-D"),
+    ],
+)
+def test_bad_inputs_raise(res_shape, gate_shape, y_shape, y_dtype, error, match):
+    with pytest.raises(error, match=match):
+        mk.gated_residual(torch.zeros(res_shape), torch.zeros(gate_shape), torch.zeros(y_shape, dtype=y_dtype))
+
+
+def test_two_configs_match_exactly(check_close):
+    """Tile shape does not change elementwise results: (BLOCK_M, BLOCK_D) = (2, 256) vs (8, 1024)."""
+    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not mk.backends(device)["triton"]["available"]:
+        pytest.skip("triton backend unavailable here")
+    res, gate, y = make_inputs((3, 7, 1000), torch.float32, device)
+    a = triton_kernels.gated_residual_triton(res, gate, y, config={"BLOCK_M": 2, "BLOCK_D": 256})
+    b = triton_kernels.gated_residual_triton(res, gate, y, config={"BLOCK_M": 8, "BLOCK_D": 1024})
+    torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"tile configs differ: {m}")
+    check_close(a, gated_residual_ref(res, gate, y), 1e-5, 1e-5, "multi-program grid")
+
+
+def test_opcheck(device):
+    res, gate, y = make_inputs((2, 3, 40), torch.float32, device)
+    torch.library.opcheck(torch.ops.mosaic.gated_residual.default, (res, gate, y))

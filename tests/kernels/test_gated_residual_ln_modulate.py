@@ -1,0 +1,118 @@
+"""gated_residual_ln_modulate: (h, LN(h)*(1+scale)+shift) with h = res + gate*y, against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mosaic_kernels as mk
+from mosaic_kernels.reference import gated_residual_ln_modulate_ref, gated_residual_ref, ln_modulate_ref
+
+OP = "gated_residual_ln_modulate"
+
+SHAPES = [
+    (2, 8, 1152),
+    (3, 7, 72),
+    (1, 1, 1000),
+    (3, 5, 576),
+    (2, 3, 13),
+    (1, 2, 4608),
+]
+
+# Both outputs are compared with the fp32 reference of the same inputs. fp32: h may differ by an
+# FMA rounding (~1e-6) and normed by the D-term sum order -> 1e-5. bf16/fp16: each output is
+# one rounding (truncation in the interpreter) of an fp32 value, <= 1 ulp; rtol allows 2 ulps.
+BF16_REL = 2.0**-7
+FP16_REL = 2.0**-10
+DTYPE_TOLS = [
+    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 1e-5, 2 * BF16_REL, id="bf16"),
+    pytest.param(torch.float16, 1e-5, 2 * FP16_REL, id="fp16"),
+]
+
+
+def make_inputs(shape, dtype, device):
+    B, L, D = shape
+    res = (2 * torch.randn(B, L, D)).to(device, dtype)
+    gate = torch.randn(B, D).to(device, dtype)
+    y = torch.randn(B, L, D).to(device, dtype)
+    shift = torch.randn(B, D).to(device, dtype)
+    scale = (0.5 * torch.randn(B, D)).to(device, dtype)
+    return res, gate, y, shift, scale
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(backend, device, shape, dtype, atol, rtol, check_close):
+    inputs = make_inputs(shape, dtype, device)
+    h, normed = mk.gated_residual_ln_modulate(*inputs, eps=1e-6)
+    assert h.dtype == normed.dtype == dtype
+    h_ref, normed_ref = gated_residual_ln_modulate_ref(*(t.float() for t in inputs), eps=1e-6)
+    check_close(h, h_ref, atol, rtol, f"{OP}[{backend}] h {shape} {dtype}")
+    check_close(normed, normed_ref, atol, rtol, f"{OP}[{backend}] normed {shape} {dtype}")
+
+
+def test_reference_is_the_composition(check_close):
+    """In fp32 the fused reference equals gated_residual followed by ln_modulate."""
+    res, gate, y, shift, scale = make_inputs((3, 5, 72), torch.float32, "cpu")
+    h, normed = gated_residual_ln_modulate_ref(res, gate, y, shift, scale)
+    h2 = gated_residual_ref(res, gate, y)
+    check_close(h, h2, 0, 0, "h")
+    check_close(normed, ln_modulate_ref(h2, shift, scale), 1e-6, 1e-6, "normed")
+
+
+def test_strided_vectors(backend, device, check_close):
+    """gate, shift and scale as chunks of one (B, 6*D) adaLN output."""
+    res, _, y, _, _ = make_inputs((3, 5, 72), torch.float32, device)
+    gate, shift, scale = torch.randn(3, 6 * 72, device=device).chunk(6, dim=1)[2:5]
+    h, normed = mk.gated_residual_ln_modulate(res, gate, y, shift, scale)
+    h_ref, normed_ref = gated_residual_ln_modulate_ref(res, gate, y, shift, scale)
+    check_close(h, h_ref, 1e-5, 1e-5, "h")
+    check_close(normed, normed_ref, 1e-5, 1e-5, "normed")
+
+
+@pytest.mark.parametrize(
+    "which, bad, error, match",
+    [
+        ("shift", torch.zeros(2, 71), ValueError, r"shift must be \(B, D\)=\(2, 72\), got \(2, 71\)"),
+        ("scale", torch.zeros(3, 72), ValueError, r"scale must be \(B, D\)=\(2, 72\), got \(3, 72\)"),
+        ("gate", torch.zeros(2, 72, dtype=torch.float64), TypeError, "gate must be float32"),
+        ("res", torch.zeros(2, 72, 5).transpose(1, 2), ValueError, "res must be contiguous"),
+    ],
+)
+def test_bad_inputs_raise(which, bad, error, match):
+    args = dict(zip(("res", "gate", "y", "shift", "scale"), make_inputs((2, 5, 72), torch.float32, "cpu")))
+    args[which] = bad
+    with pytest.raises(error, match=match):
+        mk.gated_residual_ln_modulate(**args)
+
+
+def test_two_configs_match_exactly(check_close):
+    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not mk.backends(device)["triton"]["available"]:
+        pytest.skip("triton backend unavailable here")
+    inputs = make_inputs((3, 7, 1000), torch.float32, device)
+    a = triton_kernels.gated_residual_ln_modulate_triton(*inputs, 1e-6, config={"BLOCK_M": 1})
+    b = triton_kernels.gated_residual_ln_modulate_triton(*inputs, 1e-6, config={"BLOCK_M": 4})
+    for name, x, z in zip(("h", "normed"), a, b):
+        torch.testing.assert_close(x, z, atol=0, rtol=0, msg=lambda m, n=name: f"{n}: BLOCK_M=1 vs 4 differ: {m}")
+    for got, want, name in zip(a, gated_residual_ln_modulate_ref(*inputs, 1e-6), ("h", "normed")):
+        check_close(got, want, 1e-5, 1e-5, f"multi-program grid {name}")
+
+
+def test_opcheck(device):
+    inputs = make_inputs((2, 3, 40), torch.float32, device)
+    torch.library.opcheck(torch.ops.mosaic.gated_residual_ln_modulate.default, (*inputs, 1e-6))
+
+
+def _compiled_extension_on_cuda() -> bool:
+    return torch.cuda.is_available() and mk.backends("cuda")["cuda"]["available"]
+
+
+@pytest.mark.skipif(not _compiled_extension_on_cuda(), reason="needs CUDA and the compiled mosaic_C extension")
+def test_opcheck_compiled_op():
+    res, gate, y, shift, scale = make_inputs((2, 3, 72), torch.bfloat16, "cuda")
+    h, out = torch.empty_like(res), torch.empty_like(res)
+    torch.library.opcheck(torch.ops.mosaic_C.gated_residual_ln_modulate.default,
+                          (h, out, res, gate, y, shift, scale, 1e-6))

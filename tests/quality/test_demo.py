@@ -1,0 +1,75 @@
+"""`mosaicdiff demo` end to end on a reduced setting, and its partial report on failure."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+
+from mosaicdiff.cli import main
+
+METRIC_KEYS = {"fid", "class_accuracy", "psnr_to_dense", "seconds_per_sample"}
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    """Reduced setting (8 samples, DDIM 5 steps, 8 calibration samples per stage); measured
+    about 25-35 s on 2 free cores, most of it OBS pruning and imports."""
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    code = main(["demo", "--num-samples", "8", "--steps", "5", "--samples-per-stage", "8",
+                 "--out", str(out), "--no-progress"])
+    elapsed = time.perf_counter() - t0
+    print(f"demo (reduced) took {elapsed:.1f} s")
+    assert code == 0
+    table = capsys.readouterr().out
+    for method in ("dense", "mosaic", "uniform", "magnitude"):
+        assert method in table, f"{method} missing from the printed table:\n{table}"
+        assert (out / f"grid_{method}.png").is_file(), f"grid_{method}.png not written"
+    assert (out / "stages.png").is_file()
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is True and "error" not in report
+    assert set(report["methods"]) == {"dense", "mosaic", "uniform", "magnitude"}
+    for name, m in report["methods"].items():
+        missing = METRIC_KEYS - set(m)
+        assert not missing, f"{name} lacks {missing}"
+        assert m["fid"] > 0 and 0 <= m["class_accuracy"] <= 1 and m["seconds_per_sample"] > 0, m
+    assert report["methods"]["dense"]["psnr_to_dense"] is None  # the reference itself
+    for name in ("mosaic", "uniform", "magnitude"):
+        p = report["methods"][name]["psnr_to_dense"]
+        assert p is not None and 0 < p < 100, f"{name}: PSNR to dense {p} (pruned images identical to dense?)"
+
+    t_low, t_high = report["boundaries"]
+    assert 0 < t_low < t_high < 1000
+    stages = report["methods"]["mosaic"]["stages"]
+    assert list(stages) == ["early", "middle", "late"]
+    assert stages["middle"]["t_start"] == t_low and stages["middle"]["t_end"] == t_high
+    sp = {k: v["sparsity"] for k, v in stages.items()}
+    assert sp["middle"] < min(sp["early"], sp["late"]), f"middle stage not pruned least: {sp}"
+    steps = report["steps_per_stage"]
+    mean = sum(steps[k] * sp[k] for k in sp) / sum(steps.values())
+    assert math.isclose(mean, 0.5, abs_tol=1e-6), f"step-weighted mean sparsity {mean} != 0.5"
+    assert math.isclose(report["methods"]["mosaic"]["mean_sparsity"], mean, abs_tol=1e-6)
+    for name in ("uniform", "magnitude"):
+        assert report["methods"][name]["stages"]["all"]["sparsity"] == pytest.approx(0.5)
+    mem = report["methods"]["mosaic"]["memory"]
+    assert {"mosaic_bytes", "dense_bytes", "ratio", "stages"} <= set(mem), sorted(mem)
+    assert len(report["empirical_curve"]["mse"]) == 5
+
+
+def test_demo_keeps_partial_results_on_failure(tmp_path, monkeypatch):
+    import mosaicdiff.prune
+    from mosaicdiff.demo import run_demo
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("pruning exploded")
+
+    monkeypatch.setattr(mosaicdiff.prune, "prune", broken)
+    with pytest.raises(RuntimeError, match="exploded"):
+        run_demo(tmp_path, num_samples=4, steps=3, samples_per_stage=4, methods=("uniform",), progress=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["complete"] is False and "pruning exploded" in report["error"]
+    assert "fid" in report["methods"]["dense"], "the finished dense result was lost"
+    assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
