@@ -4,9 +4,15 @@ Reproduce the shipped weights with::
 
     OMP_NUM_THREADS=1 python -m mosaicdiff.zoo.train_dit --out python/mosaicdiff/zoo/digits_dit
 
-Recipe (the shipped weights used exactly these defaults, seed 0): DDPM epsilon objective, linear
-beta schedule 1e-4..0.02 with T = 1000, AdamW lr 5e-4 with cosine decay, batch 128, EMA 0.999,
-10% label dropout to the null class (index 10) for classifier-free guidance. The per-block
+Recipe (the shipped weights used exactly these defaults, seed 0, OMP_NUM_THREADS=1, 52 min on
+this 2-core CPU while other jobs ran): DDPM epsilon objective, linear beta schedule 1e-4..0.02
+with T = 1000, AdamW lr 5e-4 with cosine decay, 2000 steps of batch 128, 10% label dropout to
+the null class (index 10) for classifier-free guidance.
+
+The exported weights are the raw model's (`--export model`, the default), not the EMA's: an
+EMA with decay 0.999 over only 2000 steps still holds 0.999^2000 = 13.5% of the random
+initialisation, and it sampled far worse (digits-FID 331 vs 109 at guidance 1.5, 200 samples,
+DDIM-50). The EMA stays in the checkpoint; `--export ema` writes it instead. The per-block
 timestep/class embedders are tied during training (as in the original DiT, where one embedder
 feeds all blocks) and written out as identical copies, so the model has the same structure as
 the converted DiT-XL/2. A checkpoint is written every `--save-every` steps so nothing is lost if
@@ -95,7 +101,14 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--export", choices=("model", "ema"), default="model",
+                   help="which weights to write out (see the module docstring)")
+    p.add_argument("--export-only", action="store_true",
+                   help="only export the weights of an existing checkpoint in --out")
     args = p.parse_args(argv)
+    if args.export_only:
+        export(args.out, args.export)
+        return
 
     from tqdm.auto import tqdm
 
@@ -159,18 +172,30 @@ def main(argv=None) -> None:
             )
             ckpt.with_suffix(".tmp").replace(ckpt)
 
-    for m in ema.modules():
-        if hasattr(m, "dropout_prob_saved"):
-            m.dropout_prob = m.dropout_prob_saved
-    final = untie_embedders(ema).eval()
-    final.save_pretrained(args.out)
     info = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
         "label_dropout": args.label_dropout, "seed": args.seed,
         "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
-        "held_out_eps_mse": held_out_loss(final, images[test_idx], labels[test_idx]),
     }
     (args.out / "training.json").write_text(json.dumps(info, indent=2))
+    export(args.out, args.export)
+
+
+def export(out: Path, which: str = "model") -> None:
+    """Write the checkpoint's `which` weights ("model" or "ema") as a diffusers model in `out`."""
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    model = build_model()
+    tie_embedders(model)
+    model.load_state_dict(state[which])
+    final = untie_embedders(model).eval()
+    final.save_pretrained(out)
+    info_path = out / "training.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    images, labels = load_digits_tensors()
+    _, test_idx = train_test_split(len(images))
+    info.update(exported=which, checkpoint_step=state["step"],
+                held_out_eps_mse=held_out_loss(final, images[test_idx], labels[test_idx]))
+    info_path.write_text(json.dumps(info, indent=2))
     print(json.dumps(info, indent=2))
 
 
