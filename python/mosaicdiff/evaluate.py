@@ -83,7 +83,7 @@ def run_eval(
     sched = default_scheduler()
     sched.set_timesteps(steps)
     if boundaries is None:
-        bounds, _ = boundaries_for(dense, calib, sched, M, lam)
+        bounds, _ = boundaries_for(calib, sched, M, lam)
     else:
         bounds = (int(boundaries[0]), int(boundaries[1]))
     labels = sample_labels(num_samples, int(dense.config.num_embeds_ada_norm))
@@ -185,17 +185,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--samples-per-stage", type=int, default=DEFAULT_SAMPLES_PER_STAGE)
     p.add_argument("--boundaries", default=None, help="explicit middle-stage boundaries t_low,t_high")
+    p.add_argument("--model", default=None,
+                   help="a diffusers DiT directory shaped like the digits model (default: the embedded one)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    import torch
+
     from mosaicdiff.demo import parse_pair
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = None
+    if args.model is not None:
+        from mosaicdiff.cli import load_model
+
+        model = load_model(args.model)
     result = run_eval(
         args.out, sparsities=_floats(args.sparsities), guidance_scales=_floats(args.guidance_scales),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed,
         num_samples=args.num_samples, steps=args.steps, samples_per_stage=args.samples_per_stage,
-        boundaries=parse_pair(args.boundaries), progress=not args.no_progress,
+        boundaries=parse_pair(args.boundaries), progress=not args.no_progress, model=model,
     )
     print(format_eval_table(result))
     print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'fid_vs_sparsity.png'}")

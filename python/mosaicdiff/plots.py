@@ -67,10 +67,12 @@ def plot_stage_curves(path: str | os.PathLike, alphas_cumprod, boundaries: tuple
         ts, emse = (np.asarray(v, dtype=np.float64) for v in empirical)
         if ts.shape != emse.shape:
             raise ValueError(f"empirical timesteps and mse must have the same length, got {ts.size} and {emse.size}")
-        next_t = np.append(ts[1:], -1.0)
-        rate = (emse - np.append(emse[1:], 0.0)) / np.maximum(ts - next_t, 1e-12)
+        # rate between consecutive sampler steps; the last step (t_n -> clean sample, dt = 1) is
+        # left out: its tiny dt would dominate the normalisation and flatten the rest
+        rate = (emse[:-1] - emse[1:]) / np.maximum(ts[:-1] - ts[1:], 1e-12)
         axes[0].plot(ts, _norm_max(emse), "o-", ms=3, color="tab:red", label="MSE measured")
-        axes[1].plot(ts, _norm_max(rate), "o-", ms=3, color="tab:red", label="rate measured")
+        if rate.size:
+            axes[1].plot(ts[:-1], _norm_max(rate), "o-", ms=3, color="tab:red", label="rate measured")
     axes[0].set_ylabel("MSE (normalized)")
     axes[1].set_ylabel("rate (normalized)")
     axes[1].set_xlabel("training timestep t")

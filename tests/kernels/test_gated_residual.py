@@ -24,13 +24,7 @@ SHAPES = [
 # of about one fp32 ulp of |gate*y| (~1e-6 for O(10) products) -> atol 1e-5. bf16/fp16: one
 # rounding (truncation in the interpreter) of the fp32 result, <= 1 ulp <= 2**-7 |v| (bf16),
 # 2**-10 |v| (fp16); rtol allows 2 ulps.
-BF16_REL = 2.0**-7
-FP16_REL = 2.0**-10
-DTYPE_TOLS = [
-    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
-    pytest.param(torch.bfloat16, 1e-5, 2 * BF16_REL, id="bf16"),
-    pytest.param(torch.float16, 1e-5, 2 * FP16_REL, id="fp16"),
-]
+from tolerances import BF16_REL, DTYPE_TOLS, FP16_REL  # noqa: E402,F401
 
 
 def make_inputs(shape, dtype, device):

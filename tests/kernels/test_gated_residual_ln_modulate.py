@@ -22,13 +22,7 @@ SHAPES = [
 # Both outputs are compared with the fp32 reference of the same inputs. fp32: h may differ by an
 # FMA rounding (~1e-6) and normed by the D-term sum order -> 1e-5. bf16/fp16: each output is
 # one rounding (truncation in the interpreter) of an fp32 value, <= 1 ulp; rtol allows 2 ulps.
-BF16_REL = 2.0**-7
-FP16_REL = 2.0**-10
-DTYPE_TOLS = [
-    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
-    pytest.param(torch.bfloat16, 1e-5, 2 * BF16_REL, id="bf16"),
-    pytest.param(torch.float16, 1e-5, 2 * FP16_REL, id="fp16"),
-]
+from tolerances import BF16_REL, DTYPE_TOLS, FP16_REL  # noqa: E402,F401
 
 
 def make_inputs(shape, dtype, device):

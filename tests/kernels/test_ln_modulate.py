@@ -26,13 +26,7 @@ SHAPES = [
 # bf16/fp16: the kernel computes in fp32 and rounds once (the interpreter truncates), so it
 # is within 1 ulp of the fp32 result, and 1 ulp <= 2**-7 |v| for bf16 (2**-10 |v| for fp16);
 # rtol allows 2 ulps, atol covers outputs that round to ~0.
-BF16_REL = 2.0**-7
-FP16_REL = 2.0**-10
-DTYPE_TOLS = [
-    pytest.param(torch.float32, 1e-5, 1e-5, id="fp32"),
-    pytest.param(torch.bfloat16, 1e-5, 2 * BF16_REL, id="bf16"),
-    pytest.param(torch.float16, 1e-5, 2 * FP16_REL, id="fp16"),
-]
+from tolerances import BF16_REL, DTYPE_TOLS, FP16_REL  # noqa: E402,F401
 
 
 def make_inputs(shape, dtype, device):

@@ -55,6 +55,17 @@ def test_plan_mosaic_ddim50():
     assert info["boundaries"] == [111, 576], "closed-form default for the linear schedule, r = 1"
 
 
+def test_plan_default_cap_is_target_plus_excess():
+    for target in (0.3, 0.5):
+        stages, info = plan_stages(target, method="mosaic", boundaries=(200, 600))
+        sp = [s[3] for s in stages]
+        cap = min(0.9, target + 0.1)
+        assert max(sp) <= cap + 1e-12 and abs(info["mean_sparsity"] - target) < 1e-12, (target, sp)
+        assert sp[1] < target < cap, sp  # still an allocation: middle below the mean
+    uncapped, _ = plan_stages(0.5, method="mosaic", boundaries=(200, 600), s_max=0.9)
+    assert max(s[3] for s in uncapped) > 0.6, "an explicit s_max replaces the default cap"
+
+
 def test_plan_single_stage_and_explicit():
     stages, info = plan_stages(0.3, method="uniform")
     assert stages == [("all", 0, 1000, 0.3)] and info["boundaries"] is None

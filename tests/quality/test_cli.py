@@ -37,3 +37,16 @@ def test_user_errors_exit_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["prune", "--out", str(tmp_path / "m"), "--boundaries", "1,2,3"]) == 2
     assert "t_low,t_high" in capsys.readouterr().err
+
+
+def test_prune_then_sample_saved_mosaic(tmp_path, capsys):
+    """`prune` saves a mosaic directory that `sample` loads back (magnitude: no calibration pass)."""
+    out = tmp_path / "mosaic"
+    assert main(["prune", "--out", str(out), "--method", "magnitude", "--sparsity", "0.5", "--steps", "5",
+                 "--no-progress"]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert "ratio" in capsys.readouterr().out
+    png = tmp_path / "m.png"
+    assert main(["sample", "--model", str(out), "--out", str(png), "--num-samples", "3", "--steps", "2",
+                 "--labels", "1,2,3", "--no-progress"]) == 0
+    assert png.is_file()

@@ -10,13 +10,18 @@ from mosaicdiff.zoo import DIGITS_DIT_DIR, load_digits_dit
 from mosaicdiff.zoo.data import load_digits_tensors, train_test_split
 from mosaicdiff.zoo.train_dit import held_out_loss
 
+# Trivial predictors score about 1.0 (eps_hat = 0 gives E[eps^2] = 1). The shipped weights
+# (EMA of 2000 steps) measured 0.0654 over 4 draws (training.json) and 0.0777 on the single draw
+# used here; the raw (non-EMA) weights of the same run score 0.029. 0.1 leaves room for either,
+# and fails for a model that does not denoise (or wrong weights / a broken loader).
+THRESHOLD = 0.1
+
 
 def test_loads_offline_and_denoises(monkeypatch):
     """Epsilon MSE on the 180 held-out digits at random t (one fixed draw of t and noise).
 
-    A trivial predictor (eps_hat = 0, or x_t itself at high noise) scores about 1.0. THRESHOLD
-    is set from the measured loss of the shipped weights (recorded in training.json, 4 draws)
-    with a margin for the single draw used here.
+    See THRESHOLD for the measured values. The loss must also match the one recorded in
+    training.json (4 draws, the first of which is the draw used here) within 0.02.
     """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = load_digits_dit()

@@ -87,7 +87,7 @@ def test_psnr_values():
     p = quality.psnr(a, b)
     assert p.shape == (3,), f"psnr shape {tuple(p.shape)}"
     assert math.isinf(p[0].item()) and p[0] > 0, f"identical images: {p[0].item()}"
-    torch.testing.assert_close(p[1:], torch.tensor([10 * math.log10(64.0), 0.0], dtype=torch.float64), atol=1e-9, rtol=0,
-                               msg=lambda m: f"PSNR of known errors: {m}")
+    want = torch.tensor([10 * math.log10(64.0), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(p[1:], want, atol=1e-9, rtol=0, msg=lambda m: f"PSNR of known errors: {m}")
     with pytest.raises(ValueError, match="shapes differ"):
         quality.psnr(a, b[:2])

@@ -2,13 +2,14 @@
 
 Reproduce the shipped weights with::
 
-    python -m mosaicdiff.zoo.classifier --out python/mosaicdiff/zoo/digits_classifier
+    python -m mosaicdiff.zoo.classifier --out python/mosaicdiff/zoo/digits_classifier --threads 1
 
 Recipe (the shipped weights used exactly these defaults, seed 0): the train split of
 `zoo.data.train_test_split` (1617 images; the 180 test images are never seen), random shifts of up
 to 1 pixel and light Gaussian pixel noise as augmentation, AdamW lr 2e-3 with cosine decay,
 batch 64, 30 epochs. The held-out accuracy and training time are written to `config.json`
-(`"training"`); see `docs/` or the README for the measured values.
+(`"training"`). Shipped weights: held-out accuracy 0.994 (179/180), train 0.999, 63 s of
+training on one thread of a shared 2-core CPU (`--threads 1`), 200 KB of weights.
 
 The penultimate layer (`feature_dim` = 64 post-ReLU activations) is the feature space of
 `mosaicdiff.quality.fid`, playing the role Inception-v3's pool features play for ImageNet FID.
