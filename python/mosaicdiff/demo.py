@@ -379,16 +379,21 @@ def parse_pair(text: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def threads_and_model(args: argparse.Namespace):
+    """Apply ``--threads`` and load ``--model`` (None: the embedded model, loaded later)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None:
+        return None
+    from mosaicdiff.cli import load_model
+
+    return load_model(args.model)
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     """Run the demo from parsed arguments, print the table; returns the exit code."""
     t0 = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = None
-    if args.model is not None:
-        from mosaicdiff.cli import load_model
-
-        model = load_model(args.model)
+    model = threads_and_model(args)
     report = run_demo(
         args.out, sparsity=args.sparsity, seed=args.seed, num_samples=args.num_samples,
         guidance_scale=args.guidance_scale, steps=args.steps, samples_per_stage=args.samples_per_stage,

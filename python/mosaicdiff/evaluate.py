@@ -192,17 +192,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    import torch
+    from mosaicdiff.demo import parse_pair, threads_and_model
 
-    from mosaicdiff.demo import parse_pair
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = None
-    if args.model is not None:
-        from mosaicdiff.cli import load_model
-
-        model = load_model(args.model)
+    model = threads_and_model(args)
     result = run_eval(
         args.out, sparsities=_floats(args.sparsities), guidance_scales=_floats(args.guidance_scales),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed,
