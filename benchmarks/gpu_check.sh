@@ -1,38 +1,112 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: build _C, check every kernel backend against the torch reference
-# on CUDA tensors, then run the benchmark suite. Made for the lent H100/H200 machine (torch
-# 2.11, triton 3.6, Python 3.12, no network, no diffusers).
+# The one prepared GPU check: it returns honest numbers in one run of at most 8 minutes on one
+# H100/H200 (torch 2.11, triton 3.6, Python 3.12, no network, diffusers carried as a wheel).
 #
-# Before the call, on the dev machine (diffusers is pure Python; its deps are on the GPU image):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
-# Then run it with carry [".whl"] and a timeout that leaves room for a rerun:
-#   MOSAIC_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
-# Results land in $OUT (the device tool's folder) or benchmarks/results/.
+# Stages, in order, each under a wall-clock guard and each leaving its own file in $OUT as soon
+# as it finishes, so a timeout still returns everything done before it. A failing stage does not
+# stop the next ones (a failed build still runs the Triton / torch paths).
+#
+#   stage     guard  expected on H200  files (the device tool returns at most 8)
+#   env         20s    ~2s             check.log (this script's log: env, stage lines, suite output)
+#   build      150s    60-100s         build.log (CMake + nvcc for sm_80/sm_90, MAX_JOBS=16)
+#   suite      330s    ~240s           correctness.json, kernels.json, e2e.json, e2e.png, profile.txt
+#                                      (gpu_suite.py's own guards: correctness 45, kernels 60,
+#                                      e2e 210, profile 30; e2e.json rewritten after every config)
+#   tests      100s    60-90s          gpu_tests.log (tests/kernels + tests/runtime on CUDA tensors,
+#                                      --timeout 60 per test, no -x, pytest-xdist when present)
+#   total      600s    ~6-7 min
+# The suite runs before the test suite: its correctness stage checks the real path at full
+# shapes first, and the tests' duration (hundreds of first-time Triton compiles) is the least
+# predictable part, so it gets what is left.
+#
+# Exit status: a bitmask of failed stages: build 1, correctness 2, kernels 4, e2e 8, profile 16,
+# tests 32 (0 = everything passed). check.log has one "stage NAME: ok|failed|timeout" line each.
+#
+# Before the device call, on the dev machine: bash benchmarks/prepare_gpu_run.sh (wheels into .whl/)
+# Then run with carry [".whl"] and timeout_s 600 (leaves room for one rerun in a 15-minute lease):
+#   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh
+# Results land in $OUT (the device tool's folder), else benchmarks/results/<date>-<card>/.
+#
+# Rehearsal on a CPU (same suite code paths, tiny model, no build unless MOSAIC_CHECK_BUILD=1;
+# MOSAIC_CHECK_SUITE_STAGES=a,b runs a subset of the suite's stages):
+#   bash benchmarks/gpu_check.sh --dry-run            # results in $OUT or a fresh temp folder
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
-export MOSAIC_COMMIT="${MOSAIC_COMMIT:-unknown}" PYTHONUNBUFFERED=1
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+export PYTHONUNBUFFERED=1 MOSAIC_COMMIT="${MOSAIC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+PY="${PYTHON:-python3}"
 
+if [ -z "${OUT:-}" ]; then
+  if [ "$DRY" = 1 ]; then OUT=$(mktemp -d); else OUT="benchmarks/results/$(date +%F)-gpu"; fi
+fi
+mkdir -p "$OUT"
+LOG="$OUT/check.log"
+: > "$LOG"
+say() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
+failed=0
+# run_stage NAME BIT GUARD_S CMD...: run CMD under a wall-clock guard, log its status line.
+run_stage() {
+  local name=$1 bit=$2 guard=$3 start rc status
+  shift 3
+  start=$(date +%s)
+  say "stage $name: start (guard ${guard} s)"
+  timeout --kill-after=10 "$guard" "$@"
+  rc=$?
+  if [ $rc -eq 0 ]; then status=ok; elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=timeout; else status=failed; fi
+  [ $rc -ne 0 ] && failed=$(( failed | bit ))
+  say "stage $name: $status (rc $rc, $(( $(date +%s) - start )) s)"
+  return $rc
+}
+
+# env: wheels, paths, card and versions.
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || say "wheel install failed"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+# (The CPU rehearsal runs the torch backends: the interpreter would triple its time, and the CPU
+# test suite already runs every Triton launcher through it.)
+say "commit $MOSAIC_COMMIT, out $OUT, dry run $DRY"
+if [ "$DRY" = 0 ]; then
+  timeout 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+    --format=csv 2>&1 | tee -a "$LOG"
+fi
+timeout 60 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1 | tee -a "$LOG"
 
-# 1. Build the extension against the machine's torch (no build isolation: no network there).
-start=$(date +%s)
-MOSAIC_BUILD_EXT=1 MAX_JOBS=16 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 \
-  || { tail -30 "$OUT/build.log"; exit 1; }
-echo "extension build: $(( $(date +%s) - start )) s"
+# build: the extension against the machine's torch (no build isolation: no network there).
+if [ "$DRY" = 0 ] || [ "${MOSAIC_CHECK_BUILD:-0}" = 1 ]; then
+  run_stage build 1 150 env MOSAIC_BUILD_EXT=1 MAX_JOBS="${MAX_JOBS:-16}" \
+    "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log" | tee -a "$LOG"
+  "$PY" -c "from mosaic_kernels._ext import load_extension; m, r = load_extension(); \
+print('mosaic_kernels._C:', 'loaded' if m else f'not loaded ({r})')" 2>&1 | tee -a "$LOG"
+else
+  say "stage build: skipped (dry run; set MOSAIC_CHECK_BUILD=1 to build)"
+fi
 
-# 2. Correctness on CUDA tensors: kernels (cuda, triton, vendor paths) and the runtime (graphs).
-python3 -m pytest -q -x tests/kernels tests/runtime -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
-tests_rc=$?
-tail -3 "$OUT/gpu_tests.log"
+# suite: correctness, kernels, e2e, profile (its exit status is its own bitmask, shifted here).
+suite_args=(--out "$OUT" --stages "${MOSAIC_CHECK_SUITE_STAGES:-correctness,kernels,e2e,profile}")
+[ "$DRY" = 1 ] && suite_args+=(--dry-run)
+run_stage suite 0 330 "$PY" benchmarks/gpu_suite.py "${suite_args[@]}" 2>&1 | tee -a "$LOG"
+suite_rc=${PIPESTATUS[0]}
+bit=2
+for s in correctness kernels e2e profile; do  # a stage without its ok line failed or never ran
+  grep -q "stage $s: ok" "$LOG" || failed=$(( failed | bit ))
+  bit=$(( bit * 2 ))
+done
+[ "$suite_rc" -ne 0 ] && [ "$suite_rc" -lt 16 ] && failed=$(( failed | (suite_rc << 1) ))
 
-# 3. Timing: kernels at DiT-XL/2 shapes and the end-to-end configs, side by side.
-python3 benchmarks/gpu_suite.py --out "$OUT" 2>&1 | tee "$OUT/suite.log" | tail -20
-exit $tests_rc
+# tests: kernels and runtime on CUDA tensors (a dry run runs the dispatch and graph tests only).
+tests=(tests/kernels tests/runtime)
+[ "$DRY" = 1 ] && tests=(tests/kernels/test_dispatch.py tests/runtime/test_graphs.py)
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && [ "$DRY" = 0 ] && xdist=(-n 8)
+run_stage tests 32 100 "$PY" -m pytest -q -p no:cacheprovider --timeout 60 "${xdist[@]}" "${tests[@]}" \
+  > "$OUT/gpu_tests.log" 2>&1
+tail -3 "$OUT/gpu_tests.log" | tee -a "$LOG"
+
+say "done: exit status $failed (bits: build 1, correctness 2, kernels 4, e2e 8, profile 16, tests 32)"
+ls -l "$OUT" | tee -a "$LOG"
+exit $failed

@@ -1,52 +1,105 @@
 """GPU suite: the engine against diffusers eager and torch.compile, side by side in one run.
 
-Measures, at DiT-XL/2 shapes (random weights, bf16; speed does not depend on weight values):
+Stages, in order, each under its own wall-clock guard and each writing its own file into
+``--out`` as soon as it finishes (so a timeout still leaves everything done before it):
 
-- ceilings: device-to-device copy (TB/s, bytes read + written) and an 8192^3 bf16 matmul;
-- every kernel provider at DiT shapes (`bench_kernels.py`), checked against the reference first;
-- per forward and per 50-step DDIM + CFG sampling run, at forward batch 16 and 64 (CFG: batch/2
-  images, conditional + null halves), for the configs
-  diffusers_eager_dense, diffusers_compile_dense, engine_dense, engine_mosaic_0.3,
-  engine_mosaic_0.5 and compile_pruned_0.5 (torch.compile(mode="reduce-overhead") of a plain
-  torch implementation of the same compact mosaic: the same block code with the reference ops).
+1. ``correctness`` -> correctness.json: the real path at DiT-XL/2 shapes before any timing.
+   `MosaicDiT` at sparsity 0 (auto backends, CUDA graphs) against diffusers'
+   ``DiTTransformer2DModel`` in fp32, next to diffusers' own bf16 error; the 0.5 mosaic per
+   stage against the same stage run on the torch reference in fp32. Bound: the engine's relative
+   error may be at most ``max(2 x the bf16 baseline's, 1e-2)``. Records which backend ran each
+   op and how many CUDA graphs were captured or failed.
+2. ``kernels`` -> kernels.json: every provider of every op at the shapes the 0.3 and 0.5
+   mosaics really run (`bench_kernels.stage_cases`), validated against the reference first;
+   then the SDPA kernel of every stage's attention shape is autotuned and persisted in the
+   `mosaic_kernels.configs` cache (``tuned_configs``), so the e2e stage runs the winners.
+3. ``e2e`` -> e2e.json (rewritten after every config) and e2e.png: per forward (stages weighted
+   by their DDIM-50 step counts) and per DDIM-50 + CFG sampling run, at forward batch 16 and
+   64: diffusers_eager_dense, engine_dense, engine_mosaic_0.5, engine_mosaic_0.3,
+   diffusers_compile_dense (``dynamic=False``: compiled once per batch, counted),
+   compile_pruned_0.5 (``mode="reduce-overhead"`` of the same compact mosaic with plain bf16
+   torch ops, F.linear + tanh-GELU: both sides have CUDA graphs; compiled once per stage and
+   batch, batch 16 only unless time remains) and engine_dense_unfused (block-boundary fusion off,
+   batch 16). Ratios and the issue's targets are recomputed after every config.
+4. ``profile`` -> profile.txt: torch.profiler tables (top kernels by GPU time) of engine_dense
+   and diffusers_compile_dense at batch 16.
 
-The mosaic shapes come from the real divide + allocate path (stage boundaries from the linear
-schedule, per-stage sparsity from the target mean, aligned widths); the kept weights are
-magnitude-selected because the timing does not depend on which heads are kept, and OBS on
-28 x 3 blocks would spend the lease on calibration.
+The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8);
+each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
 
-Writes benchmarks/results/<date>-<card>.json ({config, batch, ms_per_forward, ms_per_sample_run,
-gpu, commit} records plus kernel rows and ceilings) and a PNG bar chart next to it.
-
-    python benchmarks/gpu_suite.py                 # the full suite, under 8 minutes on one H100
-    python benchmarks/gpu_suite.py --dry-run       # tiny model on the CPU: checks the code path
+    python benchmarks/gpu_suite.py --out DIR              # one H100/H200: about 4 minutes
+    python benchmarks/gpu_suite.py --out DIR --dry-run    # tiny model on the CPU, same code paths
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as _dt
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dit_models import DIT_TINY, DIT_XL2, NUM_STEPS, build_dense, plain_torch_ops, timing_mosaic  # noqa: E402
 
-DIT_XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-               sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
-DIT_TINY = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-                sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero")
-NUM_STEPS = 50
+STAGES = ("correctness", "kernels", "e2e", "profile")
+STAGE_BITS = {name: 1 << i for i, name in enumerate(STAGES)}
+#: Wall-clock guard per stage on the GPU, seconds (the dry run uses the same values).
+GUARDS = {"correctness": 45, "kernels": 60, "e2e": 210, "profile": 30}
+GUIDANCE = 4.0
+#: The issue's targets: name -> (slower config, faster config, index into --batches (0: batch 16,
+#: 1: batch 64), measure, target ratio).
+TARGETS = {
+    "PF1_engine_dense_vs_compile_dense": ("diffusers_compile_dense", "engine_dense", 0, "ms_per_forward", 1.3),
+    "PF1_engine_dense_vs_compile_dense_large_batch": ("diffusers_compile_dense", "engine_dense", 1,
+                                                      "ms_per_forward", 1.15),
+    "PF2_mosaic_0.5_run_vs_compile_dense": ("diffusers_compile_dense", "engine_mosaic_0.5", 0,
+                                            "ms_per_sample_run", 2.3),
+    "PF7_engine_vs_compile_pruned_0.5": ("compile_pruned_0.5", "engine_mosaic_0.5", 0, "ms_per_forward", 1.2),
+}
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class StageTimeout(Exception):
+    """A stage ran past its wall-clock guard."""
+
+
+@contextlib.contextmanager
+def wall_clock_guard(seconds: float) -> Iterator[None]:
+    """Raise `StageTimeout` in the main thread after ``seconds`` (checked between Python bytecodes,
+    so a long CUDA call finishes first; the shell script's `timeout` is the hard stop)."""
+
+    def fire(signum, frame):
+        raise StageTimeout(f"past its {seconds:.0f} s guard")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write atomically: a half-written file never replaces a complete one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
 
 
 def git_commit() -> str:
@@ -59,199 +112,358 @@ def git_commit() -> str:
         return "unknown"
 
 
-# ------------------------------------------------------------------------------------ timing
+def env_info(device: str) -> dict:
+    """Card, clocks, versions and backends: the header of every results file."""
+    import diffusers
 
+    from mosaic_kernels import backends
 
-def time_ms(fn, device: str, iters: int = 20, warmup: int = 3) -> float:
-    """Median wall time of fn() in ms: CUDA events on the GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def ceilings(device: str) -> dict:
-    if device != "cuda":
-        return {}
-    n = 1 << 28  # 256 Mi bf16 = 512 MiB per buffer, far above L2
-    a = torch.randn(n, device=device, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    ms = time_ms(lambda: b.copy_(a), device)
-    m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms_mm = time_ms(lambda: m @ m, device, iters=10)
-    del a, b, m
-    return {"copy_tbps": 2 * n * 2 / ms / 1e9, "matmul_tflops": 2 * 8192**3 / ms_mm / 1e9}
-
-
-# ------------------------------------------------------------------------------------ models
-
-
-def build_dense(cfg: dict, device: str, dtype: torch.dtype):
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(**cfg)
-    # converted DiT-XL/2 checkpoints carry 28 identical embedders: mirror that
-    emb0 = model.transformer_blocks[0].norm1.emb.state_dict()
-    for block in model.transformer_blocks[1:]:
-        block.norm1.emb.load_state_dict(emb0)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def timing_mosaic(dense, target: float, num_steps: int = NUM_STEPS):
-    """A mosaic with the real divide/allocate shapes, magnitude-selected weights (timing only)."""
-    from mosaicdiff.mosaic import MosaicDiT
-    from mosaicdiff.prune import prune_stages
-
-    stages = prune_stages(dense, None, target, method="mosaic", pruner="magnitude",
-                          num_inference_steps=num_steps, progress=False)
-    return MosaicDiT(dense, stages, meta={"method": "timing-only magnitude", "target_sparsity": target})
-
-
-@contextlib.contextmanager
-def plain_torch_ops():
-    """Swap the fused mosaic ops for their plain-torch references (what torch.compile sees through)."""
-    from mosaic_kernels import ops
-    from mosaic_kernels import reference as ref
-
-    names = ["ln_modulate", "gated_residual", "gated_residual_ln_modulate", "linear_gelu", "linear_gated_residual"]
-    saved = {n: getattr(ops, n) for n in names}
+    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": sys.version.split()[0],
+            "backends": backends(device)}
     try:
-        for n in names:
-            setattr(ops, n, getattr(ref, f"{n}_ref"))
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(ops, n, fn)
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        try:
+            info["nvidia_smi"] = subprocess.check_output(
+                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit",
+                 "--format=csv,noheader"], text=True, timeout=20).strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            info["nvidia_smi"] = f"unavailable: {exc}"
+    return info
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; inf when out is not finite."""
+    o, r = out.double(), ref.double()
+    if not torch.isfinite(o).all():
+        return math.inf
+    return ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------ suite
+
+
+class Suite:
+    """The models of one run, built once and shared by the stages."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = "cpu" if args.dry_run else "cuda"
+        self.dtype = torch.float32 if args.dry_run else torch.bfloat16
+        self.cfg = DIT_TINY if args.dry_run else DIT_XL2
+        self.batches = args.batches
+        self.tokens = (self.cfg["sample_size"] // self.cfg["patch_size"]) ** 2
+        self.env = env_info(self.device)
+        self._models: dict[str, torch.nn.Module] = {}
+        self._dense = None
+        self._mosaics: dict[float, torch.nn.Module] = {}
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def dense(self):
+        if self._dense is None:
+            self._dense = build_dense(self.cfg, self.device, self.dtype)
+        return self._dense
+
+    def mosaic(self, target: float):
+        """The timing mosaic at ``target`` (built without CUDA graphs; e2e enables them)."""
+        if target not in self._mosaics:
+            self._mosaics[target] = timing_mosaic(self.dense(), target)
+        return self._mosaics[target]
+
+    def model(self, name: str):
+        """The e2e config ``name``, built on first use."""
+        if name not in self._models:
+            self._models[name] = self._build(name)
+        return self._models[name]
+
+    def _build(self, name: str):
+        from mosaicdiff.mosaic import MosaicDiT
+
+        if name == "diffusers_eager_dense":
+            return self.dense()
+        if name == "diffusers_compile_dense":
+            return torch.compile(self.dense(), dynamic=False)
+        if name in ("engine_dense", "engine_dense_unfused"):
+            engine = MosaicDiT.from_dense_unpruned(self.dense()).enable_cuda_graphs(self.cuda)
+            return engine.set_block_boundary_fusion(name == "engine_dense")
+        if name.startswith("engine_mosaic_"):
+            return self.mosaic(float(name.rsplit("_", 1)[1])).enable_cuda_graphs(self.cuda)
+        if name == "compile_pruned_0.5":
+            pruned = copy.deepcopy(self.mosaic(0.5))
+            pruned.forward_stage = torch.compile(pruned.forward_stage, mode="reduce-overhead", dynamic=False)
+            return pruned
+        raise ValueError(f"unknown config {name!r}")
+
+    def inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        c, s = self.cfg["in_channels"], self.cfg["sample_size"]
+        x = torch.randn(batch, c, s, s, generator=g).to(self.device, self.dtype)
+        y = torch.randint(0, self.cfg["num_embeds_ada_norm"], (batch,), generator=g).to(self.device)
+        return x, y
+
+    def timestep(self, model, t: int, batch: int) -> torch.Tensor:
+        """The timestep exactly as `mosaicdiff.sample` hands it to ``model`` (same compile guards)."""
+        host = getattr(model, "accepts_host_timestep", False)
+        return torch.full((batch,), int(t), dtype=torch.long, device="cpu" if host else self.device)
+
+
+def time_ms(fn: Callable[[], object], device: str, rep_ms: int = 200) -> float:
+    """Median ms of fn(): `triton.testing.do_bench` on CUDA, a perf_counter loop on the CPU."""
+    import bench_kernels
+
+    return bench_kernels.time_ms(fn, device, rep_ms)[0]
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def stage_correctness(suite: Suite, out: Path) -> bool:
+    """The real path at full shapes against diffusers / the torch reference, before any timing."""
+    from mosaic_kernels import ops
+    from mosaicdiff.mosaic import MosaicDiT
+
+    dense, B = suite.dense(), 4
+    x, y = suite.inputs(B, seed=1)
+    result = {"env": suite.env, "bound": "engine rel. error <= max(2 x bf16 baseline's, 1e-2)", "checks": []}
+
+    def check(name: str, model, t: int, ref: torch.Tensor, baseline: torch.Tensor, stage: int = 0) -> None:
+        with torch.no_grad(), ops.record_dispatch() as calls:  # one eager call: which backends run
+            model.forward_stage(stage, x, torch.full((B,), float(t), device=suite.device), y)
+        with torch.no_grad():
+            model(x, timestep=suite.timestep(model, t, B), class_labels=y)  # capture (graphs on)
+            got = model(x, timestep=suite.timestep(model, t, B), class_labels=y).sample  # replay
+        err, base = rel_err(got, ref), rel_err(baseline, ref)
+        runner = model._graphs
+        row = {"check": name, "t": t, "rel_err": err, "baseline_rel_err": base,
+               "limit": max(2 * base, 1e-2), "passed": err <= max(2 * base, 1e-2),
+               "dispatch": {f"{op}:{backend}": n for (op, backend), n in sorted(calls.items())},
+               "graphs_captured": runner.num_graphs if runner else 0,
+               "graphs_failed": {str(k): v for k, v in runner.failed.items()} if runner else {}}
+        result["checks"].append(row)
+        log(f"  {name:<28} t={t:<4} rel_err {err:.2e} (baseline {base:.2e}) "
+            f"{'ok' if row['passed'] else 'FAILED'}; graphs {row['graphs_captured']}, "
+            f"failed {len(row['graphs_failed'])}; {row['dispatch']}")
+        write_json(out / "correctness.json", result)
+
+    # 1. Sparsity 0: the engine against diffusers (fp32 reference, diffusers bf16 as baseline).
+    dense32 = copy.deepcopy(dense).float()
+    t = 500
+    with torch.no_grad():
+        t_dev = torch.full((B,), t, device=suite.device)
+        ref = dense32(x.float(), timestep=t_dev, class_labels=y).sample
+        base = dense(x, timestep=t_dev, class_labels=y).sample
+    del dense32
+    engine = MosaicDiT.from_dense_unpruned(dense).enable_cuda_graphs(suite.cuda)
+    check("engine_dense_vs_diffusers", engine, t, ref, base)
+    del engine
+    # 2. Mosaic 0.5, every stage: auto backends + graphs against the torch reference in fp32.
+    mosaic = suite.mosaic(0.5)
+    mosaic32 = copy.deepcopy(mosaic).float()
+    engine = copy.deepcopy(mosaic).enable_cuda_graphs(suite.cuda)
+    for stage, (name, t0, t1, _) in enumerate(mosaic._stage_meta):
+        t = (t0 + t1) // 2
+        t_vec = torch.full((B,), float(t), device=suite.device)
+        with torch.no_grad(), ops.use_backend("torch"):
+            ref = mosaic32.forward_stage(stage, x.float(), t_vec, y)
+            base = mosaic.forward_stage(stage, x, t_vec, y)  # torch reference ops in bf16
+        check(f"mosaic_0.5_{name}_vs_reference", engine, t, ref, base, stage=stage)
+    return all(row["passed"] for row in result["checks"])
+
+
+def stage_kernels(suite: Suite, out: Path) -> bool:
+    import bench_kernels
+
+    cases = {}
+    for target in (0.3, 0.5):
+        for case in bench_kernels.stage_cases(suite.mosaic(target), tuple(suite.batches), suite.dtype, suite.device):
+            cases.setdefault(case.label, case)
+    result = {"env": suite.env, "rows": []}
+    for i, case in enumerate(cases.values()):
+        result["rows"].extend(bench_kernels.bench_op(case, rep_ms=suite.args.kernel_rep_ms))
+        write_json(out / "kernels.json", result)
+    errors = [r for r in result["rows"] if "error" in r]
+    log(f"  {len(cases)} cases, {len(result['rows'])} rows, {len(errors)} provider errors")
+    # The SDPA kernel per stage shape, measured and persisted in the config cache (e2e uses it).
+    from mosaic_kernels import configs
+
+    tuned = configs.select_configs_for_shapes(
+        [("attention", (b, suite.tokens, suite.cfg["num_attention_heads"], suite.cfg["attention_head_dim"]), suite.dtype)
+         for b in suite.batches], suite.device, tune=True)
+    for target in (0.3, 0.5):
+        for batch in suite.batches:
+            tuned.update(suite.mosaic(target).autotune_kernels(batch, suite.tokens, suite.dtype))
+    result["tuned_configs"] = tuned
+    write_json(out / "kernels.json", result)
+    log(f"  attention kernels per stage shape: { {k: v['sdpa_backend'] for k, v in tuned.items()} }")
+    return all(r.get("rel_err", 0) <= 2e-2 or r["provider"] == "cublas_linear" for r in result["rows"]
+               if "error" not in r)
 
 
 def stage_step_weights(model, scheduler) -> list[tuple[int, int]]:
     """(representative timestep, number of sampler steps) per stage of a mosaic."""
+    if not hasattr(model, "stage_for"):
+        return [(500, 1)]
     counts: dict[int, list[int]] = {}
     for t in scheduler.timesteps.tolist():
         counts.setdefault(model.stage_for(t), []).append(int(t))
     return [(ts[0], len(ts)) for _, ts in sorted(counts.items())]
 
 
-def per_forward_ms(model, batch: int, cfg: dict, device: str, dtype, scheduler, iters: int) -> float:
-    """Mean ms per forward over the sampler's steps (stages weighted by their step counts)."""
-    x = torch.randn(batch, cfg["in_channels"], cfg["sample_size"], cfg["sample_size"], device=device, dtype=dtype)
-    y = torch.randint(0, cfg["num_embeds_ada_norm"], (batch,), device=device)
-    if hasattr(model, "stage_for"):
-        weights = stage_step_weights(model, scheduler)
-    else:
-        weights = [(500, 1)]
-    total, steps = 0.0, 0
-    with torch.no_grad():
-        for t, n in weights:
-            tt = torch.full((batch,), t, device=device, dtype=torch.long)
-            total += n * time_ms(lambda: model(x, timestep=tt, class_labels=y).sample, device, iters=iters)
-            steps += n
-    return total / steps
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
-def sample_run_ms(model, batch: int, cfg: dict, device: str, dtype, guidance: float = 4.0) -> float:
+def measure(suite: Suite, name: str, batch: int, scheduler) -> dict:
+    """Per forward (stage-weighted) and per DDIM-50 + CFG run of one config at one batch."""
     from mosaicdiff.sampling import sample
 
-    labels = torch.randint(0, cfg["num_embeds_ada_norm"], (batch // 2,), device=device)
-    run = lambda: sample(model, labels, num_inference_steps=NUM_STEPS, guidance_scale=guidance,  # noqa: E731
-                         progress=False, generator=torch.Generator(device).manual_seed(0))
-    return time_ms(run, device, iters=2, warmup=1)
+    model = suite.model(name)
+    x, y = suite.inputs(batch)
+    plain = plain_torch_ops() if name.startswith("compile_pruned") else contextlib.nullcontext()
+    graphs_before, t_start = unique_graphs(), time.perf_counter()
+    rec: dict = {"config": name, "batch": batch, "per_stage_ms": {}}
+    with plain, torch.no_grad():
+        total = steps = 0.0
+        for t, n in stage_step_weights(model, scheduler):
+            tt = suite.timestep(model, t, batch)
+            first = time.perf_counter()
+            model(x, timestep=tt, class_labels=y)  # compile / capture happens here
+            if suite.cuda:
+                torch.cuda.synchronize()
+            rec.setdefault("first_call_s", {})[str(t)] = round(time.perf_counter() - first, 2)
+            ms = time_ms(lambda: model(x, timestep=tt, class_labels=y), suite.device, suite.args.rep_ms)
+            rec["per_stage_ms"][str(t)] = ms
+            total += n * ms
+            steps += n
+        rec["ms_per_forward"] = total / steps
+        labels = y[: batch // 2].cpu()
+        run = lambda: sample(model, labels, num_inference_steps=NUM_STEPS, guidance_scale=GUIDANCE,  # noqa: E731
+                             progress=False, generator=torch.Generator().manual_seed(0))
+        run()  # warm-up (a new timestep form would recompile here: counted below)
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+        rec["ms_per_sample_run"] = min(times)
+    rec["wall_s"] = round(time.perf_counter() - t_start, 1)
+    rec["dynamo_graphs_compiled"] = unique_graphs() - graphs_before
+    runner = getattr(model, "_graphs", None)
+    if runner is not None:
+        rec["cuda_graphs_captured"] = runner.num_graphs
+        rec["cuda_graphs_failed"] = {str(k): v for k, v in runner.failed.items()}
+    return rec
 
 
-# ------------------------------------------------------------------------------------ main
+def ratios(records: list[dict], batches: list[int]) -> dict:
+    """Speed ratios within this run (slower / faster: > 1 means the second config is faster)."""
+    by = {(r["config"], r["batch"]): r for r in records}
+    out = {"ratios": {}, "targets": {}}
+    for batch in sorted({r["batch"] for r in records}):
+        for num, den in (("diffusers_eager_dense", "engine_dense"), ("diffusers_compile_dense", "engine_dense"),
+                         ("engine_dense", "engine_mosaic_0.5"), ("engine_dense", "engine_mosaic_0.3"),
+                         ("diffusers_compile_dense", "engine_mosaic_0.5"), ("compile_pruned_0.5", "engine_mosaic_0.5"),
+                         ("diffusers_compile_dense", "compile_pruned_0.5"), ("engine_dense_unfused", "engine_dense")):
+            a, b = by.get((num, batch)), by.get((den, batch))
+            if a and b:
+                for kind in ("ms_per_forward", "ms_per_sample_run"):
+                    out["ratios"][f"{num}/{den}@{batch}:{kind}"] = a[kind] / b[kind]
+    for name, (num, den, index, kind, target) in TARGETS.items():
+        batch = batches[index] if index < len(batches) else None
+        a, b = by.get((num, batch)), by.get((den, batch))
+        if a and b:
+            value = a[kind] / b[kind]
+            out["targets"][name] = {"batch": batch, "measure": kind, "ratio": value, "target": target,
+                                    "met": value >= target}
+    return out
 
 
-def run_suite(args) -> dict:
+def e2e_plan(suite: Suite) -> list[tuple[str, int]]:
+    """(config, batch) in order of importance: everything at the first batch, then the rest."""
+    first, *rest = suite.batches
+    plan = [(name, first) for name in ("diffusers_eager_dense", "engine_dense", "engine_mosaic_0.5",
+                                       "engine_mosaic_0.3", "diffusers_compile_dense", "compile_pruned_0.5",
+                                       "engine_dense_unfused")]
+    for batch in rest:
+        plan += [(name, batch) for name in ("diffusers_eager_dense", "engine_dense", "engine_mosaic_0.5",
+                                            "engine_mosaic_0.3", "diffusers_compile_dense")]
+    plan += [("compile_pruned_0.5", batch) for batch in rest]  # 3 more compiles: only if time remains
+    return plan
+
+
+def stage_e2e(suite: Suite, out: Path) -> bool:
     from diffusers import DDIMScheduler
-
-    device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = DIT_TINY if args.dry_run else DIT_XL2
-    iters = 3 if args.dry_run else 20
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
-    result = {"gpu": gpu, "date": _dt.date.today().isoformat(), "commit": git_commit(),
-              "torch": torch.__version__, "records": [], "kernels": [], "compile_seconds": {}}
-    try:
-        import triton
-
-        result["triton"] = triton.__version__
-    except ImportError:
-        pass
-    from mosaic_kernels import backends
-
-    result["backends"] = backends()
-    log(f"{gpu}, torch {torch.__version__}, backends {json.dumps(result['backends'])}")
-    result["ceilings"] = ceilings(device)
-    log(f"ceilings {result['ceilings']}")
-
-    if device == "cuda" and not args.skip_kernels:
-        import bench_kernels
-
-        for case in bench_kernels.dit_cases(tuple(args.batches)):
-            result["kernels"].extend(bench_kernels.bench_op(case))
-        log(f"{len(result['kernels'])} kernel rows")
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     scheduler.set_timesteps(NUM_STEPS)
-    dense = build_dense(cfg, device, dtype)
-    from mosaicdiff.mosaic import MosaicDiT
-
-    models = {
-        "diffusers_eager_dense": dense,
-        "engine_dense": MosaicDiT.from_dense_unpruned(dense),
-        "engine_mosaic_0.3": timing_mosaic(dense, 0.3),
-        "engine_mosaic_0.5": timing_mosaic(dense, 0.5),
-    }
-    for name in ("engine_dense", "engine_mosaic_0.3", "engine_mosaic_0.5"):
-        models[name].enable_cuda_graphs(device == "cuda")
-    models["diffusers_compile_dense"] = torch.compile(dense)
-    compile_pruned = timing_mosaic(dense, 0.5)
-    compile_pruned.forward_stage = torch.compile(compile_pruned.forward_stage, mode="reduce-overhead")
-    models["compile_pruned_0.5"] = compile_pruned
-
-    for batch in args.batches:
-        for name, model in models.items():
-            plain = name == "compile_pruned_0.5"
-            with plain_torch_ops() if plain else contextlib.nullcontext():
-                t0 = time.perf_counter()
-                fwd = per_forward_ms(model, batch, cfg, device, dtype, scheduler, iters)
-                first = time.perf_counter() - t0
-                run = sample_run_ms(model, batch, cfg, device, dtype) if not args.skip_sampling else None
-            if "compile" in name:
-                result["compile_seconds"][f"{name}@{batch}"] = round(first, 1)
-            rec = {"config": name, "batch": batch, "ms_per_forward": fwd, "ms_per_sample_run": run,
-                   "gpu": gpu, "commit": result["commit"]}
+    result = {"env": suite.env, "steps": NUM_STEPS, "guidance": GUIDANCE, "records": [], "errors": []}
+    try:
+        for name, batch in e2e_plan(suite):
+            try:
+                rec = measure(suite, name, batch, scheduler)
+            except StageTimeout:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one config failing must not lose the others
+                result["errors"].append({"config": name, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                log(f"  {name} @ {batch}: {type(exc).__name__}: {exc}")
+                continue
             result["records"].append(rec)
-            log(f"{name:<24} batch {batch:>3}: {fwd:8.2f} ms/forward, "
-                f"{run if run is None else round(run, 1)} ms/sample run")
-    result["memory"] = {n: m.memory_report() for n, m in models.items() if hasattr(m, "memory_report")}
-    return result
+            result.update(ratios(result["records"], suite.batches))
+            write_json(out / "e2e.json", result)
+            log(f"  {name:<24} batch {batch:>3}: {rec['ms_per_forward']:8.2f} ms/forward, "
+                f"{rec['ms_per_sample_run']:9.1f} ms/run, {rec['dynamo_graphs_compiled']} dynamo graphs, "
+                f"{rec['wall_s']} s")
+    finally:
+        if result["records"]:
+            result["memory"] = {n: m.memory_report() for n, m in suite._models.items() if hasattr(m, "memory_report")}
+            write_json(out / "e2e.json", result)
+            bar_chart(result, out / "e2e.png")
+    return not result["errors"]
 
 
-def summarize(result: dict) -> str:
-    by = {(r["config"], r["batch"]): r for r in result["records"]}
-    lines = [f"{'config':<24} {'batch':>5} {'ms/fwd':>9} {'ms/run':>9} {'fwd x vs compile':>17}"]
-    for (name, batch), r in by.items():
-        base = by.get(("diffusers_compile_dense", batch))
-        speed = base["ms_per_forward"] / r["ms_per_forward"] if base else float("nan")
-        run = r["ms_per_sample_run"]
-        lines.append(f"{name:<24} {batch:>5} {r['ms_per_forward']:9.2f} "
-                     f"{(run if run is not None else float('nan')):9.1f} {speed:17.2f}")
-    return "\n".join(lines)
+def stage_profile(suite: Suite, out: Path) -> bool:
+    """torch.profiler's top kernels by GPU time: where the remaining time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = suite.batches[0]
+    x, y = suite.inputs(batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if suite.cuda else [])
+    sort_keys = ("self_cuda_time_total", "self_device_time_total") if suite.cuda else ("self_cpu_time_total",)
+    text = [f"# {suite.env['device']}, commit {suite.env['commit']}, batch {batch}, torch {suite.env['torch']}"]
+    for name in ("engine_dense", "diffusers_compile_dense"):
+        model = suite.model(name)
+        tt = suite.timestep(model, 500, batch)
+        with torch.no_grad():
+            for _ in range(3):
+                model(x, timestep=tt, class_labels=y)
+            if suite.cuda:
+                torch.cuda.synchronize()
+            with profile(activities=activities) as prof:
+                for _ in range(5):
+                    model(x, timestep=tt, class_labels=y)
+                if suite.cuda:
+                    torch.cuda.synchronize()
+        table = None
+        for key in sort_keys:
+            try:
+                table = prof.key_averages().table(sort_by=key, row_limit=25)
+                break
+            except (KeyError, AttributeError, ValueError):
+                continue
+        text += [f"\n## {name} (5 forwards)\n", table or "profiler table unavailable"]
+        (out / "profile.txt").write_text("\n".join(text))
+    return True
 
 
 def bar_chart(result: dict, path: Path) -> None:
@@ -261,45 +473,61 @@ def bar_chart(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({r["batch"] for r in result["records"]})
-    configs = list(dict.fromkeys(r["config"] for r in result["records"]))
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
     for ax, batch in zip(axes[0], batches):
-        vals = [next(r["ms_per_forward"] for r in result["records"] if r["config"] == c and r["batch"] == batch)
-                for c in configs]
-        ax.bar(range(len(configs)), vals)
-        ax.set_xticks(range(len(configs)), configs, rotation=35, ha="right", fontsize=8)
+        recs = [r for r in result["records"] if r["batch"] == batch]
+        ax.bar(range(len(recs)), [r["ms_per_forward"] for r in recs])
+        ax.set_xticks(range(len(recs)), [r["config"] for r in recs], rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("ms per forward")
-        ax.set_title(f"{result['gpu']}, batch {batch}")
+        ax.set_title(f"{result['env']['device']}, batch {batch}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+STAGE_FNS = {"correctness": stage_correctness, "kernels": stage_kernels, "e2e": stage_e2e, "profile": stage_profile}
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: check the code path only")
-    p.add_argument("--batches", type=int, nargs="+", default=None)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    p.add_argument("--skip-kernels", action="store_true")
-    p.add_argument("--skip-sampling", action="store_true")
+    p.add_argument("--out", type=Path, required=True, help="folder for the results files")
+    p.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list, subset of {','.join(STAGES)}")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="forward batches (default 16 64; dry run 4 2)")
+    p.add_argument("--rep-ms", type=int, default=None, help="timing window per forward measurement")
+    p.add_argument("--kernel-rep-ms", type=int, default=None, help="timing window per kernel provider")
     args = p.parse_args(argv)
-    args.device = "cpu" if args.dry_run else "cuda"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_suite: no CUDA device; use --dry-run to check the code path on the CPU")
-    args.batches = args.batches or ([2] if args.dry_run else [16, 64])
-    t0 = time.perf_counter()
-    result = run_suite(args)
-    result["suite_seconds"] = round(time.perf_counter() - t0, 1)
-    card = "".join(c if c.isalnum() else "-" for c in result["gpu"]).strip("-")
-    stem = f"{result['date']}-{card}" + ("-dryrun" if args.dry_run else "")
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        p.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    if not args.dry_run and not torch.cuda.is_available():
+        p.error("no CUDA device; use --dry-run to check the code paths on the CPU")
+    args.batches = args.batches or ([4, 2] if args.dry_run else [16, 64])
+    args.rep_ms = args.rep_ms or (20 if args.dry_run else 200)
+    args.kernel_rep_ms = args.kernel_rep_ms or (5 if args.dry_run else 50)
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / f"{stem}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    tmp.replace(args.out / f"{stem}.json")
-    bar_chart(result, args.out / f"{stem}.png")
-    print(summarize(result))
-    print(f"suite: {result['suite_seconds']} s -> {args.out / (stem + '.json')}")
+    suite = Suite(args)
+    log(f"{suite.env['device']}, torch {suite.env['torch']}, triton {suite.env['triton']}, "
+        f"commit {suite.env['commit']}, backends {json.dumps(suite.env['backends'])}")
+    failed = 0
+    for name in stages:
+        log(f"stage {name}: start (guard {GUARDS[name]} s)")
+        t0 = time.perf_counter()
+        try:
+            with wall_clock_guard(GUARDS[name]):
+                ok = STAGE_FNS[name](suite, args.out)
+            status = "ok" if ok else "failed"
+        except StageTimeout:
+            status = "timeout"
+        except Exception:  # noqa: BLE001 - a crashed stage is reported; the next stage still runs
+            traceback.print_exc()
+            status = "failed"
+        if status != "ok":
+            failed |= STAGE_BITS[name]
+        log(f"stage {name}: {status} ({time.perf_counter() - t0:.0f} s)")
+    return failed
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,7 +28,8 @@ else:  # small shapes: the CPU only checks that the harness works
              bk.Case("linear_gated_residual", (2, 16, 64, 72), DTYPE, DEVICE),
              bk.Case("attention", (2, 16, 2, 32), DTYPE, DEVICE)]
 
-PROVIDERS = ["reference", "torch_eager", "torch_compile", "cublas_linear", "vendor", "triton", "cuda", "sdpa"]
+PROVIDERS = ["reference", "torch_eager", "torch_compile", "cublas_linear", "vendor", "triton", "cuda",
+             "sdpa_auto", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
 
 
 def _sync():

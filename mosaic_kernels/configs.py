@@ -15,7 +15,10 @@ implementation runs: ``"backend": "vendor"`` (cuBLAS(Lt) through torch, the defa
 ``"triton"`` (the tiled Triton GEMM with the epilogue fused).
 
 Canonical shapes: row ops (``ln_modulate``, ``gated_residual``, ``gated_residual_ln_modulate``)
-take ``(B, L, D)`` (or ``(rows, D)``); GEMM ops take ``(M, N, K)`` with ``M`` = rows of ``x``.
+take ``(B, L, D)`` (or ``(rows, D)``); GEMM ops take ``(M, N, K)`` with ``M`` = rows of ``x``;
+``attention`` takes ``(B, L, H, hd)`` and its config names the SDPA kernel (``{"sdpa_backend":
+"auto" | "flash" | "efficient" | "cudnn"}``: at DiT's head_dim 72 the winner is measured per
+stage, since the stages differ in head count).
 
 Call :func:`select_configs_for_shapes` when a stage is entered to resolve (and optionally
 autotune) all of its configs at once, so the per-call lookup is a dict hit.
@@ -28,6 +31,7 @@ import functools
 import json
 import logging
 import math
+import operator
 import os
 import tempfile
 import threading
@@ -41,6 +45,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ATTENTION_OPS",
     "CACHE_ENV",
     "GEMM_OPS",
     "OPS",
@@ -49,16 +54,21 @@ __all__ = [
     "cache_path",
     "candidate_configs",
     "clear_memo",
+    "column_tiles",
     "config_key",
     "default_config",
     "device_name",
+    "fit_row_config",
     "get_config",
+    "get_attention_config",
     "get_gated_residual_config",
     "get_gated_residual_ln_modulate_config",
     "get_linear_gated_residual_config",
     "get_linear_gelu_config",
     "get_ln_modulate_config",
     "interpreter_config",
+    "lane_utilization",
+    "row_blocks",
     "select_configs_for_shapes",
     "shape_bucket",
 ]
@@ -66,7 +76,10 @@ __all__ = [
 CACHE_ENV = "MOSAIC_KERNELS_CACHE"
 ROW_OPS = ("ln_modulate", "gated_residual", "gated_residual_ln_modulate")
 GEMM_OPS = ("linear_gelu", "linear_gated_residual")
-OPS = ROW_OPS + GEMM_OPS
+ATTENTION_OPS = ("attention",)
+OPS = ROW_OPS + GEMM_OPS + ATTENTION_OPS
+#: SDPA kernels an attention config may name ("auto": torch's own choice).
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn")
 _NORM_OPS = ("ln_modulate", "gated_residual_ln_modulate")
 CACHE_VERSION = 1
 # Widest row a single-pass row kernel holds in registers (as Liger-Kernel's limit).
@@ -95,6 +108,60 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def prev_power_of_2(n: int) -> int:
+    """Largest power of two <= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (int(n).bit_length() - 1)
+
+
+def _is_power_of_2(n: Any) -> bool:
+    try:
+        n = operator.index(n)
+    except TypeError:
+        return False
+    return n >= 1 and n & (n - 1) == 0
+
+
+def row_blocks(D: int) -> tuple[int, int]:
+    """Column chunks of the norm row kernels: ``(BLOCK_D, TAIL_D)``, powers of two (TAIL_D may be 0).
+
+    A program holds a whole row as a main chunk of ``BLOCK_D`` = the largest power of two <= D
+    columns plus a tail chunk of ``TAIL_D`` = the next power of two >= ``D - BLOCK_D`` columns
+    (0 when D is a power of two). D = 1152 -> (1024, 128), no masked lane; 2301 -> (2048, 256);
+    72 -> (64, 8); 4096 -> (4096, 0). Only the tail has masked lanes, and the two chunks never
+    hold more lanes than ``next_power_of_2(D)``.
+
+    Raises:
+        ValueError: for D < 1.
+    """
+    D = int(D)
+    if D < 1:
+        raise ValueError(f"row_blocks: D must be >= 1, got {D}")
+    block_d = prev_power_of_2(D)
+    rem = D - block_d
+    return block_d, (next_power_of_2(rem) if rem else 0)
+
+
+def column_tiles(D: int, block_d: int) -> tuple[int, int, int]:
+    """Column tiles of the elementwise ``gated_residual`` kernel: ``(BLOCK_D, n_full, TAIL_D)``.
+
+    ``block_d`` (a power of two) is clamped to the largest power of two <= D. A row is ``n_full =
+    D // BLOCK_D`` unmasked tiles plus, when BLOCK_D does not divide D, a tail chunk of the next
+    power of two >= ``D % BLOCK_D`` columns, done by the program of the last full tile (so no
+    program is mostly masked). D = 1152: (1024, 1, 128) or (256, 4, 128), no masked lane.
+
+    Raises:
+        ValueError: for D < 1 or a ``block_d`` that is not a power of two.
+    """
+    D = int(D)
+    if D < 1:
+        raise ValueError(f"column_tiles: D must be >= 1, got {D}")
+    if not _is_power_of_2(block_d):
+        raise ValueError(f"column_tiles: BLOCK_D must be a power of two, got {block_d!r}")
+    block_d = min(block_d, prev_power_of_2(D))
+    n_full, rem = divmod(D, block_d)
+    return block_d, n_full, (next_power_of_2(rem) if rem else 0)
+
+
 def _check_op(op: str) -> None:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}, expected one of {OPS}")
@@ -107,6 +174,13 @@ def _row_shape(op: str, shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) == 2:
         return int(shape[0]), int(shape[1])
     raise ValueError(f"{op}: shape must be (B, L, D) or (rows, D), got {tuple(shape)}")
+
+
+def _attention_shape(op: str, shape: Sequence[int]) -> tuple[int, int, int, int]:
+    if len(shape) != 4:
+        raise ValueError(f"{op}: shape must be (B, L, H, hd), got {tuple(shape)}")
+    B, L, H, hd = (int(s) for s in shape)
+    return B, L, H, hd
 
 
 def _gemm_shape(op: str, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -155,15 +229,21 @@ def _cuda_device_name(index: int) -> str:
 
 
 def shape_bucket(op: str, shape: Sequence[int]) -> str:
-    """The shape part of a key: ``"D<next pow2 of D>"`` for row ops, ``"M<pow2>_N<N>_K<K>"`` for GEMMs.
+    """The shape part of a key: ``"D<BLOCK_D>+<TAIL_D>"`` (``"D<BLOCK_D>"`` without a tail) for row
+    ops, ``"M<pow2>_N<N>_K<K>"`` for GEMMs.
 
-    Row kernels depend on D only through its power-of-two block; GEMM configs on the exact
-    N and K (a stage's widths) and on the order of magnitude of M (batch * tokens).
+    Row kernels depend on D through its column chunks (:func:`row_blocks`: 1152 -> ``"D1024+128"``);
+    GEMM configs on the exact N and K (a stage's widths) and on the order of magnitude of M
+    (batch * tokens).
     """
     _check_op(op)
     if op in ROW_OPS:
         _, D = _row_shape(op, shape)
-        return f"D{next_power_of_2(D)}"
+        block_d, tail_d = row_blocks(max(D, 1))
+        return f"D{block_d}+{tail_d}" if tail_d else f"D{block_d}"
+    if op in ATTENTION_OPS:  # the kernel choice depends on sequence, heads and head_dim
+        B, L, H, hd = _attention_shape(op, shape)
+        return f"B{next_power_of_2(B)}_L{L}_H{H}_hd{hd}"
     M, N, K = _gemm_shape(op, shape)
     return f"M{min(next_power_of_2(M), 1 << 20)}_N{N}_K{K}"
 
@@ -190,13 +270,63 @@ def rowwise_num_warps(block_elems: int) -> int:
 
 
 def rows_per_program(block_d: int, target_elems: int = 2048, max_rows: int = 16) -> int:
-    """Rows per program for a row kernel: several short rows per program, one long row."""
-    return max(1, min(max_rows, target_elems // block_d))
+    """Rows per program (a power of two) for a row kernel of ``block_d`` lanes per row: several
+    short rows per program, one long row."""
+    return prev_power_of_2(max(1, min(max_rows, target_elems // block_d)))
 
 
 def _check_row_width(op: str, D: int) -> None:
     if D > MAX_FUSED_D:
         raise NotImplementedError(f"{op}: D={D} exceeds the single-pass row limit {MAX_FUSED_D}")
+
+
+def fit_row_config(op: str, D: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a row-op config with its column blocks fitted to D, as the kernels run it.
+
+    Norm ops hold whole rows: ``BLOCK_D``/``TAIL_D`` are set from :func:`row_blocks` (whatever
+    ``cfg`` said). ``gated_residual``: ``BLOCK_D`` (default: :func:`default_config`'s) is clamped
+    by :func:`column_tiles` and ``TAIL_D`` set to match. ``num_warps`` defaults to 4.
+
+    Raises:
+        ValueError: for a ``BLOCK_M`` (or gated_residual ``BLOCK_D``) that is not a power of two,
+            or a gated_residual ``BLOCK_D`` so narrow that the column tiles exceed CUDA's 65535.
+    """
+    if op not in ROW_OPS:
+        raise ValueError(f"fit_row_config: {op!r} is not a row op {ROW_OPS}")
+    out = dict(cfg)
+    block_m = out.get("BLOCK_M")
+    if not _is_power_of_2(block_m):
+        raise ValueError(f"{op}: BLOCK_M must be a power of two, got {block_m!r}")
+    if op in _NORM_OPS:
+        out["BLOCK_D"], out["TAIL_D"] = row_blocks(D)
+    else:
+        width = out.get("BLOCK_D")
+        if width is None:
+            width = default_config(op, (1, D), torch.float32, "cpu")["BLOCK_D"]
+        out["BLOCK_D"], n_full, out["TAIL_D"] = column_tiles(D, width)
+        if n_full > 65535:  # CUDA's limit on grid axis 1 (the column tiles)
+            raise ValueError(f"{op}: BLOCK_D={width} gives {n_full} column tiles for D={D}, over 65535")
+    out.setdefault("num_warps", 4)
+    return out
+
+
+def lane_utilization(op: str, D: int, cfg: dict[str, Any] | None = None) -> float:
+    """Fraction of a row kernel's column lanes that hold one of the row's D values.
+
+    ``D / (BLOCK_D + TAIL_D)`` for the norm ops (their lanes per row, :func:`row_blocks`); for
+    ``gated_residual`` ``D / (n_full * BLOCK_D + TAIL_D)`` of :func:`column_tiles` for ``cfg``'s
+    ``BLOCK_D`` (default :func:`default_config`'s). 1.0 means no masked lane; D = 1152 gives 1.0.
+    Masked rows of a last partial row tile are not counted.
+    """
+    _check_op(op)
+    if op not in ROW_OPS:
+        raise ValueError(f"lane_utilization: {op!r} is not a row op {ROW_OPS}")
+    if op in _NORM_OPS:
+        block_d, tail_d = row_blocks(D)
+        return D / (block_d + tail_d)
+    width = (cfg or {}).get("BLOCK_D") or default_config(op, (1, D), torch.float32, "cpu")["BLOCK_D"]
+    block_d, n_full, tail_d = column_tiles(D, width)
+    return D / (n_full * block_d + tail_d)
 
 
 def default_config(op: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str) -> dict[str, Any]:
@@ -209,20 +339,25 @@ def default_config(op: str, shape: Sequence[int], dtype: torch.dtype, device: to
         device: target device.
 
     Returns:
-        Row ops: ``{"BLOCK_M", "BLOCK_D", "num_warps"}``. GEMM ops: ``{"backend", "BLOCK_M",
+        Row ops: ``{"BLOCK_M", "BLOCK_D", "TAIL_D", "num_warps"}`` (column blocks fitted to D:
+        :func:`row_blocks`, :func:`column_tiles`). GEMM ops: ``{"backend", "BLOCK_M",
         "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"}`` (optionally ``"TMA"``).
     """
     _check_op(op)
     if op in ROW_OPS:
         _, D = _row_shape(op, shape)
         _check_row_width(op, D)
-        block_d = next_power_of_2(D)
-        if op == "gated_residual":  # elementwise: 2-D tiles of ~4096 elements
-            block_d = min(block_d, 1024)
+        if op == "gated_residual":  # elementwise: 2-D tiles of ~4096 elements, <= 1024 columns + tail
+            block_d, _, tail_d = column_tiles(D, 1024)
             block_m = max(1, 4096 // block_d)
-            return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": 4}
-        block_m = rows_per_program(block_d)
-        return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": rowwise_num_warps(block_m * block_d)}
+            return {"BLOCK_M": block_m, "BLOCK_D": block_d, "TAIL_D": tail_d, "num_warps": 4}
+        block_d, tail_d = row_blocks(D)
+        block_m = rows_per_program(block_d + tail_d)
+        return {"BLOCK_M": block_m, "BLOCK_D": block_d, "TAIL_D": tail_d,
+                "num_warps": rowwise_num_warps(block_m * (block_d + tail_d))}
+    if op in ATTENTION_OPS:
+        _attention_shape(op, shape)
+        return {"sdpa_backend": "auto"}
     # GEMM: the Triton matmul tutorial's first CUDA config; vendor path by default (anchors.md).
     return {"backend": "vendor", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8,
             "num_warps": 8, "num_stages": 3}
@@ -239,9 +374,14 @@ def interpreter_config(op: str, shape: Sequence[int]) -> dict[str, Any]:
     if op in ROW_OPS:
         rows, D = _row_shape(op, shape)
         _check_row_width(op, D)
-        block_d = next_power_of_2(D)
-        block_m = max(1, min(next_power_of_2(rows), (1 << 17) // block_d))
-        return {"BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": 4}
+        if op == "gated_residual":  # whole rows: one column tile (+ tail) per program
+            block_d, _, tail_d = column_tiles(max(D, 1), MAX_FUSED_D)
+        else:
+            block_d, tail_d = row_blocks(max(D, 1))
+        block_m = max(1, min(next_power_of_2(rows), prev_power_of_2((1 << 17) // (block_d + tail_d))))
+        return {"BLOCK_M": block_m, "BLOCK_D": block_d, "TAIL_D": tail_d, "num_warps": 4}
+    if op in ATTENTION_OPS:
+        return {"sdpa_backend": "auto"}
     return {"backend": "vendor", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4,
             "num_warps": 4, "num_stages": 1}
 
@@ -255,20 +395,35 @@ def candidate_configs(op: str, shape: Sequence[int], dtype: torch.dtype) -> list
     if op in ROW_OPS:
         _, D = _row_shape(op, shape)
         _check_row_width(op, D)
-        block_d = next_power_of_2(D)
         if op == "gated_residual":
+            p = prev_power_of_2(D)
+            widths = {min(p, 256), min(p, 1024)}
+            exact = D & -D  # the largest power of two dividing D: tiles with no tail at all
+            if 64 <= exact <= 1024:
+                widths.add(exact)
             out = []
-            for bd in sorted({min(block_d, 256), min(block_d, 1024)}):
+            for bd in sorted(widths):
+                tail_d = column_tiles(D, bd)[2]
                 for elems in (2048, 8192):
-                    out += [{"BLOCK_M": max(1, elems // bd), "BLOCK_D": bd, "num_warps": w} for w in (4, 8)]
+                    out += [{"BLOCK_M": max(1, elems // bd), "BLOCK_D": bd, "TAIL_D": tail_d, "num_warps": w}
+                            for w in (4, 8)]
             return out
+        block_d, tail_d = row_blocks(D)
+        lanes = block_d + tail_d
         out = []
-        for bm in sorted({1, 2, 4, rows_per_program(block_d)}):
-            if bm * block_d > 4 * MAX_FUSED_D // 2:
+        for bm in sorted({1, 2, 4, rows_per_program(lanes)}):
+            if bm * lanes > 4 * MAX_FUSED_D // 2:
                 continue
-            for w in sorted({rowwise_num_warps(bm * block_d), 4, 8, 16}):
-                out.append({"BLOCK_M": bm, "BLOCK_D": block_d, "num_warps": w})
+            default_w = rowwise_num_warps(bm * lanes)
+            for w in sorted({default_w, 4, 8, 16}):
+                # over 32 fp32 values per thread per row tensor the fused kernel spills (Triton 3.6,
+                # sm_80, BLOCK_M=4 x (1024 + 128) on 4 warps): keep only the heuristic's warps there
+                if w == default_w or bm * lanes <= 32 * 32 * w:
+                    out.append({"BLOCK_M": bm, "BLOCK_D": block_d, "TAIL_D": tail_d, "num_warps": w})
         return out
+    if op in ATTENTION_OPS:
+        _attention_shape(op, shape)
+        return [{"sdpa_backend": b} for b in SDPA_BACKENDS]
     cands: list[dict[str, Any]] = [{"backend": "vendor"}]
     for bm, bn, bk, w, s in ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
                              (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -304,6 +459,8 @@ def _matches(match: dict[str, Any], op: str, shape: Sequence[int], dtype: torch.
     if op in ROW_OPS:
         rows, D = _row_shape(op, shape)
         dims = {"D": D, "rows": rows}
+    elif op in ATTENTION_OPS:
+        dims = dict(zip(("B", "L", "H", "hd"), _attention_shape(op, shape)))
     else:
         M, N, K = _gemm_shape(op, shape)
         dims = {"M": M, "N": N, "K": K}
@@ -456,8 +613,8 @@ def get_config(op: str, shape: Sequence[int], dtype: torch.dtype, device: torch.
                 table = table_config(op, shape, dtype, device)
                 if table is not None:
                     cfg.update(table)
-            if op in _NORM_OPS:  # a norm program holds whole rows
-                cfg["BLOCK_D"] = next_power_of_2(_row_shape(op, shape)[1])
+            if op in ROW_OPS:  # column blocks fitted to D (a norm program holds whole rows)
+                cfg = fit_row_config(op, _row_shape(op, shape)[1], cfg)
             _memo[key] = cfg
         _remember_fast(fast_key, cfg)
     return dict(cfg)
@@ -521,8 +678,8 @@ def autotune(
     key = config_key(op, shape, dtype, device)
     logger.info("autotune %s: best %s at %.4f ms of %d candidates", key, best, best_ms, len(timings))
     with _lock:
-        if op in _NORM_OPS:
-            best["BLOCK_D"] = next_power_of_2(_row_shape(op, shape)[1])
+        if op in ROW_OPS:
+            best = fit_row_config(op, _row_shape(op, shape)[1], best)
         _memo[key] = best
         _fast.clear()
         if persist:
@@ -583,3 +740,4 @@ get_gated_residual_config = _op_getter("gated_residual")
 get_gated_residual_ln_modulate_config = _op_getter("gated_residual_ln_modulate")
 get_linear_gelu_config = _op_getter("linear_gelu")
 get_linear_gated_residual_config = _op_getter("linear_gated_residual")
+get_attention_config = _op_getter("attention")

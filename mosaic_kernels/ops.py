@@ -29,6 +29,7 @@ All ops are forward-only: calling ``backward`` through them raises.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import functools
@@ -55,6 +56,7 @@ __all__ = [
     "linear_gated_residual",
     "linear_gelu",
     "ln_modulate",
+    "record_dispatch",
     "select_backend",
     "use_backend",
 ]
@@ -66,6 +68,8 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CUDA_OPS = frozenset({"ln_modulate", "gated_residual_ln_modulate"})
 
 _pinned: contextvars.ContextVar[str | None] = contextvars.ContextVar("mosaic_backend", default=None)
+_dispatch_log: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
+    "mosaic_dispatch_log", default=None)
 _logged: set[tuple[str, ...]] = set()
 
 
@@ -122,6 +126,35 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _pinned.reset(token)
+
+
+@contextlib.contextmanager
+def record_dispatch() -> Iterator[collections.Counter]:
+    """Count which backend ran each op call inside the ``with`` block (this thread/task).
+
+    Yields a ``Counter`` of ``(op, backend)``; GEMM ops report ``"vendor"`` for cuBLAS(Lt),
+    ``attention`` its SDPA backend. Calls traced into a CUDA graph are counted once, at capture.
+
+    Examples:
+        >>> import torch, mosaic_kernels as mk
+        >>> with mk.ops.record_dispatch() as calls:
+        ...     _ = mk.ln_modulate(torch.randn(1, 2, 8), torch.zeros(1, 8), torch.zeros(1, 8))
+        >>> sorted(calls)
+        [('ln_modulate', 'torch')]
+    """
+    counter: collections.Counter = collections.Counter()
+    token = _dispatch_log.set(counter)
+    try:
+        yield counter
+    finally:
+        _dispatch_log.reset(token)
+
+
+def _dispatched(op: str, backend: str) -> str:
+    log = _dispatch_log.get()
+    if log is not None:
+        log[(op, backend)] += 1
+    return backend
 
 
 @functools.lru_cache(maxsize=1)
@@ -347,7 +380,8 @@ def _check_linear_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: t
 
 @torch.library.custom_op("mosaic::ln_modulate", mutates_args=())
 def _ln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    backend = select_backend("ln_modulate", x.device, _cuda_inputs_status("ln_modulate", x, shift, scale))
+    backend = _dispatched("ln_modulate", select_backend(
+        "ln_modulate", x.device, _cuda_inputs_status("ln_modulate", x, shift, scale)))
     if backend == "cuda":
         out = torch.empty_like(x)
         torch.ops.mosaic_C.ln_modulate(out, x, shift.contiguous(), scale.contiguous(), eps)
@@ -392,7 +426,7 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
 
 @torch.library.custom_op("mosaic::gated_residual", mutates_args=())
 def _gated_residual_op(res: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    backend = select_backend("gated_residual", res.device)
+    backend = _dispatched("gated_residual", select_backend("gated_residual", res.device))
     if backend == "triton":
         return _triton_package()[0].gated_residual_triton(res, gate, y)
     return ref.gated_residual_ref(res, gate, y)
@@ -433,8 +467,9 @@ def gated_residual(res: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> to
 def _gated_residual_ln_modulate_op(
     res: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = select_backend("gated_residual_ln_modulate", res.device,
-                             _cuda_inputs_status("gated_residual_ln_modulate", res, gate, y, shift, scale))
+    backend = _dispatched("gated_residual_ln_modulate", select_backend(
+        "gated_residual_ln_modulate", res.device,
+        _cuda_inputs_status("gated_residual_ln_modulate", res, gate, y, shift, scale)))
     if backend == "cuda":
         h = torch.empty_like(res)
         out = torch.empty_like(res)
@@ -513,7 +548,7 @@ def _gemm_path(op: str, x: torch.Tensor, M: int, N: int, K: int) -> str:
 def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     N, K = weight.shape
     x2d = x.reshape(-1, K)
-    path = _gemm_path("linear_gelu", x, x2d.shape[0], N, K)
+    path = _dispatched("linear_gelu", _gemm_path("linear_gelu", x, x2d.shape[0], N, K))
     if path == "triton":
         out = _triton_package()[0].linear_gelu_triton(x2d, weight, bias)
     elif path == "vendor":
@@ -566,7 +601,7 @@ def _linear_gated_residual_op(
 ) -> torch.Tensor:
     N, K = weight.shape
     x2d = x.reshape(-1, K)
-    path = _gemm_path("linear_gated_residual", x, x2d.shape[0], N, K)
+    path = _dispatched("linear_gated_residual", _gemm_path("linear_gated_residual", x, x2d.shape[0], N, K))
     if path == "triton":
         return _triton_package()[0].linear_gated_residual_triton(x, weight, bias, gate, res)
     if path == "vendor":
@@ -629,26 +664,42 @@ def linear_gated_residual(
 # ---------------------------------------------------------------------------------------------
 
 
-def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+#: SDPA kernels `attention` can be pinned to: the configurable ones ("auto" lets torch choose)
+#: and "math", the unfused exact fallback.
+SDPA_BACKENDS = (*configs.SDPA_BACKENDS, "math")
+
+
+def _sdpa_backend_enum(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> torch.Tensor:
     """``out = softmax(q @ k^T / sqrt(hd)) @ v`` over ``num_heads`` heads (non-causal). Forward-only.
 
     ``q``, ``k`` and ``v`` are strided views of ``qkv`` (no copies) handed to
-    ``F.scaled_dot_product_attention``, which picks FlashAttention / memory-efficient / math
-    kernels itself; any ``head_dim`` (e.g. 72 or 32) works. This is a plain function, not a
-    custom op, so ``torch.compile`` sees the SDPA call.
+    ``F.scaled_dot_product_attention``; any ``head_dim`` (e.g. 72 or 32) works. Which SDPA kernel
+    runs matters at DiT's head_dim 72 (FlashAttention pads it to a 96-wide kernel): by default it
+    comes from :mod:`mosaic_kernels.configs` per shape (``{"sdpa_backend": ...}``, "auto" unless
+    measured otherwise, see ``configs.autotune("attention", ...)``). This is a plain function,
+    not a custom op, so ``torch.compile`` sees the SDPA call.
 
     Args:
         qkv: (B, L, 3 * H * hd) fused projections laid out ``[q | k | v]``, heads contiguous
             within each part; unit stride in the last dim.
         num_heads: H (> 0).
+        backend: one of :data:`SDPA_BACKENDS` to pin the SDPA kernel; None: the configured one.
 
     Returns:
         (B, L, H * hd) contiguous tensor of ``qkv.dtype``.
 
     Raises:
         TypeError: for a non-tensor or an unsupported dtype.
-        ValueError: for a wrong rank, a width not divisible by ``3 * num_heads``, or a
-            non-unit last-dim stride.
+        ValueError: for a wrong rank, a width not divisible by ``3 * num_heads``, a non-unit
+            last-dim stride or an unknown backend.
+        RuntimeError: if the pinned SDPA backend cannot run these inputs (torch's message).
     """
     _check_tensor("attention", "qkv", qkv, 3)
     if not isinstance(num_heads, int) or num_heads <= 0:
@@ -660,7 +711,18 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     if qkv.stride(2) != 1:
         raise ValueError(f"attention: qkv must have unit stride in its last dim, got strides {qkv.stride()}")
     hd = width // (3 * num_heads)
+    if backend is None:
+        backend = configs.get_config("attention", (B, L, num_heads, hd), qkv.dtype, qkv.device)["sdpa_backend"]
+    if backend not in SDPA_BACKENDS:
+        raise ValueError(f"attention: backend must be one of {SDPA_BACKENDS}, got {backend!r}")
+    _dispatched("attention", f"sdpa_{backend}")
     # (B, L, 3, H, hd) -> three (B, H, L, hd) strided views.
     q, k, v = qkv.unflatten(-1, (3, num_heads, hd)).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, hd)
+    if backend == "auto":
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, hd)
+    else:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([_sdpa_backend_enum(backend)]):
+            out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(B, L, num_heads * hd)

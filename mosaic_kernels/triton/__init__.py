@@ -39,6 +39,9 @@ def _random_inputs(op: str, shape: Sequence[int], dtype: torch.dtype, device: to
     if op in ("ln_modulate", "gated_residual", "gated_residual_ln_modulate"):
         B, L, D = shape if len(shape) == 3 else (1, *shape)
         return {"x": rnd(B, L, D), "y": rnd(B, L, D), "v1": rnd(B, D), "v2": rnd(B, D), "v3": rnd(B, D)}
+    if op == "attention":
+        B, L, H, hd = shape
+        return {"qkv": rnd(B, L, 3 * H * hd)}
     M, N, K = shape
     return {"x": rnd(M, K), "w": rnd(N, K) * K ** -0.5, "bias": rnd(N), "gate": rnd(1, N), "res": rnd(1, M, N)}
 
@@ -59,6 +62,10 @@ def make_bench_fn(
     t = _random_inputs(op, shape, dtype, device)
 
     def run_for(cfg: dict[str, Any]) -> Callable[[], Any]:
+        if op == "attention":  # the SDPA kernel choice: no Triton kernel involved
+            from ..ops import attention
+
+            return lambda: attention(t["qkv"], int(shape[2]), backend=cfg["sdpa_backend"])
         if op == "ln_modulate":
             return lambda: ln_modulate_triton(t["x"], t["v1"], t["v2"], 1e-6, config=cfg)
         if op == "gated_residual":

@@ -1,7 +1,12 @@
 """Gated residual update: ``out = res + gate[:, None, :] * y`` (elementwise, memory-bound).
 
-The (B*L, D) rows are cut into 2-D tiles of ``BLOCK_M`` rows x ``BLOCK_D`` columns; the gate
-row of a token is its batch index ``b = row // L``. Used when no norm follows (otherwise
+The (B*L, D) rows are cut into 2-D tiles of ``BLOCK_M`` rows x ``BLOCK_D`` columns, with
+``BLOCK_D`` a power of two fitted to D (:func:`mosaic_kernels.configs.column_tiles`): a row is
+``D // BLOCK_D`` unmasked tiles, and when BLOCK_D does not divide D the program of the last full
+tile also does a power-of-two tail chunk of ``TAIL_D`` columns (D = 1152 -> 1024 + 128, no masked
+lane, where plain 1024-wide tiles would leave a second tile 87% masked). Only that tail (when
+``TAIL_D > D % BLOCK_D``) and the rows of a last partial row tile are masked. The gate row of a
+token is its batch index ``b = row // L``. Used when no norm follows (otherwise
 :mod:`.gated_residual_ln_modulate` fuses the next norm too), and as the epilogue of the vendor
 GEMM path of ``linear_gated_residual``.
 """
@@ -13,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .. import configs
-from ._common import device_guard, launch_checks
+from ._common import device_guard, launch_checks, load_chunk_f32, row_alignment, store_chunk
 
 
 @triton.jit
@@ -29,21 +34,40 @@ def _gated_residual_kernel(
     D,  # row width
     stride_gate_b,  # row stride of gate (elements)
     # Meta-parameters
-    BLOCK_M: tl.constexpr,  # rows per tile
-    BLOCK_D: tl.constexpr,  # columns per tile (power of two)
+    BLOCK_M: tl.constexpr,  # rows per tile (power of two)
+    BLOCK_D: tl.constexpr,  # columns per full tile (power of two <= D); grid axis 1 is D // BLOCK_D
+    TAIL_D: tl.constexpr,  # tail chunk after the full tiles: power of two >= D % BLOCK_D
+    HAS_TAIL: tl.constexpr,  # BLOCK_D does not divide D (else TAIL_D is 1 and unused)
+    TAIL_MASKED: tl.constexpr,  # TAIL_D > D % BLOCK_D: the tail's last lanes are masked
+    EVEN_M: tl.constexpr,  # n_rows % BLOCK_M == 0: no row is past the end
+    ALIGN: tl.constexpr,  # power of two dividing D and the vector strides (_common.row_alignment)
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # (BLOCK_M,)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
-    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    row_ok = (rows < n_rows)[:, None]  # (BLOCK_M, 1)
+    if not EVEN_M:
+        rows = tl.minimum(rows, n_rows - 1)  # rows past the end re-read the last row; stores are masked
     b = rows // L
-    offs = rows[:, None] * D + cols[None, :]
+    offs = tl.multiple_of(rows * D, [ALIGN])[:, None]  # (BLOCK_M, 1) row starts of res, y, out
+    gate_row = gate_ptr + tl.multiple_of(b * stride_gate_b, [ALIGN])[:, None]
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D), all < D
+    rem = tl.multiple_of(D % BLOCK_D, ALIGN)  # columns left after the full tiles
+    tcols = (D // BLOCK_D) * BLOCK_D + tl.arange(0, TAIL_D)[None, :]  # (1, TAIL_D)
+    tcol_ok = tl.arange(0, TAIL_D)[None, :] < rem  # tcols < D
 
-    res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + b[:, None] * stride_gate_b + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (res + gate * y).to(out_ptr.dtype.element_ty), mask=mask)
+    res = load_chunk_f32(res_ptr + offs + cols, tcol_ok, False)
+    y = load_chunk_f32(y_ptr + offs + cols, tcol_ok, False)
+    gate = load_chunk_f32(gate_row + cols, tcol_ok, False)
+    store_chunk(out_ptr + offs + cols, (res + gate * y).to(out_ptr.dtype.element_ty), row_ok, tcol_ok,
+                not EVEN_M, False)
+    if HAS_TAIL:
+        if pid_d == tl.num_programs(1) - 1:  # the last full tile's program also does the tail
+            res_t = load_chunk_f32(res_ptr + offs + tcols, tcol_ok, TAIL_MASKED)
+            y_t = load_chunk_f32(y_ptr + offs + tcols, tcol_ok, TAIL_MASKED)
+            gate_t = load_chunk_f32(gate_row + tcols, tcol_ok, TAIL_MASKED)
+            store_chunk(out_ptr + offs + tcols, (res_t + gate_t * y_t).to(out_ptr.dtype.element_ty), row_ok,
+                        tcol_ok, not EVEN_M, TAIL_MASKED)
 
 
 def gated_residual_triton(
@@ -60,8 +84,9 @@ def gated_residual_triton(
         gate: (B, D), unit last-dim stride.
         y: (B, L, D) contiguous branch output.
         out: optional (B, L, D) contiguous output of ``res.dtype`` (may be ``res`` itself).
-        config: optional ``{"BLOCK_M", "BLOCK_D", "num_warps"}``; default from
-            :func:`mosaic_kernels.configs.get_gated_residual_config`.
+        config: optional ``{"BLOCK_M", "BLOCK_D", "num_warps"}`` (powers of two); default from
+            :func:`mosaic_kernels.configs.get_gated_residual_config`. ``BLOCK_D`` is clamped to
+            D and the tail chunk derived from it (:func:`mosaic_kernels.configs.column_tiles`).
 
     Returns:
         ``out`` (B, L, D).
@@ -76,13 +101,16 @@ def gated_residual_triton(
     if n_rows == 0 or D == 0:
         return out
     cfg = config if config is not None else configs.get_gated_residual_config((B, L, D), res.dtype, res.device)
-    block_m, block_d = int(cfg["BLOCK_M"]), int(cfg["BLOCK_D"])
+    cfg = configs.fit_row_config("gated_residual", D, cfg)
+    block_m, block_d, tail_d = int(cfg["BLOCK_M"]), int(cfg["BLOCK_D"]), int(cfg["TAIL_D"])
     launch_checks(res)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(D, block_d))
+    grid = (triton.cdiv(n_rows, block_m), D // block_d)
     with device_guard(res):
         _gated_residual_kernel[grid](
             res, gate, y, out,
             n_rows, L, D, gate.stride(0),
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=int(cfg.get("num_warps", 4)),
+            BLOCK_M=block_m, BLOCK_D=block_d, TAIL_D=max(tail_d, 1), HAS_TAIL=tail_d > 0,
+            TAIL_MASKED=tail_d > D % block_d, EVEN_M=n_rows % block_m == 0,
+            ALIGN=row_alignment(D, gate.stride(0)), num_warps=int(cfg["num_warps"]),
         )
     return out

@@ -6,6 +6,12 @@ output row ``m`` (token ``m`` of the flattened (B*L) rows) reads its gate row ``
 and its residual row, and the fp32 accumulator is stored once. Tiled GEMM in
 :mod:`._matmul`, grouped-M order, fp32 accumulation.
 
+The epilogue runs on two column halves of the tile, one after the other (the accumulator is
+split with reshape/permute/split, as in Triton's persistent-matmul tutorial): with full-width
+gate and residual tiles live next to the accumulator, tiles of 128x128 and wider spilled
+(up to ~880 B of local memory per thread, ``benchmarks/compile_check.py``); with halves none do.
+Offsets inside a block are 32-bit from a 64-bit block origin, which the launcher checks.
+
 References:
     Triton tutorial 03 (matrix multiplication); DiT adaLN-Zero (Peebles & Xie, 2023).
 """
@@ -54,16 +60,31 @@ def _linear_gated_residual_kernel(
     acc, offs_m, offs_n = matmul_tile(
         x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, pid_m, pid_n,
         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, INPUT_PRECISION)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    b = offs_m // L
-    gate = tl.load(gate_ptr + b[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    offs = offs_m[:, None] * N + offs_n[None, :]
-    res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (res + gate * acc).to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    # Two column halves, one after the other: gate and residual tiles of half the width are live
+    # next to the accumulator, not full ones (full ones spill at 128x128 and wider tiles).
+    acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+    acc0, acc1 = tl.split(acc)
+    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+    _gated_residual_store(acc0, m0, n0, M, N, L, gate_ptr, stride_gb, res_ptr, out_ptr, BLOCK_M, BLOCK_N // 2)
+    _gated_residual_store(acc1, m0, n0 + BLOCK_N // 2, M, N, L, gate_ptr, stride_gb, res_ptr, out_ptr,
+                          BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _gated_residual_store(acc, m0, n0, M, N, L, gate_ptr, stride_gb, res_ptr, out_ptr,
+                          BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """``out = res + gate[m // L] * acc`` for the (BLOCK_M, WIDTH) block at row ``m0``, column ``n0``."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, WIDTH)
+    mask = (m0 + rows < M)[:, None] & (n0 + cols < N)[None, :]
+    gate = tl.load(gate_ptr + n0 + ((m0 + rows) // L)[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
+    base = m0.to(tl.int64) * N + n0  # 64-bit block origin, 32-bit offsets inside the block
+    offs = rows[:, None] * N + cols[None, :]
+    res = tl.load(res_ptr + base + offs, mask=mask, other=0.0)
+    out = res.to(tl.float32) + gate.to(tl.float32) * acc
+    tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -89,16 +110,28 @@ def _linear_gated_residual_tma_kernel(
     pid = tl.program_id(0)
     pid_m, pid_n = grouped_tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = matmul_tile_tma(x_desc, w_desc, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST_DOT, INPUT_PRECISION)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-    gate = tl.load(gate_ptr + (offs_m // L)[:, None] * stride_gb + offs_n[None, :], mask=mask, other=0.0)
-    res = res_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N]).to(tl.float32)
-    out = res + gate.to(tl.float32) * acc
-    out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(OUT_DTYPE))  # OOB rows/cols dropped
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    # Column halves one after the other, as in the pointer kernel (res/out blocks are half wide).
+    acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+    _gated_residual_store_tma(acc0, m0, n0, M, N, L, gate_ptr, stride_gb, res_desc, out_desc,
+                              BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+    _gated_residual_store_tma(acc1, m0, n0 + BLOCK_N // 2, M, N, L, gate_ptr, stride_gb, res_desc, out_desc,
+                              BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+
+
+@triton.jit
+def _gated_residual_store_tma(acc, m0, n0, M, N, L, gate_ptr, stride_gb, res_desc, out_desc,
+                              BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """:func:`_gated_residual_store` with the residual read and the output written through TMA."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, WIDTH)
+    mask = (m0 + rows < M)[:, None] & (n0 + cols < N)[None, :]
+    gate = tl.load(gate_ptr + n0 + ((m0 + rows) // L)[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
+    res = res_desc.load([m0, n0]).to(tl.float32)
+    out_desc.store([m0, n0], (res + gate.to(tl.float32) * acc).to(OUT_DTYPE))  # OOB rows/cols dropped
 
 
 def linear_gated_residual_triton(
@@ -143,13 +176,15 @@ def linear_gated_residual_triton(
     cfg = config if config is not None else configs.get_linear_gated_residual_config((M, N, K), x.dtype, x.device)
     launch_checks(x)
     meta = gemm_meta(cfg, x.dtype)
+    # The epilogue's in-block offsets (rows * N, gate rows * stride) are 32-bit.
+    assert meta["BLOCK_M"] * N < 2**31 and B * max(gate.stride(0), 1) < 2**31, "too large for 32-bit block offsets"
     res2d, out2d = res.view(M, N), out.view(M, N)
     if cfg.get("TMA", False) and tma_ok(x2d, weight, res2d, out2d):
         bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
         with device_guard(x):
             _linear_gated_residual_tma_kernel[gemm_grid(M, N, cfg)](
                 make_descriptor(x2d, [bm, bk]), make_descriptor(weight, [bn, bk]),
-                make_descriptor(res2d, [bm, bn]), make_descriptor(out2d, [bm, bn]),
+                make_descriptor(res2d, [bm, bn // 2]), make_descriptor(out2d, [bm, bn // 2]),  # epilogue halves
                 bias if bias is not None else x2d, gate,
                 M, N, K, L, gate.stride(0),
                 HAS_BIAS=bias is not None, OUT_DTYPE=tl_dtype(out.dtype), **meta,

@@ -61,6 +61,9 @@ class CompactDiTBlock(nn.Module):
         f      = gelu_tanh(x2 @ Wfc1.T + bfc1)                      # linear_gelu
         h      = h + gate_mlp * (f @ Wfc2.T + bfc2)                 # linear_gated_residual
 
+    Inside a stage the runtime chains blocks with `forward_normed`: the last line and the next
+    block's first norm become one ``gated_residual_ln_modulate`` after a plain fc2 GEMM.
+
     The weights are frozen parameters (``requires_grad=False``); the kept-index tensors are
     plain CPU attributes (metadata, never moved by ``.to()``).
 
@@ -119,7 +122,7 @@ class CompactDiTBlock(nn.Module):
         return CompactBlockWeights(kept_heads=self.kept_heads, kept_channels=self.kept_channels, **kw)
 
     def forward(self, h: torch.Tensor, mod: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Run the block.
+        """Run the block on its own (its first norm included, the residual stream out).
 
         Args:
             h (`torch.Tensor` of shape `(B, L, C)`): the residual stream.
@@ -129,24 +132,62 @@ class CompactDiTBlock(nn.Module):
         Returns:
             `torch.Tensor` of shape `(B, L, C)`: the updated residual stream.
         """
-        ops = _ops()
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = h.contiguous()  # no-op for the runtime's own activations
+        x = _ops().ln_modulate(h, mod[0], mod[1], self.eps) if self.num_heads > 0 else None
+        return self.forward_normed(h, x, mod)[0]
+
+    def forward_normed(
+        self,
+        h: torch.Tensor,
+        x: torch.Tensor | None,
+        mod: Sequence[torch.Tensor],
+        next_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the block on an already normalised input, optionally fusing the *next* norm.
+
+        Chained blocks pass each other the modulated norm, so the residual stream makes one
+        pass per block boundary: fc2's gated residual and the next block's LayerNorm +
+        modulate run as one ``gated_residual_ln_modulate`` (instead of the gated-residual
+        epilogue, then a separate ``ln_modulate`` re-reading the stream).
+
+        Args:
+            h (`torch.Tensor` of shape `(B, L, C)`, contiguous): the residual stream.
+            x (`torch.Tensor` of shape `(B, L, C)` or None): ``LN(h) * (1 + scale_msa) +
+                shift_msa``; unused (may be None) when every head is pruned.
+            mod (sequence of 6 `torch.Tensor` of shape `(B, C)`): this block's modulation.
+            next_norm (`(shift, scale, eps)`, *optional*): the modulation of the norm that
+                reads this block's output (the next block's attention norm, or the final
+                layer's); None returns no normed output.
+
+        Returns:
+            `(h, x_next)`: the updated residual stream and, with ``next_norm``, its modulated
+            norm (else None).
+        """
+        ops = _ops()
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         # 1. Attention branch on the kept heads.
         if self.num_heads > 0:
-            x = ops.ln_modulate(h, shift_msa, scale_msa, self.eps)
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
             a = ops.attention(qkv, self.num_heads)
             y = F.linear(a, self.proj_weight, self.proj_bias)
         else:  # every head pruned: the branch is its (compensated) bias
-            y = self.proj_bias.to(h.dtype).expand_as(h).contiguous()
+            y = self._bias_rows(self.proj_bias, h)
         # 2. Gated residual fused with the MLP's norm + modulate.
         h, x2 = ops.gated_residual_ln_modulate(h, gate_msa, y, shift_mlp, scale_mlp, self.mlp_eps)
-        # 3. MLP on the kept channels, fc2 fused with the gated residual.
-        if self.mlp_width > 0:
-            f = ops.linear_gelu(x2, self.fc1_weight, self.fc1_bias)
-            return ops.linear_gated_residual(f, self.fc2_weight, self.fc2_bias, gate_mlp, h)
-        return ops.gated_residual(h, gate_mlp, self.fc2_bias.to(h.dtype).expand_as(h).contiguous())
+        # 3. MLP on the kept channels.
+        f = ops.linear_gelu(x2, self.fc1_weight, self.fc1_bias) if self.mlp_width > 0 else None
+        if next_norm is not None:  # fc2, then its gated residual fused with the next norm
+            y = F.linear(f, self.fc2_weight, self.fc2_bias) if f is not None else self._bias_rows(self.fc2_bias, h)
+            shift, scale, eps = next_norm
+            return ops.gated_residual_ln_modulate(h, gate_mlp, y, shift, scale, eps)
+        if f is not None:  # fc2 with the gated residual in its epilogue
+            return ops.linear_gated_residual(f, self.fc2_weight, self.fc2_bias, gate_mlp, h), None
+        return ops.gated_residual(h, gate_mlp, self._bias_rows(self.fc2_bias, h)), None
+
+    @staticmethod
+    def _bias_rows(bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """A fully pruned branch's output: its (compensated) bias on every token."""
+        return bias.to(h.dtype).expand_as(h).contiguous()
 
     def extra_repr(self) -> str:
         return (

@@ -85,3 +85,61 @@ def test_no_copies_before_sdpa(device):
 def test_bad_inputs_raise(qkv, heads, error, match):
     with pytest.raises(error, match=match):
         mk.attention(qkv, heads)
+
+
+def _runnable_backends(device: torch.device) -> list[str]:
+    """SDPA kernels this device runs for fp32 (CPU: math and flash; CUDA: whatever torch reports)."""
+    if device.type != "cuda":
+        return ["auto", "math", "flash"]
+    return ["auto", "math", "flash", "efficient", "cudnn"]
+
+
+@pytest.mark.parametrize("B, L, H, hd", [(2, 16, 3, 72), (3, 7, 5, 36)], ids=str)
+def test_every_pinned_sdpa_backend_matches_reference(device, B, L, H, hd, check_close):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    qkv = torch.randn(B, L, 3 * H * hd).to(device, dtype)
+    want = attention_ref(qkv.float(), H)
+    v_max = qkv[..., 2 * H * hd:].float().abs().max().item()
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2 * BF16_REL * v_max, 2 * BF16_REL)
+    for backend in _runnable_backends(device):
+        try:
+            out = mk.attention(qkv, H, backend=backend)
+        except RuntimeError as exc:  # a kernel torch cannot run on this card/shape says so itself
+            assert device.type == "cuda" and backend in ("flash", "efficient", "cudnn"), exc
+            continue
+        check_close(out, want, atol, rtol, f"sdpa_{backend} {(B, L, H, hd)}")
+
+
+def test_sdpa_backend_comes_from_the_config_and_is_recorded(device, monkeypatch):
+    """The configured SDPA kernel is the one that runs: pinning "math" through the config shows
+    up in the dispatch record, and a kernel the CPU lacks (cuDNN) fails loudly, not silently."""
+    from mosaic_kernels import configs, ops
+
+    qkv = torch.randn(1, 4, 3 * 2 * 8, device=device)
+    assert configs.get_config("attention", (1, 4, 2, 8), qkv.dtype, device) == {"sdpa_backend": "auto"}
+    monkeypatch.setattr(configs, "get_config", lambda op, shape, dtype, dev: {"sdpa_backend": "math"})
+    with ops.record_dispatch() as calls:
+        mk.attention(qkv, 2)
+    assert calls == {("attention", "sdpa_math"): 1}
+    if device.type == "cpu":
+        monkeypatch.setattr(configs, "get_config", lambda op, shape, dtype, dev: {"sdpa_backend": "cudnn"})
+        with pytest.raises(RuntimeError):
+            mk.attention(qkv, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.attention(qkv, 2, backend="fast")
+
+
+def test_attention_configs_are_searchable():
+    from mosaic_kernels import configs
+
+    shape = (16, 256, 6, 72)
+    assert configs.shape_bucket("attention", shape) == "B16_L256_H6_hd72"
+    assert [c["sdpa_backend"] for c in configs.candidate_configs("attention", shape, torch.bfloat16)] == \
+        list(configs.SDPA_BACKENDS)
+    picked = configs.autotune("attention", shape, torch.bfloat16, "cpu", persist=False,
+                              bench_fn=lambda cfg: {"auto": 3.0, "flash": 1.0, "efficient": 2.0, "cudnn": 4.0}[
+                                  cfg["sdpa_backend"]])
+    assert picked == {"sdpa_backend": "flash"}
+    configs.clear_memo()
+    with pytest.raises(ValueError, match=r"\(B, L, H, hd\)"):
+        configs.shape_bucket("attention", (16, 256, 6))

@@ -29,7 +29,7 @@ SHAPES = [
 # torch only in summation order, ~K * 2**-24 * sum|x*w| ~ 1e-6 -> 1e-5. bf16/fp16: operands are
 # exact, accumulation is fp32, and the output is rounded once (truncated in the interpreter):
 # <= 1 ulp <= 2**-7 |v| (bf16), 2**-10 |v| (fp16); rtol allows 2 ulps.
-from tolerances import BF16_REL, DTYPE_TOLS, FP16_REL  # noqa: E402,F401
+from tolerances import BF16_REL, DTYPE_TOLS, FP16_REL, assert_within_gemm_bound, fp32_gemm_bound  # noqa: E402,F401
 
 
 def make_inputs(x_shape, N, dtype, device, bias=True):
@@ -117,7 +117,8 @@ def test_auto_uses_vendor_path_by_default():
 
 
 def test_two_configs_match_exactly():
-    """Different M/N tiling and group order with the same BLOCK_K give bitwise equal outputs."""
+    """Different M/N tiling and group order with the same BLOCK_K agree: bitwise on a GPU, within
+    the fp32 summation-order bound on the CPU interpreter."""
     triton_kernels = pytest.importorskip("mosaic_kernels.triton")
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     if not mk.backends(device)["triton"]["available"]:
@@ -126,7 +127,11 @@ def test_two_configs_match_exactly():
     base = {"BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     a = triton_kernels.linear_gelu_triton(x, w, b, config={**base, "BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 1})
     c = triton_kernels.linear_gelu_triton(x, w, b, config={**base, "BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4})
-    torch.testing.assert_close(a, c, atol=0, rtol=0, msg=lambda m: f"tile configs differ: {m}")
+    if device.type == "cuda":  # same BLOCK_K, same per-tile k-loop: the GPU sums in the same order
+        torch.testing.assert_close(a, c, atol=0, rtol=0, msg=lambda m: f"tile configs differ: {m}")
+    else:  # the interpreter's numpy dot may sum per tile shape differently: bound derived from K
+        # gelu_tanh is 1.13-Lipschitz: the pre-activation bound grows by at most that factor
+        assert_within_gemm_bound(a, c, 1.13 * fp32_gemm_bound(x, w), "tile configs")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -151,7 +156,11 @@ def test_tensor_descriptor_variant(x_shape, N, uses_tma, dtype, monkeypatch, che
     with_tma = triton_kernels.linear_gelu_triton(x, w, b, config={**cfg, "TMA": True})
     assert bool(launched) == uses_tma
     plain = triton_kernels.linear_gelu_triton(x, w, b, config=cfg)
-    torch.testing.assert_close(with_tma, plain, atol=0, rtol=0, msg=lambda m: f"TMA vs pointer kernel: {m}")
+    if device.type == "cuda":
+        torch.testing.assert_close(with_tma, plain, atol=0, rtol=0, msg=lambda m: f"TMA vs pointer kernel: {m}")
+    else:
+        assert_within_gemm_bound(with_tma.float(), plain.float(), 1.13 * fp32_gemm_bound(x.float(), w.float())
+                                 + 2 * BF16_REL * plain.double().abs() * (dtype != torch.float32), "TMA vs pointer")
     rtol = 1e-5 if dtype == torch.float32 else 2 * BF16_REL
     check_close(with_tma, linear_gelu_ref(x.float(), w.float(), b.float()), 1e-5, rtol, "TMA variant")
 

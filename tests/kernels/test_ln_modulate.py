@@ -10,7 +10,8 @@ from mosaic_kernels.reference import ln_modulate_ref
 
 OP = "ln_modulate"
 
-# (B, L, D): DiT width 1152 and a pruned 576, odd/prime widths, L = 1, B = 3, a wide 8192 row.
+# (B, L, D): DiT width 1152 (1024 + 128 chunks) and a pruned 576, odd/prime widths, L = 1, B = 3,
+# a wide 8192 row (no tail), 1025 (a tail of one column), 2301 (2048 + 256, masked tail).
 SHAPES = [
     (2, 8, 1152),
     (3, 7, 72),
@@ -19,7 +20,16 @@ SHAPES = [
     (2, 3, 13),
     (1, 2, 8192),
     (5, 1, 1),
+    (1, 3, 2),
+    (3, 1, 1025),
+    (3, 2, 2301),
+    (1, 3, 4608),
 ]
+
+# Widths for the BLOCK_M sweeps: every kind of (main, tail) split (configs.row_blocks).
+SWEEP_D = [1, 3, 13, 72, 1000, 1025, 1152, 2301, 4608, 8192]
+# 9 rows: BLOCK_M 2, 4 and 8 leave a partial last row tile, 16 is one program wider than the rows.
+SWEEP_BLOCK_M = [1, 2, 4, 8, 16]
 
 # Outputs are compared with the fp32 reference of the same (dtype-exact) inputs. fp32: only the
 # order of the D-term mean/variance sums differs, a few fp32 ulps of O(1) outputs -> 1e-5.
@@ -100,17 +110,91 @@ def test_bad_eps_raises():
         mk.ln_modulate(torch.zeros(1, 2, 8), torch.zeros(1, 8), torch.zeros(1, 8), eps=0.0)
 
 
-def test_two_configs_match_exactly(check_close):
-    """One program per row and several rows per program give bitwise equal rows."""
+def _triton_or_skip():
     triton_kernels = pytest.importorskip("mosaic_kernels.triton")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not mk.backends(device)["triton"]["available"]:
         pytest.skip("triton backend unavailable here")
-    x, shift, scale = make_inputs((3, 7, 1000), torch.float32, device)
-    a = triton_kernels.ln_modulate_triton(x, shift, scale, 1e-6, config={"BLOCK_M": 1, "num_warps": 4})
-    b = triton_kernels.ln_modulate_triton(x, shift, scale, 1e-6, config={"BLOCK_M": 4, "num_warps": 4})
-    torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"BLOCK_M=1 vs BLOCK_M=4 differ: {m}")
-    check_close(a, ln_modulate_ref(x, shift, scale), 1e-5, 1e-5, "multi-program grid")
+    return triton_kernels, device
+
+
+@pytest.mark.parametrize("D", SWEEP_D)
+def test_block_m_sweep_fp32(D, check_close):
+    """Every BLOCK_M (dividing the 9 rows or not) matches the reference for every chunk split.
+
+    Configs are not compared with each other bitwise: a row's reduction order may depend on the
+    tiling (and CPU float results on the machine); each must be within the fp32 tolerance.
+    """
+    triton_kernels, device = _triton_or_skip()
+    x, shift, scale = make_inputs((3, 3, D), torch.float32, device)
+    expected = ln_modulate_ref(x, shift, scale, 1e-6)
+    for block_m in SWEEP_BLOCK_M:
+        y = triton_kernels.ln_modulate_triton(x, shift, scale, 1e-6, config={"BLOCK_M": block_m, "num_warps": 4})
+        check_close(y, expected, 1e-5, 1e-5, f"{OP} D={D} BLOCK_M={block_m}")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS[1:])
+@pytest.mark.parametrize("D", [1025, 1152, 2301])
+def test_block_m_sweep_half(D, dtype, atol, rtol, check_close):
+    triton_kernels, device = _triton_or_skip()
+    x, shift, scale = make_inputs((3, 3, D), dtype, device)
+    expected = ln_modulate_ref(x.float(), shift.float(), scale.float(), 1e-6)
+    for block_m in (2, 16):
+        y = triton_kernels.ln_modulate_triton(x, shift, scale, 1e-6, config={"BLOCK_M": block_m})
+        check_close(y, expected, atol, rtol, f"{OP} D={D} {dtype} BLOCK_M={block_m}")
+
+
+@pytest.mark.parametrize("D", [13, 1152, 2301])
+def test_no_store_past_the_rows(D, check_close):
+    """A partial last row tile (9 rows, BLOCK_M 4 and 16) and a masked tail write nothing past the
+    output: ``out`` is the head of a larger buffer whose rest must keep its sentinel."""
+    triton_kernels, device = _triton_or_skip()
+    x, shift, scale = make_inputs((3, 3, D), torch.float32, device)
+    for block_m in (4, 16):
+        buf = torch.full((9 * D + 4096,), -7.0, device=device)
+        out = buf[:9 * D].view(3, 3, D)
+        triton_kernels.ln_modulate_triton(x, shift, scale, 1e-6, out=out, config={"BLOCK_M": block_m})
+        assert bool((buf[9 * D:] == -7.0).all()), f"BLOCK_M={block_m}: stored past the rows"
+        check_close(out, ln_modulate_ref(x, shift, scale, 1e-6), 1e-5, 1e-5, f"{OP} D={D} BLOCK_M={block_m}")
+
+
+def test_tail_statistics_matter(check_close):
+    """Rows whose tail columns differ from their main columns: a norm that drops the tail from the
+    mean or the variance is far off (D = 1152: the tail is 128 of the 1152 columns)."""
+    triton_kernels, device = _triton_or_skip()
+    B, L, D = 1, 3, 1152
+    x = torch.randn(B, L, D, device=device)
+    x[..., 1024:] = 4.0 + 3.0 * x[..., 1024:]  # the tail has another mean and spread
+    shift, scale = torch.zeros(B, D, device=device), torch.zeros(B, D, device=device)
+    y = triton_kernels.ln_modulate_triton(x, shift, scale, 1e-6, config={"BLOCK_M": 2})
+    check_close(y, ln_modulate_ref(x, shift, scale, 1e-6), 1e-5, 1e-5, "tail statistics")
+
+
+def test_broadcast_modulation_vectors(check_close):
+    """(1, D) shift/scale expanded to (B, D) (row stride 0) and a 2-D adaLN chunk of odd stride."""
+    triton_kernels, device = _triton_or_skip()
+    B, L, D = 3, 2, 72
+    x = torch.randn(B, L, D, device=device)
+    shift = torch.randn(1, D, device=device).expand(B, D)
+    scale = torch.randn(B, 2 * D + 1, device=device)[:, 1:D + 1]  # row stride 145, offset 1
+    y = triton_kernels.ln_modulate_triton(x, shift, scale, 1e-6, config={"BLOCK_M": 4})
+    check_close(y, ln_modulate_ref(x, shift, scale, 1e-6), 1e-5, 1e-5, "broadcast vectors")
+
+
+def test_row_alignment_hint():
+    """ALIGN (a promise to the compiler) divides D and every stride; 0 strides do not limit it."""
+    common = pytest.importorskip("mosaic_kernels.triton._common")
+    assert common.row_alignment(1152, 6912, 6912) == 16
+    assert common.row_alignment(72, 432) == 8
+    assert common.row_alignment(1000, 1000) == 8
+    assert common.row_alignment(2301, 2301) == 1
+    assert common.row_alignment(72, 0, 145) == 1
+    assert common.row_alignment(64, 0) == 16
+    for D in range(1, 300):
+        for stride in (0, D, 6 * D, D + 1):
+            a = common.row_alignment(D, stride)
+            assert a in (1, 2, 4, 8, 16) and D % a == 0 and stride % a == 0
+            assert a == 16 or D % (2 * a) or stride % (2 * a), (D, stride, a)  # the largest such
 
 
 def test_opcheck(device):

@@ -1,0 +1,105 @@
+"""Models and plain-torch ops shared by the GPU benchmarks (gpu_suite.py, bench_kernels.py).
+
+- `DIT_XL2` / `DIT_TINY`: diffusers ``DiTTransformer2DModel`` configs (the real DiT-XL/2 shapes,
+  and a tiny one for ``--dry-run`` on the CPU);
+- `build_dense`: a randomly initialised model (speed does not depend on weight values) with 28
+  identical embedders, as converted DiT-XL/2 checkpoints have;
+- `timing_mosaic`: a `MosaicDiT` with the real divide + allocate shapes (stage boundaries from
+  the linear schedule, per-stage sparsity from the target mean, aligned widths); the kept heads
+  are magnitude-selected, because timing does not depend on which are kept and OBS over
+  28 x 3 blocks would spend the GPU lease on calibration;
+- `plain_torch_ops`: swaps the fused mosaic ops for plain torch in the input dtype (F.linear,
+  tanh-GELU, F.layer_norm, SDPA): the same math the engine runs, for torch.compile to fuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+DIT_XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+               sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+DIT_TINY = dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+NUM_STEPS = 50
+
+
+def build_dense(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random-weight ``DiTTransformer2DModel`` on ``device`` in ``dtype`` (initialised there)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise on the GPU: seconds instead of a minute on the host
+        model = DiTTransformer2DModel(**cfg)
+    emb0 = model.transformer_blocks[0].norm1.emb.state_dict()
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(emb0)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def timing_mosaic(dense, target: float, num_steps: int = NUM_STEPS):
+    """A mosaic with the real divide/allocate shapes and magnitude-selected weights (timing only)."""
+    from mosaicdiff.mosaic import MosaicDiT
+    from mosaicdiff.prune import prune_stages
+
+    stages = prune_stages(dense, None, target, method="mosaic", pruner="magnitude",
+                          num_inference_steps=num_steps, progress=False)
+    return MosaicDiT(dense, stages, meta={"method": "timing-only magnitude", "target_sparsity": target})
+
+
+# ------------------------------------------------------------------ plain torch, input dtype
+
+
+def torch_ln_modulate(x, shift, scale, eps=1e-6):
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def torch_gated_residual(res, gate, y):
+    return res + gate[:, None] * y
+
+
+def torch_gated_residual_ln_modulate(res, gate, y, shift, scale, eps=1e-6):
+    h = res + gate[:, None] * y
+    return h, torch_ln_modulate(h, shift, scale, eps)
+
+
+def torch_linear_gelu(x, weight, bias):
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def torch_linear_gated_residual(x, weight, bias, gate, res):
+    return res + gate[:, None] * F.linear(x, weight, bias)
+
+
+def torch_attention(qkv, num_heads):
+    B, L, width = qkv.shape
+    q, k, v = qkv.unflatten(-1, (3, num_heads, width // (3 * num_heads))).permute(2, 0, 3, 1, 4).unbind(0)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1)
+
+
+TORCH_OPS = {
+    "attention": torch_attention,
+    "ln_modulate": torch_ln_modulate,
+    "gated_residual": torch_gated_residual,
+    "gated_residual_ln_modulate": torch_gated_residual_ln_modulate,
+    "linear_gelu": torch_linear_gelu,
+    "linear_gated_residual": torch_linear_gated_residual,
+}
+
+
+@contextlib.contextmanager
+def plain_torch_ops() -> Iterator[None]:
+    """Replace ``mosaic_kernels.ops.<op>`` by `TORCH_OPS` (what torch.compile then traces)."""
+    from mosaic_kernels import ops
+
+    saved = {name: getattr(ops, name) for name in TORCH_OPS}
+    try:
+        for name, fn in TORCH_OPS.items():
+            setattr(ops, name, fn)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(ops, name, fn)

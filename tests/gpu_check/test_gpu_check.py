@@ -1,0 +1,114 @@
+"""The prepared GPU check, rehearsed on the CPU: `benchmarks/gpu_check.sh --dry-run`.
+
+The dry run goes through the suite's real code paths (the same generators, timestep forms and
+torch.compile calls) on a tiny DiT. These tests read the files it leaves and check what the GPU
+run must deliver: every stage's file, every config measured, each compiled baseline compiled
+once per batch (once per stage and batch for compile_pruned), the ratios and targets computed
+in the run, at most 8 result files (what the device tool returns), and an exit status that
+names the failed stages while the later stages still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_suite  # noqa: E402
+
+pytest.importorskip("pytest_timeout", reason="the check runs its GPU tests with --timeout (pytest-timeout)")
+
+
+def run_check(out: Path, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    full_env.update(OUT=str(out), PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = run_check(out)
+    assert proc.returncode == 0, f"dry run failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    return out
+
+
+def load(out: Path, name: str) -> dict:
+    return json.loads((out / name).read_text())
+
+
+def test_every_stage_leaves_its_file_and_at_most_eight(dry_run):
+    files = sorted(p.name for p in dry_run.iterdir())
+    assert files == sorted(["check.log", "correctness.json", "kernels.json", "e2e.json", "e2e.png",
+                            "profile.txt", "gpu_tests.log"]), files
+    log = (dry_run / "check.log").read_text()
+    for stage in ("correctness", "kernels", "e2e", "profile", "suite", "tests"):
+        assert f"stage {stage}: ok" in log, f"no ok line for {stage}"
+    assert "exit status 0" in log
+    assert "passed" in (dry_run / "gpu_tests.log").read_text()
+
+
+def test_correctness_records_errors_backends_and_graphs(dry_run):
+    result = load(dry_run, "correctness.json")
+    names = [c["check"] for c in result["checks"]]
+    assert names[0] == "engine_dense_vs_diffusers" and len(names) == 4, names  # dense + 3 stages of 0.5
+    for check in result["checks"]:
+        assert check["passed"] and check["rel_err"] <= check["limit"]
+        assert check["dispatch"], "the backend of every op must be recorded"
+        assert {"graphs_captured", "graphs_failed"} <= set(check)
+    assert result["env"]["commit"] and result["env"]["torch"]
+
+
+def test_e2e_measures_every_config_and_compiles_once_per_batch(dry_run):
+    result = load(dry_run, "e2e.json")
+    assert not result["errors"], result["errors"]
+    by = {(r["config"], r["batch"]): r for r in result["records"]}
+    batches = sorted({b for _, b in by}, reverse=True)
+    suite_args = type("A", (), {"batches": batches})
+    assert list(by) == gpu_suite.e2e_plan(suite_args), "every planned config, in order"
+    for (name, _), rec in by.items():
+        assert rec["ms_per_forward"] > 0 and rec["ms_per_sample_run"] > 0
+        stages = len(rec["per_stage_ms"])
+        if name == "diffusers_compile_dense":
+            assert rec["dynamo_graphs_compiled"] == 1, f"{name}@{rec['batch']} recompiled: {rec}"
+        elif name == "compile_pruned_0.5":
+            assert stages == 3 and rec["dynamo_graphs_compiled"] == stages, rec
+        else:
+            assert rec["dynamo_graphs_compiled"] == 0, rec
+    assert set(result["targets"]) == set(gpu_suite.TARGETS)
+    assert all(t["ratio"] > 0 for t in result["targets"].values())
+    assert any(k.startswith("engine_dense_unfused/engine_dense@") for k in result["ratios"])
+    assert (dry_run / "e2e.png").stat().st_size > 1000
+
+
+def test_kernels_run_at_the_mosaics_stage_shapes(dry_run):
+    rows = load(dry_run, "kernels.json")["rows"]
+    ops = {r["case"].split("[")[0] for r in rows}
+    assert {"ln_modulate", "gated_residual_ln_modulate", "linear_gelu", "linear", "attention"} <= ops
+    assert all("error" not in r for r in rows if r["provider"] == "reference")
+    fc1 = {tuple(r["shape"])[2] for r in rows if r.get("op") == "linear_gelu"}
+    assert len(fc1) >= 2, f"fc1 widths of several stages expected, got {fc1}"
+
+
+def test_profile_has_both_tables(dry_run):
+    text = (dry_run / "profile.txt").read_text()
+    assert "## engine_dense" in text and "## diffusers_compile_dense" in text
+
+
+def test_failed_stages_set_their_bits_and_later_stages_still_run(tmp_path):
+    """A build that cannot work (no CUDA toolkit) and a suite limited to one stage: exit status
+    build | correctness | kernels | e2e (1 + 2 + 4 + 8), profile and tests still ran."""
+    proc = run_check(tmp_path, MOSAIC_CHECK_BUILD="1", CUDA_HOME="/nonexistent", CUDACXX="/bin/false",
+                     MOSAIC_CHECK_SUITE_STAGES="profile")
+    log = (tmp_path / "check.log").read_text()
+    assert proc.returncode == 1 | 2 | 4 | 8, f"exit {proc.returncode}\n{log[-3000:]}"
+    assert "stage build: failed" in log and "stage profile: ok" in log and "stage tests: ok" in log
+    assert (ROOT / "mosaic_kernels").is_dir()
