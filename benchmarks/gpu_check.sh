@@ -10,8 +10,8 @@
 #   env         20s    ~2s             check.log (this script's log: env, stage lines, suite output)
 #   build      150s    60-100s         build.log (CMake + nvcc for sm_80/sm_90, MAX_JOBS=16)
 #   suite      330s    ~240s           correctness.json, kernels.json, e2e.json, e2e.png, profile.txt
-#                                      (gpu_suite.py's own guards: correctness 45, kernels 60,
-#                                      e2e 210, profile 30; e2e.json rewritten after every config)
+#                                      (gpu_suite.py's own guards: correctness 40, kernels 75,
+#                                      e2e 190, profile 25; e2e.json rewritten after every config)
 #   tests      100s    60-90s          gpu_tests.log (tests/kernels + tests/runtime on CUDA tensors,
 #                                      --timeout 60 per test, no -x, pytest-xdist when present)
 #   total      600s    ~6-7 min

@@ -38,6 +38,12 @@ class Calibration:
         labels (`torch.Tensor` of shape `(N,)`): class labels (converted to int64).
         null_class (`int`, *optional*, defaults to 1000): the unconditional class id used for
             classifier-free guidance (DiT: 1000 = ``num_embeds_ada_norm``).
+
+    Raises:
+        ValueError: on a wrong shape, an empty set, one label per sample missing, labels outside
+            ``[0, null_class]`` or NaN/inf in `x0`. `check_model` (called by `mosaicdiff.prune`)
+            also checks the sample shape and the null class against the model.
+        TypeError: on non-float `x0` or non-integer labels.
     """
 
     x0: torch.Tensor
@@ -54,13 +60,62 @@ class Calibration:
             raise ValueError("Calibration is empty: x0 has 0 samples")
         labels = torch.as_tensor(self.labels)
         if labels.dim() != 1 or labels.shape[0] != self.x0.shape[0]:
-            raise ValueError(f"Calibration.labels must be ({self.x0.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(f"Calibration.labels must be ({self.x0.shape[0]},): one class id per sample of x0 "
+                             f"({self.x0.shape[0]} samples), got shape {tuple(labels.shape)}")
         if labels.is_floating_point() and not torch.equal(labels, labels.round()):
             raise TypeError("Calibration.labels must be integer class ids")
         self.labels = labels.to(device=self.x0.device, dtype=torch.long)
-        if int(self.null_class) != self.null_class or self.null_class < 0:
+        if isinstance(self.null_class, bool) or int(self.null_class) != self.null_class or self.null_class < 0:
             raise ValueError(f"Calibration.null_class must be a non-negative integer, got {self.null_class!r}")
         self.null_class = int(self.null_class)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Labels in range and finite data: checked where the data enters (one host read each)."""
+        if self.x0.device.type == "meta":  # no values to check
+            return
+        bad = ((self.labels < 0) | (self.labels > self.null_class)).nonzero().reshape(-1)
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"Calibration.labels must be class ids in [0, {self.null_class}) or the null class "
+                f"{self.null_class} (null_class), got {int(self.labels[i])} at index {i}; set null_class "
+                f"to the model's config.num_embeds_ada_norm")
+        # a NaN here would surface much later as bad stage boundaries or a NaN in the saved config
+        finite = torch.isfinite(self.x0.detach()).flatten(1).all(1)
+        if not bool(finite.all()):
+            idx = (~finite).nonzero().reshape(-1).tolist()
+            raise ValueError(f"calibration latents contain NaN/inf at index {idx[:8]} "
+                             f"({len(idx)} of {len(self)} samples); drop or fix those samples")
+
+    def check_model(self, model: nn.Module) -> None:
+        """Checks that this data fits `model` (a diffusers DiT): sample shape and null class.
+
+        Raises:
+            ValueError: naming what the model expects and what the data has.
+        """
+        config = getattr(dit.unwrap_model(model), "config", None) or {}
+        get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+        channels, size = get("in_channels"), get("sample_size")
+        if channels is not None and size is not None:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            want, got = (int(channels), int(h), int(w)), tuple(self.x0.shape[1:])
+            if got != want:
+                raise ValueError(
+                    f"calibration samples are (C, H, W) = {got} but the model expects {want} "
+                    f"(config in_channels={channels}, sample_size={size}); pass x0 of shape (N, {want[0]}, "
+                    f"{want[1]}, {want[2]}) (for DiT-XL/2: VAE latents, not pixels)")
+        num_classes = get("num_embeds_ada_norm")
+        if num_classes is not None and int(num_classes) != self.null_class:
+            raise ValueError(
+                f"Calibration.null_class={self.null_class} but the model's null class "
+                f"(config.num_embeds_ada_norm) is {int(num_classes)}; pass Calibration(x0, labels, "
+                f"null_class={int(num_classes)}) with labels in [0, {int(num_classes)})")
+        self._check_values()  # the fields may have been replaced since construction
+
+    def __repr__(self) -> str:
+        return (f"Calibration(x0={tuple(self.x0.shape)} {self.x0.dtype} on {self.x0.device}, "
+                f"labels={tuple(self.labels.shape)}, null_class={self.null_class})")
 
     def __len__(self) -> int:
         return int(self.x0.shape[0])

@@ -77,8 +77,18 @@ def heads_to_remove(num_heads: int, sparsity: float) -> int:
 
 
 def mlp_width(width: int, sparsity: float, align: int | None = 64) -> int:
-    """Kept MLP width: ``align_width(round(width * (1 - sparsity)), align, width)``, at least 1."""
+    """Kept MLP width: ``align_width(round(width * (1 - sparsity)), align, width)``, at least 1.
+
+    Raises:
+        ValueError: on a bad sparsity, or an `align` of ``width`` or more with ``sparsity > 0``
+            (every kept width would round up to the dense width: nothing would be pruned).
+    """
     _check_sparsity("mlp_sparsity", sparsity)
+    if isinstance(align, bool):
+        raise ValueError(f"align must be a positive integer or None, got {align!r}")
+    if align is not None and 1 < align and align >= width and sparsity > 0:
+        raise ValueError(f"align={align} is not smaller than the MLP width {width}: the kept width would "
+                         f"round up to all {width} channels (nothing pruned); use a smaller align or None")
     n_keep = max(1, _round_half_up(width * (1.0 - float(sparsity))))
     return align_width(n_keep, align, width)
 

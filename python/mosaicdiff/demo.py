@@ -352,42 +352,48 @@ def format_table(report: dict) -> str:
 # ----------------------------------------------------------------------------- CLI glue
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `mosaicdiff demo` options."""
-    p.add_argument("--sparsity", type=float, default=0.5, help="target mean sparsity (default 0.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("mosaicdiff_demo"), help="output directory")
-    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
-    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps")
-    p.add_argument("--samples-per-stage", type=int, default=DEFAULT_SAMPLES_PER_STAGE,
+    """The `mosaicdiff demo` options (values are checked by the `mosaicdiff.cli` argument types)."""
+    from mosaicdiff.cli import boundary_pair, choice_list, finite_float, int_at_least, integer, positive_int, sparsity
+
+    p.add_argument("--sparsity", type=sparsity, default=0.5, help="target mean sparsity, in [0, 1) (default 0.5)")
+    p.add_argument("--seed", type=integer, default=0)
+    p.add_argument("--out", type=Path, default=Path("mosaicdiff_demo"), help="output folder")
+    p.add_argument("--num-samples", type=int_at_least(2), default=DEFAULT_NUM_SAMPLES,
+                   help="images per method, >= 2 (FID needs a covariance)")
+    p.add_argument("--guidance-scale", type=finite_float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="DDIM steps")
+    p.add_argument("--samples-per-stage", type=positive_int, default=DEFAULT_SAMPLES_PER_STAGE,
                    help="calibration samples per stage")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--boundaries", default=None, help="explicit middle-stage boundaries t_low,t_high")
+    p.add_argument("--methods", type=choice_list(METHODS), default=list(METHODS),
+                   help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--boundaries", type=boundary_pair, default=None,
+                   help="explicit middle-stage boundaries t_low,t_high")
     p.add_argument("--model", default=None,
-                   help="a diffusers DiT directory shaped like the digits model (default: the embedded one)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+                   help="a diffusers DiT folder shaped like the digits model (default: the embedded one)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads, >= 1 (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def parse_pair(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    parts = [p for p in text.split(",") if p.strip()]
-    if len(parts) != 2:
-        raise ValueError(f"expected two comma-separated integers t_low,t_high, got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
 def threads_and_model(args: argparse.Namespace):
-    """Apply ``--threads`` and load ``--model`` (None: the embedded model, loaded later)."""
-    if args.threads:
+    """Apply ``--threads`` and load ``--model`` (None: the embedded model, loaded later).
+
+    Raises:
+        ValueError: a model that is not shaped like the digits DiT (1 channel, 16 x 16, 10 classes).
+    """
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.model is None:
         return None
     from mosaicdiff.cli import load_model
 
-    return load_model(args.model)
+    model = load_model(args.model, allow_mosaic=False)
+    cfg = model.config
+    shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.num_embeds_ada_norm))
+    if shape != (1, 16, 10):
+        raise ValueError(f"--model {args.model}: (in_channels, sample_size, classes) = {shape}, but the demo and "
+                         f"eval measure digits (1, 16, 10); use `mosaicdiff prune` for other models")
+    return model
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -397,8 +403,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     report = run_demo(
         args.out, sparsity=args.sparsity, seed=args.seed, num_samples=args.num_samples,
         guidance_scale=args.guidance_scale, steps=args.steps, samples_per_stage=args.samples_per_stage,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        boundaries=parse_pair(args.boundaries), progress=not args.no_progress, model=model,
+        methods=tuple(args.methods), boundaries=args.boundaries, progress=not args.no_progress, model=model,
     )
     print(format_table(report))
     print(f"wrote {Path(args.out) / 'report.json'} and PNGs in {args.out} ({time.perf_counter() - t0:.1f} s)")

@@ -167,39 +167,47 @@ def plot_fid_vs_sparsity(result: dict, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise ValueError(f"expected comma-separated numbers, got {text!r}") from exc
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `mosaicdiff eval` options."""
-    p.add_argument("--sparsities", default=",".join(str(s) for s in DEFAULT_SPARSITIES))
-    p.add_argument("--guidance-scales", default=",".join(str(g) for g in DEFAULT_GUIDANCES))
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("mosaicdiff_eval"))
-    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--samples-per-stage", type=int, default=DEFAULT_SAMPLES_PER_STAGE)
-    p.add_argument("--boundaries", default=None, help="explicit middle-stage boundaries t_low,t_high")
+    """The `mosaicdiff eval` options (values are checked by the `mosaicdiff.cli` argument types)."""
+    from mosaicdiff.cli import (
+        boundary_pair,
+        choice_list,
+        comma_list,
+        finite_float,
+        int_at_least,
+        integer,
+        positive_int,
+        sparsity,
+    )
+
+    p.add_argument("--sparsities", type=comma_list(sparsity, what="sparsities in [0, 1)"),
+                   default=list(DEFAULT_SPARSITIES), help="comma-separated mean sparsities (default "
+                   + ",".join(str(s) for s in DEFAULT_SPARSITIES) + ")")
+    p.add_argument("--guidance-scales", type=comma_list(finite_float, what="numbers"), default=list(DEFAULT_GUIDANCES),
+                   help="comma-separated guidance scales (default " + ",".join(str(g) for g in DEFAULT_GUIDANCES) + ")")
+    p.add_argument("--methods", type=choice_list(METHODS), default=list(METHODS),
+                   help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--seed", type=integer, default=0)
+    p.add_argument("--out", type=Path, default=Path("mosaicdiff_eval"), help="output folder")
+    p.add_argument("--num-samples", type=int_at_least(2), default=DEFAULT_NUM_SAMPLES,
+                   help="images per point, >= 2 (FID needs a covariance)")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS)
+    p.add_argument("--samples-per-stage", type=positive_int, default=DEFAULT_SAMPLES_PER_STAGE)
+    p.add_argument("--boundaries", type=boundary_pair, default=None, help="explicit middle-stage boundaries t_low,t_high")
     p.add_argument("--model", default=None,
-                   help="a diffusers DiT directory shaped like the digits model (default: the embedded one)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+                   help="a diffusers DiT folder shaped like the digits model (default: the embedded one)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    from mosaicdiff.demo import parse_pair, threads_and_model
+    from mosaicdiff.demo import threads_and_model
 
     model = threads_and_model(args)
     result = run_eval(
-        args.out, sparsities=_floats(args.sparsities), guidance_scales=_floats(args.guidance_scales),
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seed=args.seed,
-        num_samples=args.num_samples, steps=args.steps, samples_per_stage=args.samples_per_stage,
-        boundaries=parse_pair(args.boundaries), progress=not args.no_progress, model=model,
+        args.out, sparsities=args.sparsities, guidance_scales=args.guidance_scales, methods=tuple(args.methods),
+        seed=args.seed, num_samples=args.num_samples, steps=args.steps, samples_per_stage=args.samples_per_stage,
+        boundaries=args.boundaries, progress=not args.no_progress, model=model,
     )
     print(format_eval_table(result))
     print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'fid_vs_sparsity.png'}")

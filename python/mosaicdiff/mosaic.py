@@ -196,6 +196,7 @@ class MosaicDiT(nn.Module):
         self._stage_meta = [(s.name, int(s.t_start), int(s.t_end), float(s.sparsity)) for s in stages]
         self._graphs = None
         self._last_stage_key = None
+        self.fuse_block_boundaries = True
         self.on_stage_change: Callable[[int, str], None] | None = None
         self.eval()
 
@@ -271,23 +272,32 @@ class MosaicDiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    #: `mosaicdiff.sample` hands this model its timesteps as CPU tensors (see `_select`).
+    accepts_host_timestep = True
+
     @torch.compiler.disable
     def _select(self, timestep, batch: int, device: torch.device) -> tuple[int, torch.Tensor]:
-        """Read the timestep on the host once; return the stage and a (B,) float32 device tensor."""
+        """Read the timestep on the host once; return the stage and a (B,) float32 device tensor.
+
+        A Python number or a CPU tensor (the scheduler's own timesteps) costs no device sync: the
+        stage is read on the host and the device vector is a fill (one value) or an async copy.
+        A device tensor (what ``DiTPipeline`` passes) must be read back: one sync per forward.
+        """
         if timestep is None:
             raise ValueError("MosaicDiT.forward: `timestep` is required (got None)")
         if isinstance(timestep, torch.Tensor):
             t = timestep.detach()
-            if t.numel() == 1:
-                lo = hi = float(t.reshape(()).item())
-            elif t.dim() == 1 and t.numel() == batch:
-                lo, hi = (float(v) for v in torch.stack(torch.aminmax(t.double())).tolist())
-            else:
+            if not (t.numel() == 1 or (t.dim() == 1 and t.numel() == batch)):
                 raise ValueError(
                     f"MosaicDiT.forward: timestep must be a number, a 0-d tensor or a ({batch},) "
                     f"tensor, got shape {tuple(t.shape)}"
                 )
-            t_vec = t.to(device=device, dtype=torch.float32).reshape(-1).expand(batch)
+            values = t.reshape(-1).double()
+            lo, hi = (float(v) for v in torch.stack(torch.aminmax(values)).tolist())  # host read
+            if lo == hi:  # one timestep for the whole batch (every sampler): a fill, no copy
+                t_vec = torch.full((batch,), lo, dtype=torch.float32, device=device)
+            else:
+                t_vec = t.reshape(-1).to(dtype=torch.float32).to(device, non_blocking=True)
         elif isinstance(timestep, (int, float)) or hasattr(timestep, "__float__"):
             lo = hi = float(timestep)
             t_vec = torch.full((batch,), lo, dtype=torch.float32, device=device)
@@ -300,13 +310,15 @@ class MosaicDiT(nn.Module):
                 f"MosaicDiT.forward: the batch mixes timesteps of stages {names[0]!r} and {names[1]!r} "
                 f"(min t={lo:g}, max t={hi:g}); run one stage per call"
             )
-        return stage, t_vec.contiguous()
+        return stage, t_vec
 
+    @torch.compiler.disable
     def _labels(self, class_labels, batch: int, device: torch.device) -> torch.Tensor:
+        """Labels as a (B,) int64 device tensor; range-checked while they are still on the host."""
         if class_labels is None:
             raise ValueError("MosaicDiT.forward: `class_labels` is required (got None)")
-        labels = torch.as_tensor(class_labels, device=device).reshape(-1)
-        if labels.is_floating_point():
+        labels = torch.as_tensor(class_labels).reshape(-1)  # lists and ints stay on the host
+        if labels.is_floating_point() or labels.dtype == torch.bool:
             raise TypeError(f"MosaicDiT.forward: class_labels must be integers, got {labels.dtype}")
         if labels.numel() == 1 and batch > 1:
             labels = labels.expand(batch)
@@ -314,7 +326,57 @@ class MosaicDiT(nn.Module):
             raise ValueError(
                 f"MosaicDiT.forward: class_labels must have {batch} entries, got {labels.numel()}"
             )
-        return labels.to(torch.int64).contiguous()
+        # Host labels cost nothing to check; device labels would cost a sync per forward, so they
+        # are not checked (an out-of-range one fails in the embedding lookup, as in diffusers).
+        if labels.device.type == "cpu":
+            rows = self._num_label_rows()
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            if lo < 0 or hi >= rows:
+                null = int(self.config.num_embeds_ada_norm)
+                valid = f"[0, {null}) or the null class {null}" if rows > null else f"[0, {rows})"
+                raise ValueError(
+                    f"MosaicDiT.forward: class_labels must be class ids in {valid}, got "
+                    f"{lo if lo < 0 else hi}"
+                )
+        return labels.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
+
+    def _num_label_rows(self) -> int:
+        """Rows of the class embedding table: the classes, plus the null class when CFG-trained."""
+        emb = self.shared.conditioning.embedders[0]
+        table = getattr(getattr(emb, "class_embedder", None), "embedding_table", None)
+        if isinstance(table, nn.Embedding):
+            return int(table.num_embeddings)
+        return int(self.config.num_embeds_ada_norm) + 1
+
+    def _check_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        """Shape, dtype and device against the model, from metadata only (no device sync)."""
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 4:
+            is_tensor = isinstance(hidden_states, torch.Tensor)
+            shape = tuple(hidden_states.shape) if is_tensor else type(hidden_states).__name__
+            raise ValueError(f"MosaicDiT.forward: hidden_states must be (B, C, H, W), got {shape}")
+        channels, p = int(self.config.in_channels), int(self.config.patch_size)
+        _, c, h, w = hidden_states.shape
+        if c != channels:
+            raise ValueError(
+                f"MosaicDiT.forward: hidden_states has {c} channels but the model expects "
+                f"in_channels={channels} (shape (B, {channels}, H, W))"
+            )
+        if h % p or w % p or h == 0 or w == 0:
+            raise ValueError(
+                f"MosaicDiT.forward: hidden_states height and width must be positive multiples of "
+                f"patch_size={p}, got {h}x{w} (the model was trained at {self.config.sample_size})"
+            )
+        if hidden_states.dtype != self.dtype:
+            raise TypeError(
+                f"MosaicDiT.forward: hidden_states is {hidden_states.dtype} but the model's weights are "
+                f"{self.dtype}; pass hidden_states.to(model.dtype) (DiTTransformer2DModel does not cast "
+                f"either; DiTPipeline and mosaicdiff.sample do it for you)"
+            )
+        if hidden_states.device != self.device:
+            raise ValueError(
+                f"MosaicDiT.forward: hidden_states is on {hidden_states.device} but the model is on "
+                f"{self.device}; move one of them"
+            )
 
     def forward(
         self,
@@ -339,14 +401,21 @@ class MosaicDiT(nn.Module):
             ``Transformer2DModelOutput(sample=(B, C_out, H, W))`` or ``(sample,)``.
 
         Raises:
-            ValueError: missing timestep or labels, or a batch whose timesteps span two stages.
+            ValueError: missing timestep or labels, a batch whose timesteps span two stages,
+                ``hidden_states`` with the wrong channel count, a height or width that is not a
+                multiple of ``patch_size`` (other sizes than ``sample_size`` run, as in diffusers,
+                with recomputed positions), on another device than the weights, or class labels
+                out of range. Labels are range-checked when they are on the CPU (a list, an int
+                or a CPU tensor): checking device labels would cost a sync per forward.
+            TypeError: ``hidden_states`` of another dtype than the weights (no silent cast: the
+                diffusers model raises on this too; cast with ``hidden_states.to(model.dtype)``),
+                or float labels.
         """
         if cross_attention_kwargs:
             raise NotImplementedError(
                 f"MosaicDiT does not support cross_attention_kwargs, got keys {sorted(cross_attention_kwargs)}"
             )
-        if hidden_states.dim() != 4:
-            raise ValueError(f"hidden_states must be (B, C, H, W), got shape {tuple(hidden_states.shape)}")
+        self._check_hidden_states(hidden_states)
         batch, device = hidden_states.shape[0], hidden_states.device
         # 1. Stage (one host read) and inputs.
         stage, t_vec = self._select(timestep, batch, device)
@@ -383,12 +452,22 @@ class MosaicDiT(nn.Module):
         # 1. Input: patchify + positions, then the conditioning of every block at once.
         h = sk.pos_embed(hidden_states).contiguous()
         emb, mods = sk.conditioning(timestep, class_labels, hidden_dtype=h.dtype)
-        # 2. Blocks of this stage.
-        for block, mod in zip(self.stage_blocks[stage], mods):
-            h = block(h, mod)
-        # 3. Output: final adaLN, projection, unpatchify.
-        shift, scale = sk.proj_out_1(F.silu(emb)).chunk(2, dim=1)
-        h = ops.ln_modulate(h, shift.contiguous(), scale.contiguous(), sk.norm_out_eps)
+        shift, scale = (m.contiguous() for m in sk.proj_out_1(F.silu(emb)).chunk(2, dim=1))
+        final_norm = (shift, scale, sk.norm_out_eps)
+        blocks = self.stage_blocks[stage]
+        # 2. Blocks of this stage, then the final adaLN norm.
+        if self.fuse_block_boundaries:
+            # each block hands the next one its modulated norm: one pass over h per boundary
+            x = ops.ln_modulate(h, mods[0][0], mods[0][1], blocks[0].eps)
+            for i, (block, mod) in enumerate(zip(blocks, mods)):
+                nxt = (mods[i + 1][0], mods[i + 1][1], blocks[i + 1].eps) if i + 1 < len(blocks) else final_norm
+                h, x = block.forward_normed(h, x, mod, nxt)
+            h = x
+        else:
+            for block, mod in zip(blocks, mods):
+                h = block(h, mod)
+            h = ops.ln_modulate(h, *final_norm)
+        # 3. Output: projection, unpatchify.
         h = sk.proj_out_2(h)
         c_out = h.shape[-1] // (p * p)
         h = h.reshape(-1, height, width, p, p, c_out)
@@ -432,17 +511,48 @@ class MosaicDiT(nn.Module):
 
         Returns:
             sorted list of ``(op, shape, dtype)``: row ops with ``(B, L, C)``, GEMM ops with
-            ``(M, N, K)``, ``M = B*L``.
+            ``(M, N, K)``, ``M = B*L``, attention with ``(B, L, heads, head_dim)``.
         """
         C, M = self._runtime["width"], batch * tokens
         items = {("ln_modulate", (batch, tokens, C)), ("gated_residual_ln_modulate", (batch, tokens, C))}
         for b in self.stage_blocks[stage]:
+            if b.num_heads:
+                items.add(("attention", (batch, tokens, b.num_heads, b.head_dim)))
             if b.mlp_width:
                 items.add(("linear_gelu", (M, b.mlp_width, C)))
-                items.add(("linear_gated_residual", (M, C, b.mlp_width)))
-            else:
+                if not self.fuse_block_boundaries:  # fused: fc2 is a plain GEMM before the fused norm
+                    items.add(("linear_gated_residual", (M, C, b.mlp_width)))
+            elif not self.fuse_block_boundaries:
                 items.add(("gated_residual", (batch, tokens, C)))
         return [(op, shape, dtype) for op, shape in sorted(items)]
+
+    def autotune_kernels(
+        self, batch: int, tokens: int, dtype: torch.dtype | None = None, ops: Sequence[str] = ("attention",)
+    ) -> dict[str, dict[str, Any]]:
+        """Measure and persist the kernel configs of every stage for one input shape (CUDA only).
+
+        Each stage has its own head count and widths, so each gets its own winner (e.g. which
+        SDPA kernel runs head_dim 72 fastest at 6 vs 16 heads). The winners go to the
+        `mosaic_kernels.configs` cache, which every later forward (and process) reads.
+
+        Args:
+            batch (`int`): forward batch (with CFG, twice the images per step).
+            tokens (`int`): tokens per image.
+            dtype (`torch.dtype`, *optional*): activation dtype; default the weights'.
+            ops (sequence of `str`, *optional*): which ops to tune; default attention only (a
+                GEMM search compiles dozens of Triton kernels).
+
+        Returns:
+            ``{config_key: config}`` of the tuned ops over all stages (resolved, not tuned, off CUDA).
+        """
+        from mosaic_kernels import configs as kernel_configs
+
+        dtype = dtype or self.dtype
+        chosen: dict[str, dict[str, Any]] = {}
+        for stage in range(self.num_stages):
+            items = [it for it in self.stage_kernel_shapes(stage, batch, tokens, dtype) if it[0] in ops]
+            chosen.update(kernel_configs.select_configs_for_shapes(items, self.device, tune=True))
+        return chosen
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -466,6 +576,22 @@ class MosaicDiT(nn.Module):
     @property
     def cuda_graphs_enabled(self) -> bool:
         return self._graphs is not None
+
+    def set_block_boundary_fusion(self, enabled: bool = True) -> MosaicDiT:
+        """Fuse fc2's gated residual with the next norm (default on); off runs each block alone.
+
+        Off is the reference for measuring the fusion; captured graphs are dropped.
+
+        Args:
+            enabled (`bool`, *optional*, defaults to True): fuse or not.
+
+        Returns:
+            `MosaicDiT`: self.
+        """
+        self.fuse_block_boundaries = bool(enabled)
+        if self._graphs is not None:
+            self._graphs.reset()
+        return self
 
     def _apply(self, fn, *args, **kwargs):
         # Captured graphs hold raw pointers to the weights: drop them when weights move.
@@ -537,10 +663,17 @@ class MosaicDiT(nn.Module):
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, save_directory: str) -> None:
-        """Save atomically as ``config.json`` + ``model.safetensors`` (see `mosaicdiff.serialization`).
+        """Save as ``config.json`` + ``model.safetensors``, crash-safely (see `mosaicdiff.serialization`).
 
         Args:
-            save_directory (`str` or `os.PathLike`): target directory (replaced only on success).
+            save_directory (`str` or `os.PathLike`): target folder, created if missing. The two
+                files are written next to whatever else is in it; only they are replaced.
+
+        Raises:
+            FileExistsError / PermissionError: the folder is a file, holds another kind of model,
+                or is not writable (see `mosaicdiff.serialization.validate_save_directory`).
+            BlockingIOError: another save into the same folder is in progress.
+            OSError: writing failed (e.g. disk full); the folder is left as it was.
         """
         from mosaicdiff.serialization import save_mosaic
 
@@ -552,22 +685,26 @@ class MosaicDiT(nn.Module):
         directory: str,
         *,
         device: torch.device | str | None = None,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> MosaicDiT:
         """Load a directory written by `save_pretrained`, validating versions, keys and shapes.
 
         Args:
             directory (`str` or `os.PathLike`): the saved mosaic.
             device (`torch.device` or `str`, *optional*): where to put the weights.
-            torch_dtype (`torch.dtype`, *optional*): cast the weights to this dtype.
+            torch_dtype (`torch.dtype` or `str`, *optional*): cast the weights to this dtype
+                (``"float16"``/``"fp16"``, ``"bfloat16"``/``"bf16"``, ``"float32"``/``"fp32"``).
 
         Returns:
             `MosaicDiT`.
 
         Raises:
             FileNotFoundError: missing directory, config or weights.
-            ValueError: corrupt/truncated files, a format version mismatch, or weights that do not
-                match the config (the message names the key).
+            ValueError: corrupt/truncated files, an invalid config (file and field named), a
+                format version mismatch, weights that do not match the config (the message names
+                the key), or a `device` that is not a device.
+            TypeError: a `torch_dtype` that is not a float dtype or one of the names above.
+            RuntimeError: `device` is CUDA/MPS and none is available.
 
         Examples:
             >>> from mosaicdiff.mosaic import MosaicDiT

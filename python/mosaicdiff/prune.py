@@ -20,6 +20,7 @@ compensation, no calibration needed) and ``"random"``.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -98,7 +99,11 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     target = _check_fraction("target_sparsity", target_sparsity)
-    s_max = default_s_max(target) if s_max is None else s_max
+    if s_max is not None and (isinstance(s_max, bool) or not isinstance(s_max, (int, float))
+                              or not 0 < s_max < 1):
+        raise ValueError(f"s_max must be a number in (0, 1), got {s_max!r}")
+    capped = s_max is None
+    s_max = default_s_max(target) if s_max is None else float(s_max)
     abar = resolve_alphas_cumprod(alphas_cumprod).numpy()
     T = int(abar.size)
     if timesteps is None:
@@ -108,8 +113,9 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
         if boundaries is None:
             bounds = schedule.stage_boundaries(abar, M=M, lam=lam, x0_sq_norm=x0_sq_norm)
         else:
-            if len(boundaries) != 2:
-                raise ValueError(f"boundaries must be (t_low, t_high), got {boundaries!r}")
+            if isinstance(boundaries, (str, bytes)) or not hasattr(boundaries, "__len__") or len(boundaries) != 2:
+                raise ValueError(f"boundaries must be a pair of integer timesteps (t_low, t_high), "
+                                 f"got {boundaries!r}")
             bounds = (boundaries[0], boundaries[1])
         stages = schedule.stages_from_boundaries(*bounds, T=T)
         bounds = (int(bounds[0]), int(bounds[1]))
@@ -125,6 +131,12 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
             else:
                 explicit = list(stage_sparsities)
             explicit = [_check_fraction("stage sparsity", v) for v in explicit]
+        elif target > s_max:  # said here in the public names (allocate_sparsity says target_mean)
+            how = "the default cap min(0.9, target_sparsity + 0.1)" if capped else "passed"
+            raise ValueError(
+                f"target_sparsity={target:g} is above s_max={s_max:g} ({how}), the largest sparsity "
+                f"the allocation may give a stage; use target_sparsity <= {s_max:g}, pass s_max with "
+                f"target_sparsity <= s_max < 1, or pass stage_sparsities")
         sparsities = schedule.allocate_sparsity(target, scores, steps, s_max=s_max, explicit=explicit)
         info.update(boundaries=list(bounds), stage_scores=[float(s) for s in scores])
     else:
@@ -143,6 +155,45 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
                 mean_sparsity=float(mean), num_train_timesteps=T)
     planned = [(name, int(t0), int(t1), float(s)) for (name, t0, t1), s in zip(stages, sparsities)]
     return planned, info
+
+
+def _check_align(align) -> int | None:
+    if align is None:
+        return None
+    try:
+        value = None if isinstance(align, bool) else operator.index(align)  # ints, numpy ints
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"align must be a positive integer or None, got {align!r}")
+    return value
+
+
+def _check_widths(planned, num_heads: int, mlp_dense: int, align, stage_sparsities) -> None:
+    """Every planned stage keeps a head and can prune its MLP; messages in the public names."""
+    limit = (num_heads - 0.5) / num_heads  # heads_to_remove rounds half up
+    single = len(planned) == 1 and stage_sparsities is None
+    for name, _, _, sp in planned:
+        try:
+            compact.heads_to_remove(num_heads, sp)
+            continue
+        except ValueError:  # said below in the public names (it speaks of head_sparsity)
+            pass
+        if single:
+            label, fix = f"target_sparsity={sp:g}", f"use target_sparsity < {limit:.4f}"
+        elif stage_sparsities is not None:
+            label, fix = f"stage {name!r} with sparsity {sp:.3f}", f"use stage sparsities < {limit:.4f}"
+        else:
+            label = f"stage {name!r} with sparsity {sp:.3f}"
+            fix = f"pass s_max < {limit:.4f} (or a lower target_sparsity) or explicit stage_sparsities"
+        raise ValueError(f"{label} removes {num_heads} of {num_heads} attention heads per block; "
+                         f"at least one head must be kept: {fix}")
+    # an alignment of the MLP width or more rounds every kept width back up to the dense width
+    if align is not None and align > 1 and align >= mlp_dense and any(sp > 0 for *_, sp in planned):
+        raise ValueError(
+            f"align={align} is not smaller than the MLP width {mlp_dense}: every kept MLP width would "
+            f"round up to all {mlp_dense} channels and the MLP would not be pruned; use an align "
+            f"below {mlp_dense} (a small divisor of it, e.g. 8 or 16) or align=None")
 
 
 def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: float, *, method: str,
@@ -169,6 +220,8 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
         if calibration.device != param.device:
             raise ValueError(f"calibration data is on {calibration.device} but the model is on {param.device}; "
                              f"move one of them (Calibration(x0.to(device), labels.to(device), ...))")
+        calibration.check_model(model)  # shape, null class, labels, NaN: before any long work
+    align = _check_align(align)
 
     # 2. Divide: stages, step counts, sparsities.
     abar = resolve_alphas_cumprod(scheduler)
@@ -178,19 +231,14 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
                                 stage_sparsities=stage_sparsities, alphas_cumprod=abar,
                                 timesteps=timesteps, M=M, lam=lam, x0_sq_norm=r, s_max=s_max)
     num_heads = dit.model_num_heads(model)
-    for name, _, _, sp in planned:
-        try:
-            compact.heads_to_remove(num_heads, sp)
-        except ValueError as exc:
-            raise ValueError(f"stage {name!r} with sparsity {sp:.3f}: {exc}; lower s_max or pass "
-                             f"stage_sparsities") from None
+    mlp_dense = dit.block_linears(dit.transformer_blocks(model)[0])["fc2"].in_features
+    _check_widths(planned, num_heads, mlp_dense, align, stage_sparsities)
     needs_data = pruner == "obs" and any(sp > 0 for *_, sp in planned)
     if needs_data and calibration is None:
         raise ValueError(f"method={method!r} with pruner='obs' needs calibration data, got None")
 
     # 3. Calibrate and prune each stage.
     blocks = dit.transformer_blocks(model)
-    mlp_dense = dit.block_linears(blocks[0])["fc2"].in_features
     obs_kwargs = {"groups_per_step": int(groups_per_step)} if pruner == "obs" else {}
     generator = torch.Generator().manual_seed(int(seed))
     stages: list[StageSpec] = []
@@ -291,14 +339,16 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
 
     Args:
         model (`DiTTransformer2DModel`): the dense model (left unchanged).
-        calibration (`Calibration`): clean data on the model's device; may be None for
-            ``"magnitude"`` and ``"random"``.
+        calibration (`Calibration`): clean data on the model's device, shaped like the model's
+            input (``(N, in_channels, sample_size, sample_size)``) with the model's null class
+            (``num_embeds_ada_norm``); may be None for ``"magnitude"`` and ``"random"``.
         target_sparsity (`float`, *optional*, defaults to 0.5): mean sparsity over the sampler's
             steps, in [0, 1).
         method (`str`, *optional*, defaults to ``"mosaic"``): ``"mosaic"`` (three stages,
             per-stage calibration and allocation), ``"uniform"`` (one OBS stage for all t),
             ``"magnitude"`` or ``"random"`` (one stage, no compensation).
-        boundaries (`tuple[int, int]`, *optional*): ``(t_low, t_high)``: early is
+        boundaries (`tuple[int, int]`, *optional*): integer timesteps ``(t_low, t_high)`` (floats,
+            even ``200.0``, and bools are refused rather than rounded): early is
             ``t >= t_high``, middle ``t_low <= t < t_high``, late ``t < t_low``. Default: from
             the closed-form score of the scheduler's ``alphas_cumprod`` (see
             `mosaicdiff.schedule.stage_boundaries`), with ``r`` estimated from the calibration.
@@ -313,14 +363,17 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
             (each duplicated with the null class when `cfg`).
         M (`float`, *optional*, defaults to 0.55): middle-stage threshold relative to the peak score.
         lam (`float`, *optional*, defaults to 0.0): log-SNR weight of the score.
-        align (`int`, *optional*, defaults to 64): MLP width alignment (None: off).
+        align (`int`, *optional*, defaults to 64): MLP width alignment (None: off). Must be
+            smaller than the MLP width: a larger one would round every kept width back up to the
+            dense width (an unpruned MLP), so it is refused rather than silently ignored.
         cfg (`bool`, *optional*, defaults to True): calibrate both CFG branches.
         batch_size (`int`, *optional*, defaults to 64): calibration batch size.
         seed (`int`, *optional*, defaults to 0): seeds calibration draws (and random pruning).
         progress (`bool`, *optional*, defaults to True): tqdm progress bars.
-        s_max (`float`, *optional*): largest sparsity the allocation may assign; default
-            ``min(0.9, target_sparsity + 0.1)`` (`default_s_max`: the uncapped allocation
-            over-prunes the early stage).
+        s_max (`float`, *optional*): largest sparsity the allocation may assign, in (0, 1) and
+            at least `target_sparsity`; default ``min(0.9, target_sparsity + 0.1)``
+            (`default_s_max`: the uncapped allocation over-prunes the early stage). A target
+            above 0.9 needs an explicit `s_max` (or `stage_sparsities`).
         groups_per_step (`int`, *optional*, defaults to 1): MLP channels removed per OBS
             iteration (1 = exact greedy; see `mosaicdiff.obs.prune_columns`).
 
@@ -329,8 +382,11 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
         sparsities, steps per stage, kept widths, settings).
 
     Raises:
-        ValueError: sparsity outside [0, 1), a model that is not a DiT, empty or missing
-            calibration, calibration on another device than the model, bad boundaries.
+        ValueError: sparsity outside [0, 1), a target above `s_max`, a stage sparsity that
+            removes every head, a model that is not a DiT, empty or missing calibration,
+            calibration on another device than the model or not fitting it (sample shape, null
+            class, labels, NaN/inf), bad boundaries, or an `align` not below the MLP width. All
+            are raised before any calibration pass.
         TypeError: calibration of the wrong type.
 
     Examples:

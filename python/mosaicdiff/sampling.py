@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import NamedTuple
 
 import torch
@@ -57,14 +58,17 @@ def _param_like(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def make_noise(model: nn.Module, num: int, seed: int | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Initial noise `(num, C, H, W)` float32 on CPU, drawn from a CPU generator.
+    """Initial noise `(num, C, H, W)` float32 on CPU.
 
-    Drawing on the CPU makes the noise of a seed identical on every device and for every method.
+    Drawn from a CPU generator by default (``seed``), which makes the noise of a seed identical
+    on every device and for every method. A generator on another device (e.g.
+    ``torch.Generator("cuda")``) draws on its device; the noise is then moved to the CPU.
     """
     c, s = int(_cfg(model, "in_channels")), int(_cfg(model, "sample_size"))
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
-    return torch.randn((num, c, s, s), generator=generator, dtype=torch.float32)
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn((num, c, s, s), generator=generator, dtype=torch.float32, device=device).cpu()
 
 
 @torch.no_grad()
@@ -100,7 +104,8 @@ def sample(
             copied per batch, so stateful multistep schedulers work and the caller's is untouched.
         noise: `(B, C, H, W)` initial noise; default drawn on the CPU from `generator`
             (see `make_noise`). Pass the same noise (or seed) for fixed-noise comparisons.
-        generator: CPU generator for the initial noise (and stochastic schedulers).
+        generator: generator for the initial noise (see `make_noise`; any device) and for
+            stochastic schedulers.
         return_trajectory: also return the `Trajectory` of model inputs.
         progress: show a tqdm bar over the sampling steps.
         batch_size: images per sampling run (default all at once).
@@ -110,7 +115,7 @@ def sample(
         ``(images, Trajectory)``.
 
     Raises:
-        ValueError: on bad labels, noise shape, step count or batch size.
+        ValueError: on bad labels, noise shape, step count, batch size or a NaN/inf guidance scale.
         TypeError: if `model` has no DiT-like config.
     """
     from tqdm.auto import tqdm
@@ -141,8 +146,12 @@ def sample(
         raise ValueError(f"sample: batch_size must be >= 1, got {batch_size}")
     base = scheduler if scheduler is not None else default_scheduler()
     device, dtype = _param_like(model)
-    g = float(guidance_scale)
+    g = _guidance(guidance_scale)
     use_cfg = g != 1.0
+    # Timesteps: a CPU tensor for models that read the stage on the host (no device sync per
+    # step), else a contiguous device tensor (the same form every step: no torch.compile
+    # recompiles between a timing loop and a sampling run).
+    t_device = torch.device("cpu") if getattr(model, "accepts_host_timestep", False) else device
 
     outputs, traj_chunks, step_ts = [], [], None
     num_chunks = (n + bs - 1) // bs
@@ -162,7 +171,7 @@ def sample(
                 xs.append(x.detach().float().cpu())
             x_in = sched.scale_model_input(x, t)
             x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
-            t_in = torch.as_tensor(t, device=device).long().reshape(()).expand(x_in.shape[0])
+            t_in = torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=t_device)
             out = model(x_in.to(dtype), timestep=t_in, class_labels=y_in).sample.float()
             eps = out[:, :in_ch]
             if use_cfg:
@@ -179,6 +188,18 @@ def sample(
         return images
     xs = [torch.cat([chunk[k] for chunk in traj_chunks]) for k in range(len(traj_chunks[0]))]
     return images, Trajectory(xs=xs, timesteps=step_ts)
+
+
+def _guidance(value) -> float:
+    """The CFG scale as a finite float: a NaN or inf scale would silently turn every image black."""
+    try:
+        g = None if isinstance(value, (bool, str)) else float(value)  # numpy and 0-d tensor scalars too
+    except (TypeError, ValueError):
+        g = None
+    if g is None or not math.isfinite(g):
+        raise ValueError(f"sample: guidance_scale must be a finite number (1 = no guidance, DiT uses "
+                         f"about 1.5 to 4), got {value!r}")
+    return g
 
 
 def _takes_generator(scheduler) -> bool:

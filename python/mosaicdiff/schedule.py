@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -188,16 +189,25 @@ def stages_from_boundaries(t_low: int, t_high: int, T: int = 1000) -> list[Stage
         ``[("early", t_high, T), ("middle", t_low, t_high), ("late", 0, t_low)]``.
 
     Raises:
-        ValueError: unless ``0 < t_low < t_high < T`` (every stage non-empty).
+        ValueError: unless ``0 < t_low < t_high < T`` (every stage non-empty), or on a boundary
+            that is not an integer: floats (even ``200.0``) and bools are refused, so that
+            ``200.9`` is never silently cut to 200; numpy and 0-d tensor integers are accepted.
     """
-    for name, v in (("t_low", t_low), ("t_high", t_high), ("T", T)):
-        if int(v) != v:
-            raise ValueError(f"{name} must be an integer, got {v!r}")
-    t_low, t_high, T = int(t_low), int(t_high), int(T)
+    t_low, t_high, T = (_timestep_int(n, v) for n, v in (("t_low", t_low), ("t_high", t_high), ("T", T)))
     if not 0 < t_low < t_high < T:
         raise ValueError(f"stage boundaries must satisfy 0 < t_low < t_high < T={T}, "
                          f"got t_low={t_low}, t_high={t_high}")
     return [("early", t_high, T), ("middle", t_low, t_high), ("late", 0, t_low)]
+
+
+def _timestep_int(name: str, value) -> int:
+    """``value`` as an int timestep; floats and bools are refused rather than rounded."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)  # int, numpy integer, integer 0-d tensor
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be an integer timestep, got {value!r} ({type(value).__name__})")
 
 
 def steps_per_stage(timesteps, stages: Sequence[Stage]) -> dict[str, int]:

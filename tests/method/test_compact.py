@@ -222,3 +222,24 @@ def test_sampler_timesteps_default_and_copy():
         dit.sampler_timesteps(0)
     with pytest.raises(TypeError, match="alphas_cumprod"):
         dit.scheduler_alphas_cumprod(object())
+
+
+def test_heads_are_removed_one_per_step_whatever_groups_per_step():
+    """groups_per_step batches MLP channels only: heads always follow the exact greedy.
+
+    On this problem a joint 4-head step keeps other heads than the greedy (checked below), so
+    passing groups_per_step on to the head pruning would change the kept heads.
+    """
+    lin, H = _linears(C=48, heads=8, F=96, seed=0), _hessians(C=48, F=96, seed=1)
+    greedy_w, greedy_cols = obs.prune_columns(lin["proj"].weight, H["proj"], 4, 6)
+    joint_w, joint_cols = obs.prune_columns(lin["proj"].weight, H["proj"], 4, 6, groups_per_step=4)
+    assert not torch.equal(greedy_cols, joint_cols), "the problem must tell the two apart"
+    w = compact.prune_block(lin, H, 8, 0.5, 0.5, align=None, groups_per_step=4)
+    assert w.kept_heads.tolist() == (greedy_cols.view(-1, 6)[:, 0] // 6).tolist()
+    assert_close(w.proj_weight, greedy_w, atol=0, rtol=0)
+    # ... while the MLP channels do use it (the knob is not dropped altogether)
+    fc2_w, channels = obs.prune_columns(lin["fc2"].weight, H["fc2"], 48, 1, groups_per_step=4)
+    assert torch.equal(w.kept_channels, channels)
+    assert_close(w.fc2_weight, fc2_w, atol=0, rtol=0)
+    greedy_channels = obs.prune_columns(lin["fc2"].weight, H["fc2"], 48, 1)[1]
+    assert not torch.equal(channels, greedy_channels), "the MLP half must tell the two apart too"

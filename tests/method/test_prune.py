@@ -216,3 +216,63 @@ def test_prune_end_to_end_mosaic():
         x_t = torch.randn(4, 4, 8, 8, generator=g)
         e_mosaic, e_mag = _rel_err(mosaic, dense, x_t, t, y), _rel_err(magnitude, dense, x_t, t, y)
         assert e_mosaic < e_mag, f"t={tv}: mosaic rel err {e_mosaic:.4f} >= magnitude {e_mag:.4f}"
+
+
+# ----------------------------------------------------------------- the statistics each block is pruned with
+
+
+def _direct_hessians(model, x_t, t, labels, batch_size):
+    """Each block's proj / fc2 input Hessians from forward hooks (not the code under test)."""
+    caught = [{"proj": [], "fc2": []} for _ in model.transformer_blocks]
+    handles = []
+    for entry, block in zip(caught, model.transformer_blocks):
+        for name, lin in (("proj", block.attn1.to_out[0]), ("fc2", block.ff.net[2])):
+            handles.append(lin.register_forward_hook(
+                lambda mod, args, out, xs=entry[name]: xs.append(args[0].reshape(-1, args[0].shape[-1]).double())))
+    with torch.no_grad():
+        for s in range(0, x_t.shape[0], batch_size):
+            sl = slice(s, s + batch_size)
+            model(x_t[sl], timestep=t[sl], class_labels=labels[sl])
+    for h in handles:
+        h.remove()
+    return [{k: torch.cat(v).T @ torch.cat(v) / torch.cat(v).shape[0] for k, v in e.items()} for e in caught]
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["cfg", "no-cfg"])
+def test_each_block_is_pruned_with_its_own_stage_statistics(cfg):
+    """Block i of stage s is exactly `prune_block` on block i's Hessians of stage s's draws.
+
+    Sharp against another block's or another stage's Hessians and against ignoring `cfg` (with
+    CFG the null-class half enters the statistics): each changes the kept heads/channels or the
+    weights by far more than the tolerance (checked below on the reference itself).
+    """
+    model, calib = tiny_dit(), tiny_calibration(8)
+    kw = dict(samples_per_stage=6, batch_size=4, align=None, seed=3, progress=False)
+    stages = prune_stages(model, calib, 0.5, boundaries=(200, 600), cfg=cfg, **kw)
+
+    def draws(flip_cfg=False):  # the stages' inputs, drawn as prune draws them: in stage order
+        g = torch.Generator().manual_seed(3)
+        out = [prune_mod.stage_inputs(calib, s.t_start, s.t_end, 6, cfg=cfg != flip_cfg, generator=g)
+               for s in stages]
+        return [_direct_hessians(model, *d, batch_size=4) for d in out], out
+
+    hessians, inputs = draws()
+    other_cfg, _ = draws(flip_cfg=True)
+    assert all(bool((labels == calib.null_class).any()) == cfg for _, _, labels in inputs)
+
+    def pruned(i, h, sp):
+        return compact.prune_block(dit.block_linears(model.transformer_blocks[i]), h, 4, sp, sp, align=None)
+
+    def distance(a, b):
+        if not (torch.equal(a.kept_heads, b.kept_heads) and torch.equal(a.kept_channels, b.kept_channels)):
+            return float("inf")
+        return max(float((getattr(a, k) - getattr(b, k)).abs().max()) for k in ("proj_weight", "fc2_weight"))
+
+    for s, spec in enumerate(stages):
+        for i, got in enumerate(spec.blocks):
+            want = pruned(i, hessians[s][i], spec.sparsity)
+            assert distance(got, want) < 1e-5, f"stage {spec.name} block {i}: not its own Hessians"
+            if s == i == 0:  # the reference tells the mutants apart: another block, stage or cfg
+                assert distance(pruned(i, hessians[s][1], spec.sparsity), want) > 1e-3
+                assert distance(pruned(i, hessians[1][i], spec.sparsity), want) > 1e-3
+                assert distance(pruned(i, other_cfg[s][i], spec.sparsity), want) > 1e-3

@@ -50,3 +50,83 @@ def test_prune_then_sample_saved_mosaic(tmp_path, capsys):
     assert main(["sample", "--model", str(out), "--out", str(png), "--num-samples", "3", "--steps", "2",
                  "--labels", "1,2,3", "--no-progress"]) == 0
     assert png.is_file()
+
+
+def _tiny_dit_folder(folder):
+    """A tiny random diffusers DiT (4 heads, 4 x 8 x 8 latents) saved as a model folder."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+    from dit_helpers import tiny_dit
+
+    tiny_dit().save_pretrained(folder)
+    return folder
+
+
+def test_prune_obs_with_calibration_file(tmp_path, capsys):
+    """`prune --method mosaic|uniform --calibration FILE`: OBS on the file's data (x0 norm recorded)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = _tiny_dit_folder(tmp_path / "dit")
+    x0 = 2.0 * torch.randn(12, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    calib = tmp_path / "calib.safetensors"
+    save_file({"x0": x0, "labels": torch.arange(12) % 10}, str(calib))
+    r = float(x0.pow(2).mean())
+    for method, stages in (("mosaic", ["early", "middle", "late"]), ("uniform", ["all"])):
+        out = tmp_path / method
+        assert main(["prune", "--model", str(model), "--calibration", str(calib), "--out", str(out), "--method",
+                     method, "--sparsity", "0.4", "--samples-per-stage", "4", "--steps", "5", "--align", "8",
+                     "--no-progress"]) == 0, capsys.readouterr().err
+        meta = json.loads((out / "config.json").read_text())["meta"]
+        assert meta["pruner"] == "obs" and meta["samples_per_stage"] == 4, meta
+        assert abs(meta["x0_sq_norm"] - r) < 1e-4 * r, (meta["x0_sq_norm"], r)  # the file's data, not the digits
+        assert [s["name"] for s in json.loads((out / "config.json").read_text())["stages"]] == stages
+        assert (out / "model.safetensors").is_file()
+    assert "saved uniform mosaic" in capsys.readouterr().out
+
+
+def test_prune_max_stage_sparsity_reaches_the_api(tmp_path):
+    import json
+
+    out = tmp_path / "m"
+    assert main(["prune", "--out", str(out), "--method", "mosaic", "--sparsity", "0.5", "--max-stage-sparsity", "0.55",
+                 "--samples-per-stage", "2", "--steps", "5", "--no-progress"]) == 0
+    meta = json.loads((out / "config.json").read_text())["meta"]
+    assert meta["s_max"] == 0.55 and max(meta["stage_sparsities"]) <= 0.55 + 1e-9, meta
+
+
+def test_eval_via_main(tmp_path, capsys):
+    """`mosaicdiff eval` through `main()` on a tiny sweep: comma lists parsed, JSON and plot written."""
+    import json
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--out", str(out), "--sparsities", "0.25,0.5", "--guidance-scales", "1.5", "--methods",
+                 "magnitude", "--num-samples", "4", "--steps", "2", "--samples-per-stage", "2", "--threads", "1",
+                 "--no-progress"]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["complete"] is True and saved["settings"]["sparsities"] == [0.25, 0.5]
+    assert saved["settings"]["methods"] == ["magnitude"] and saved["settings"]["guidance_scales"] == [1.5]
+    assert {(p["method"], p["sparsity"]) for p in saved["points"]} == {("magnitude", 0.25), ("magnitude", 0.5)}
+    assert (out / "fid_vs_sparsity.png").is_file()
+    assert "FID g=1.5" in capsys.readouterr().out
+
+
+def test_sample_labels_and_guidance_reach_the_sampler(tmp_path, monkeypatch):
+    import mosaicdiff.sampling
+
+    seen = {}
+    real = mosaicdiff.sampling.sample
+
+    def spy(model, labels, **kwargs):
+        seen.update(labels=labels.tolist(), **kwargs)
+        return real(model, labels, **kwargs)
+
+    monkeypatch.setattr(mosaicdiff.sampling, "sample", spy)
+    png = tmp_path / "s.png"
+    assert main(["sample", "--out", str(png), "--labels", "7, 3", "--guidance-scale", "2.5", "--steps", "1",
+                 "--nrow", "1", "--no-progress"]) == 0
+    assert seen["labels"] == [7, 3] and seen["guidance_scale"] == 2.5 and seen["num_inference_steps"] == 1
+    assert png.is_file()

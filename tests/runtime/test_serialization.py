@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -75,12 +76,14 @@ def test_save_overwrites_previous_mosaic_and_keeps_dtype(tmp_path):
     assert as_float.dtype == torch.float32
 
 
-def test_refuses_to_replace_a_foreign_directory(tmp_path):
+def test_saves_next_to_unrelated_files(tmp_path):
+    # Was: a folder of unrelated files was refused (the save replaced the whole folder). Now the
+    # model's two files are written next to them (diffusers' semantics); see test_save_semantics.py.
     target = tmp_path / "data"
     target.mkdir()
     (target / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a saved MosaicDiT"):
-        _mosaic().save_pretrained(target)
+    _mosaic().save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "precious.txt"]
     assert (target / "precious.txt").read_text() == "keep me" and _leftovers(tmp_path) == []
 
 
@@ -172,7 +175,8 @@ def test_missing_and_unexpected_keys(saved):
 
 def test_format_version_mismatch_names_both_versions(saved):
     _edit_config(saved, lambda c: c.__setitem__("format_version", "2.0"))
-    with pytest.raises(ValueError, match=r"format version 2\.0 .* reads format version 1\.0"):
+    with pytest.raises(ValueError, match=rf"format version 2\.0 .* reads format version "
+                                         rf"{re.escape(serialization.FORMAT_VERSION)} \(major 1\)"):
         MosaicDiT.from_pretrained(saved)
     _edit_config(saved, lambda c: c.__setitem__("format", "something-else"))
     with pytest.raises(ValueError, match="expected 'mosaicdiff.MosaicDiT'"):
@@ -183,7 +187,143 @@ def test_format_version_mismatch_names_both_versions(saved):
 
 
 def test_newer_minor_version_loads_with_warning(saved, caplog):
-    _edit_config(saved, lambda c: c.__setitem__("format_version", "1.7"))
+    _edit_config(saved, lambda c: c.__setitem__("format_version", "1.99"))
     with caplog.at_level("WARNING", logger="mosaicdiff.serialization"):
         MosaicDiT.from_pretrained(saved)
-    assert "newer than 1.0" in caplog.text
+    assert f"newer than {serialization.FORMAT_VERSION}" in caplog.text
+
+
+# ------------------------------------------------------------------ invalid configs and arguments
+
+
+def _listing(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(cfg):
+        node = cfg
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set("stages", 3), r"stages must be a list, got 3"),
+    (_set("stages", []), r"stages must be a non-empty list, got \[\]"),
+    (_set("runtime", "x"), r"runtime must be an object, got 'x'"),
+    (_set("dense_config", None), r"dense_config must be an object, got None"),
+    (_set("meta", [1]), r"meta must be an object, got \[1\]"),
+    (_set("dtype", "int8"), r"dtype must be a torch float dtype name, got 'int8'"),
+    (_set("dtype", "nope"), r"dtype must be a torch float dtype name, got 'nope'"),
+    (_set("weights_id", 7), r"weights_id must be a string, got 7"),
+    (_set("runtime", "num_layers", "2"), r"runtime\.num_layers must be a positive integer, got '2'"),
+    (_set("runtime", "width", 0), r"runtime\.width must be a positive integer, got 0"),
+    (_set("runtime", "attn_norm_eps", "1e-5"), r"runtime\.attn_norm_eps must be a number, got '1e-5'"),
+    (_set("runtime", "shared_embedder", "yes"), r"runtime\.shared_embedder must be true or false, got 'yes'"),
+    (_set("stages", 0, "t_start", "zero"), r"stages\[0\]\.t_start must be an integer, got 'zero'"),
+    (_set("stages", 1, "t_end", 999.5), r"stages\[1\]\.t_end must be an integer, got 999\.5"),
+    (_set("stages", 0, "name", None), r"stages\[0\]\.name must be a string, got None"),
+    (_set("stages", 0, "sparsity", "half"), r"stages\[0\]\.sparsity must be a number, got 'half'"),
+    (_set("stages", 0, "blocks", []), r"stages\[0\]\.blocks must be a list of 2 blocks \(runtime\.num_layers\)"),
+    (_set("stages", 1, "blocks", 0, "kept_heads", ["1"]),
+     r"stages\[1\]\.blocks\[0\]\.kept_heads must be a list of integers, got \['1'\]"),
+    (_set("stages", 0, "blocks", 1, "kept_heads", [9]),
+     r"stage 'late' block 1: kept_heads must lie in \[0, 4\), got \[9, 9\]"),
+    (_set("dense_config", "sample_size", "big"), r"dense_config does not describe a DiT"),
+])
+def test_invalid_config_is_one_clear_error_naming_the_file(saved, edit, match):
+    _edit_config(saved, edit)
+    before = _listing(saved)
+    with pytest.raises(ValueError, match=r"MosaicDiT\.from_pretrained: .*config\.json: " + match):
+        MosaicDiT.from_pretrained(saved)
+    assert _listing(saved) == before
+
+
+@pytest.mark.parametrize("key", ["format_version", "dtype", "dense_config", "runtime", "dense_reference", "stages"])
+def test_missing_config_key(saved, key):
+    _edit_config(saved, lambda c: c.pop(key))
+    with pytest.raises(ValueError, match=rf"config\.json lacks the key '{key}'"):
+        MosaicDiT.from_pretrained(saved)
+
+
+def test_config_that_is_not_an_object(saved):
+    (saved / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json has format 'list', expected"):
+        MosaicDiT.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["stages"][0].__setitem__("t_end", 300), r"stages 'late' \[0, 300\) and 'early' \[400, 1000\) leave a gap"),
+    (lambda c: c["stages"][0].__setitem__("t_end", 500), r"stages 'late' \[0, 500\) and 'early' \[400, 1000\) overlap"),
+    (lambda c: c["stages"][0].__setitem__("t_start", 100), r"stage 'late' starts at t=100, so t in \[0, 100\) has no stage"),
+    (lambda c: c["stages"][1].__setitem__("t_end", 900), r"the last stage 'early' ends at t=900, not at 1000"),
+    (lambda c: c["meta"].__setitem__("num_train_timesteps", 500), r"the last stage 'early' ends at t=1000, not at 500"),
+], ids=["gap", "overlap", "starts-late", "ends-early", "meta-T"])
+def test_stages_must_cover_every_timestep(saved, edit, match):
+    # Before: "ends-early" loaded, and sampling failed at its first step above t=900.
+    _edit_config(saved, edit)
+    with pytest.raises(ValueError, match=r"config\.json: " + match + r".*cover \[0, \d+\) without gaps"):
+        MosaicDiT.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("name, dtype", [
+    ("float16", torch.float16), ("fp16", torch.float16), ("bfloat16", torch.bfloat16),
+    ("bf16", torch.bfloat16), ("float32", torch.float32), ("fp32", torch.float32), ("torch.float16", torch.float16),
+])
+def test_torch_dtype_by_name(saved, name, dtype):
+    assert MosaicDiT.from_pretrained(saved, torch_dtype=name).dtype == dtype
+
+
+@pytest.mark.parametrize("bad", ["float8", "half ", torch.int64, 16])
+def test_invalid_torch_dtype_lists_the_valid_ones(saved, bad):
+    with pytest.raises(TypeError, match=r"torch_dtype must be a floating torch\.dtype or one of 'float16', 'fp16', "
+                                        r"'bfloat16', 'bf16', 'float32', 'fp32', got "):
+        MosaicDiT.from_pretrained(saved, torch_dtype=bad)
+
+
+def test_invalid_device(saved, monkeypatch):
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a torch device; use 'cpu', 'cuda'"):
+        MosaicDiT.from_pretrained(saved, device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"device 'cuda' requested, but no CUDA device is available"):
+        MosaicDiT.from_pretrained(saved, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"device 'cuda:3' requested, but only 1 CUDA device"):
+        MosaicDiT.from_pretrained(saved, device="cuda:3")
+
+
+def test_weights_that_are_not_safetensors(saved):
+    (saved / "model.safetensors").write_text("these are not weights\n")
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated or corrupt \(.*\); save the mosaic again"):
+        MosaicDiT.from_pretrained(saved)
+
+
+def test_weights_of_another_save_are_refused(saved, tmp_path):
+    # Same shapes, other values: without the pairing id this would load silently.
+    other = tmp_path / "other"
+    _mosaic(identical=False).save_pretrained(other)
+    (saved / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"model\.safetensors is not the weights .*config\.json was saved with"):
+        MosaicDiT.from_pretrained(saved)
+
+
+def test_saved_mosaic_in_dit_pipeline(tmp_path):
+    """The untested path: a mosaic loaded from disk drives diffusers' DiTPipeline unchanged."""
+    from tests.runtime.test_mosaic import _pipe, _sample, _tiny_vae
+
+    dense = tiny_dit(num_classes=1000)  # DiTPipeline's null class is 1000
+    mosaic = MosaicDiT(dense, two_stage_specs(dense))
+    mosaic.save_pretrained(tmp_path / "m")
+    vae = _tiny_vae()
+    want = _sample(_pipe(mosaic, vae))
+    loaded = MosaicDiT.from_pretrained(tmp_path / "m")
+    seen = []
+    loaded.on_stage_change = lambda i, name: seen.append(name)
+    got = _sample(_pipe(loaded, vae))
+    assert got.shape == (2, 3, 16, 16) and torch.isfinite(got).all()
+    assert torch.equal(got, want) and seen == ["early", "late"]
