@@ -43,7 +43,7 @@ def build_dense(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
 def timing_mosaic(dense, target: float, num_steps: int = NUM_STEPS):
     """A mosaic with the real divide/allocate shapes and magnitude-selected weights (timing only)."""
     from mosaicdiff.mosaic import MosaicDiT
-    from mosaicdiff.prune import prune_stages
+    from mosaicdiff.pruning import prune_stages
 
     stages = prune_stages(dense, None, target, method="mosaic", pruner="magnitude",
                           num_inference_steps=num_steps, progress=False)

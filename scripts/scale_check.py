@@ -82,7 +82,7 @@ def fc2_only(args) -> dict:
 def full(args) -> dict:
     from diffusers import DiTTransformer2DModel
 
-    import mosaicdiff.prune as prune_mod
+    import mosaicdiff.pruning as prune_mod
     from mosaicdiff import compact
     from mosaicdiff.calibrate import Calibration
 

@@ -407,7 +407,7 @@ def check_prune_flags(args) -> None:
         UsageError: a flag that the method ignores, the wrong number of --stage-sparsities, or a
             --sparsity the per-stage cap cannot reach.
     """
-    from mosaicdiff.prune import default_s_max
+    from mosaicdiff.pruning import default_s_max
 
     prog = "mosaicdiff prune"
     mosaic = args.method == "mosaic"
@@ -435,7 +435,7 @@ def check_prune_flags(args) -> None:
 
 def _largest_stage_sparsity(args) -> tuple[float, str]:
     """The largest sparsity `prune` may give a stage, and the flag to change it."""
-    from mosaicdiff.prune import default_s_max
+    from mosaicdiff.pruning import default_s_max
 
     if args.stage_sparsities is not None:
         return max(args.stage_sparsities), "keep every --stage-sparsities value"
@@ -466,7 +466,7 @@ def check_boundaries(bounds, T: int) -> None:
 
 
 def cmd_prune(args) -> int:
-    from mosaicdiff.prune import prune
+    from mosaicdiff.pruning import prune
     from mosaicdiff.sampling import default_scheduler
 
     check_prune_flags(args)

@@ -228,7 +228,7 @@ def run_demo(
         ValueError: on invalid arguments.
     """
     from mosaicdiff import plots, schedule
-    from mosaicdiff.prune import prune
+    from mosaicdiff.pruning import prune
     from mosaicdiff.sampling import default_scheduler, make_noise
     from mosaicdiff.zoo import load_digits_dit
 

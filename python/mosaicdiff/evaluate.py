@@ -62,7 +62,7 @@ def run_eval(
     Raises:
         ValueError: on empty or out-of-range sweeps or unknown methods.
     """
-    from mosaicdiff.prune import prune
+    from mosaicdiff.pruning import prune
     from mosaicdiff.sampling import default_scheduler, make_noise
     from mosaicdiff.zoo import load_digits_dit
 

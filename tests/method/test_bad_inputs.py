@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import mosaicdiff.prune as prune_mod
+import mosaicdiff.pruning as prune_mod
 from mosaicdiff import compact
 from mosaicdiff.calibrate import Calibration
-from mosaicdiff.prune import plan_stages, prune, prune_stages
+from mosaicdiff.pruning import plan_stages, prune, prune_stages
 
 FAST = dict(samples_per_stage=2, align=None, progress=False)
 

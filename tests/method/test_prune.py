@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import mosaicdiff.prune as prune_mod
+import mosaicdiff.pruning as prune_mod
 from mosaicdiff import compact, schedule
 from mosaicdiff.calibrate import Calibration
 from mosaicdiff.integrations import diffusers_dit as dit
-from mosaicdiff.prune import plan_stages, prune, prune_stages
+from mosaicdiff.pruning import plan_stages, prune, prune_stages
 
 
 def tiny_dit(heads: int = 4, seed: int = 0):

@@ -238,14 +238,14 @@ def unwritable(tmp_path):
     ["eval", "--out", "{ro}"],
 ], ids=["prune", "sample", "demo", "eval"])
 def test_unwritable_output_refused_before_work(argv, unwritable, work, capsys, monkeypatch):
-    import mosaicdiff.prune
+    import mosaicdiff.pruning
     import mosaicdiff.sampling
 
     def never(*a, **k):
         raise AssertionError("the long work started before the output folder was checked")
 
     monkeypatch.setattr(mosaicdiff.sampling, "sample", never)
-    monkeypatch.setattr(mosaicdiff.prune, "prune", never)
+    monkeypatch.setattr(mosaicdiff.pruning, "prune", never)
     before = sorted(os.listdir(unwritable))
     code = main([a.replace("{ro}", str(unwritable)) for a in argv])
     line = error_line(capsys.readouterr().err, argv[0])
@@ -375,8 +375,8 @@ print("ok")
 
 @pytest.mark.parametrize("prelude", [
     "",
-    "import mosaicdiff.prune as prune_mod\nfrom mosaicdiff.prune import prune_stages\n"
-    "assert callable(prune_stages) and callable(prune_mod.plan_stages) and prune_mod is mosaicdiff.prune",
+    "import mosaicdiff.pruning as prune_mod\nfrom mosaicdiff.pruning import prune_stages\n"
+    "assert callable(prune_stages) and callable(prune_mod.plan_stages) and callable(mosaicdiff.prune)",
 ], ids=["plain", "submodule-imported-first"])
 def test_prune_callable_twice_in_a_fresh_interpreter(prelude, tmp_path):
     """Bug 3: `mosaicdiff.prune(...)` worked once per process (then 'module' object is not callable)."""

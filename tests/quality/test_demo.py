@@ -60,13 +60,13 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_demo_keeps_partial_results_on_failure(tmp_path, monkeypatch):
-    import mosaicdiff.prune
+    import mosaicdiff.pruning
     from mosaicdiff.demo import run_demo
 
     def broken(*args, **kwargs):
         raise RuntimeError("pruning exploded")
 
-    monkeypatch.setattr(mosaicdiff.prune, "prune", broken)
+    monkeypatch.setattr(mosaicdiff.pruning, "prune", broken)
     with pytest.raises(RuntimeError, match="exploded"):
         run_demo(tmp_path, num_samples=4, steps=3, samples_per_stage=4, methods=("uniform",), progress=False)
     report = json.loads((tmp_path / "report.json").read_text())

@@ -393,7 +393,7 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
         >>> import torch
         >>> from diffusers import DiTTransformer2DModel
         >>> from mosaicdiff.calibrate import Calibration
-        >>> from mosaicdiff.prune import prune
+        >>> from mosaicdiff.pruning import prune
         >>> dense = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
         ...                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
         >>> calib = Calibration(torch.randn(8, 4, 8, 8), torch.arange(8) % 10, null_class=10)
