@@ -1,19 +1,26 @@
 """pytest-benchmark kernel benchmarks (not part of the test suite: run them on purpose).
 
-    python -m pytest benchmarks/test_bench_kernels.py --benchmark-only              # GPU: DiT shapes
-    python -m pytest benchmarks/test_bench_kernels.py --benchmark-only -k reference # CPU smoke
+    python -m pytest benchmarks/test_bench_kernels.py --benchmark-only  # DiT shapes on a GPU, small ones on a CPU
 
 On a GPU every provider of `bench_kernels.providers` is timed at DiT-XL/2 shapes (batch 16),
-after a correctness check against the fp32 reference. Without a GPU only the `reference`
-provider runs, at a small shape, so the file stays runnable everywhere; other providers skip.
+after a correctness check: the `reference` provider against the independent float64 oracle of
+``tests/kernels/oracle.py`` (it cannot be checked against itself), every other provider against
+the fp32 reference (``bench_kernels.validate``). Without a GPU the `reference` and the plain-torch
+`torch_eager` providers run, at small shapes, with the same checks; the others skip.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import bench_kernels as bk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+import oracle  # noqa: E402  (tests/kernels/oracle.py: float64 formulations independent of reference.py)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -30,6 +37,16 @@ else:  # small shapes: the CPU only checks that the harness works
 
 PROVIDERS = ["reference", "torch_eager", "torch_compile", "cublas_linear", "vendor", "triton", "cuda",
              "sdpa_auto", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
+CPU_PROVIDERS = ("reference", "torch_eager")  # plain torch; torch_compile's CPU codegen takes minutes
+ORACLES = {"ln_modulate": oracle.ln_modulate, "gated_residual_ln_modulate": oracle.gated_residual_ln_modulate,
+           "linear_gelu": oracle.linear_gelu, "linear_gated_residual": oracle.linear_gated_residual,
+           "attention": oracle.attention}
+TOLERANCE = 2e-2 if DTYPE == torch.bfloat16 else 1e-5
+
+
+def oracle_error(case, fn, inputs) -> float:
+    """Relative error of ``fn`` against the float64 oracle of the same (dtype-exact) inputs."""
+    return bk.relative_error(fn(*inputs), ORACLES[case.op](*inputs))
 
 
 def _sync():
@@ -43,13 +60,16 @@ def test_kernel(benchmark, case, provider):
     fns = bk.providers(case.op)
     if provider not in fns:
         pytest.skip(f"{case.op} has no {provider} provider")
-    if not HAS_CUDA and provider != "reference":
-        pytest.skip("needs CUDA: only the reference provider is timed on the CPU")
+    if not HAS_CUDA and provider not in CPU_PROVIDERS:
+        pytest.skip(f"needs CUDA: only {CPU_PROVIDERS} are timed on the CPU")
     fn = fns[provider]
     inputs = bk.make_inputs(case)
-    if provider != "cublas_linear":
+    if provider == "reference":  # validate() would compare the reference with itself
+        err = oracle_error(case, fn, inputs)
+        assert err < TOLERANCE, f"reference rel err {err:.2e} against the float64 oracle"
+    elif provider != "cublas_linear":
         err = bk.validate(case, fn, inputs)
-        assert err < (2e-2 if DTYPE == torch.bfloat16 else 1e-5), f"{provider} rel err {err:.2e}"
+        assert err < TOLERANCE, f"{provider} rel err {err:.2e}"
 
     def run():
         fn(*inputs)

@@ -34,6 +34,9 @@ import contextlib
 import contextvars
 import functools
 import logging
+import math
+import numbers
+import operator
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -320,8 +323,11 @@ def _check_same(op: str, what: str, tensors: dict[str, torch.Tensor], attr: str)
 
 
 def _check_eps(op: str, eps: Any) -> None:
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+    """eps: a real number (Python or NumPy; not a bool or a tensor), finite and > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{op}: eps must be a positive finite float, got {eps!r} ({type(eps).__name__})")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{op}: eps must be a positive finite float, got {eps!r}")
 
 
 def _check_ln_inputs(op: str, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: Any,
@@ -353,9 +359,9 @@ def _check_linear_inputs(op: str, x: torch.Tensor, weight: torch.Tensor, bias: t
                          x_ndim: int | None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    _check_tensor(op, "x", x, x_ndim if x_ndim is not None else max(x.dim(), 1))
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least 1 dim, got shape {tuple(x.shape)}")
+    if x_ndim is None and x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dim (..., K), got shape {tuple(x.shape)}")
+    _check_tensor(op, "x", x, x_ndim if x_ndim is not None else x.dim())
     _check_tensor(op, "weight", weight, 2)
     N, K = weight.shape
     if x.shape[-1] != K:
@@ -403,14 +409,17 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
         x: (B, L, D) contiguous activations, float32/float16/bfloat16.
         shift: (B, D) per-sample shift (any of those dtypes; unit stride in the last dim).
         scale: (B, D) per-sample scale.
-        eps: variance epsilon (> 0).
+        eps: variance epsilon: a finite real number > 0 (Python or NumPy scalar, not a bool).
 
     Returns:
-        (B, L, D) tensor of ``x.dtype``.
+        (B, L, D) tensor of ``x.dtype``. Empty inputs (B, L or D = 0) give an empty output.
+        NaN/inf in a row of ``x`` make that output row NaN; in ``shift``/``scale``, that column
+        (as the reference).
 
     Raises:
-        TypeError: for a non-tensor or an unsupported dtype.
-        ValueError: for wrong ranks, mismatched B or D, a non-contiguous ``x``, or ``eps <= 0``.
+        TypeError: for a non-tensor, an unsupported dtype, or an ``eps`` that is not a number.
+        ValueError: for wrong ranks, mismatched B or D, a non-contiguous ``x``, or an ``eps``
+            that is not finite and > 0.
         RuntimeError: if a pinned backend cannot run (see :func:`use_backend`).
     """
     _check_ln_inputs("ln_modulate", x, shift, scale, eps)
@@ -506,14 +515,16 @@ def gated_residual_ln_modulate(
         y: (B, L, D) contiguous branch output, dtype of ``res``.
         shift: (B, D) per-sample shift of the next norm.
         scale: (B, D) per-sample scale of the next norm.
-        eps: variance epsilon (> 0).
+        eps: variance epsilon: a finite real number > 0 (not a bool).
 
     Returns:
         ``(h, normed)``, both (B, L, D) tensors of ``res.dtype``.
 
     Raises:
-        TypeError: for a non-tensor, an unsupported dtype, or ``y.dtype != res.dtype``.
-        ValueError: for wrong ranks or shapes, non-contiguous ``res``/``y``, or ``eps <= 0``.
+        TypeError: for a non-tensor, an unsupported dtype, ``y.dtype != res.dtype``, or an
+            ``eps`` that is not a number.
+        ValueError: for wrong ranks or shapes, non-contiguous ``res``/``y``, or an ``eps`` that
+            is not finite and > 0.
         RuntimeError: if a pinned backend cannot run.
     """
     op = "gated_residual_ln_modulate"
@@ -544,21 +555,52 @@ def _gemm_path(op: str, x: torch.Tensor, M: int, N: int, K: int) -> str:
     return "vendor" if x.device.type == "cuda" else "torch"
 
 
+def _addmm_gelu_tanh(bias: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(x2d @ weight.T + bias)`` as one cuBLASLt GEMM with its bias + GELU epilogue.
+
+    CUDA only: on CUDA the GELU of ``torch._addmm_activation`` is the tanh approximation
+    (cuBLASLt's epilogue, and its non-Lt fallback calls ``gelu(..., "tanh")``); on CPU it is the
+    erf GELU. Called with K > 0 only.
+    """
+    return torch._addmm_activation(bias, x2d, weight.t(), use_gelu=True)
+
+
+def _vendor_linear_gelu(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The vendor path of ``linear_gelu`` on (M, K) rows: cuBLAS(Lt) through torch, (M, N) out.
+
+    Plain torch apart from :func:`_addmm_gelu_tanh` (the CUDA-only fused epilogue), so the
+    tests run it on CPU with ``torch._addmm_activation`` replaced by a tanh-GELU spy.
+    """
+    if x2d.shape[1] == 0:
+        # No product to compute: F.linear's K = 0 result (the bias, or zeros), then the GELU,
+        # without relying on how cuBLAS(Lt) or torch's empty-input shortcut treats the epilogue.
+        acc = x2d.new_zeros(x2d.shape[0], weight.shape[0])
+        return F.gelu(acc if bias is None else acc + bias, approximate="tanh")
+    if bias is not None:
+        return _addmm_gelu_tanh(bias, x2d, weight)
+    return F.gelu(x2d @ weight.t(), approximate="tanh")
+
+
+def _vendor_linear_gated_residual(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                  gate: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """The vendor path of ``linear_gated_residual``: cuBLAS ``addmm``, then the gated residual
+    (the Triton kernel where it runs on these tensors, else the reference). Plain torch."""
+    y2d = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+    y = y2d.view(res.shape)
+    if _triton_status(res.device)[0]:
+        return _triton_package()[0].gated_residual_triton(res, gate, y)
+    return ref.gated_residual_ref(res, gate, y)
+
+
 @torch.library.custom_op("mosaic::linear_gelu", mutates_args=())
 def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     N, K = weight.shape
-    x2d = x.reshape(-1, K)
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)  # not reshape(-1, K): K may be 0
     path = _dispatched("linear_gelu", _gemm_path("linear_gelu", x, x2d.shape[0], N, K))
     if path == "triton":
         out = _triton_package()[0].linear_gelu_triton(x2d, weight, bias)
     elif path == "vendor":
-        if bias is not None:
-            # cuBLASLt bias + GELU epilogue. On CUDA the GELU of _addmm_activation is the tanh
-            # approximation (cuBLASLt's epilogue, and its non-Lt fallback calls gelu(..., "tanh"));
-            # on CPU it is the erf GELU, which is why this path is CUDA-only.
-            out = torch._addmm_activation(bias, x2d, weight.t(), use_gelu=True)
-        else:
-            out = F.gelu(x2d @ weight.t(), approximate="tanh")
+        out = _vendor_linear_gelu(x2d, weight, bias)
     else:
         return ref.linear_gelu_ref(x, weight, bias)
     return out.view(*x.shape[:-1], N)
@@ -582,11 +624,14 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         bias: (N,) bias of ``x.dtype``, or None.
 
     Returns:
-        (..., N) tensor of ``x.dtype``.
+        (..., N) tensor of ``x.dtype``. K = 0 gives ``gelu_tanh(bias)`` in every row (0 without
+        a bias), as ``F.gelu(F.linear(x, weight, bias), approximate="tanh")``. Non-finite values
+        follow torch's tanh GELU on every backend: a pre-activation of +inf gives +inf, -inf
+        and NaN give NaN (``inf * 0`` in the product is NaN).
 
     Raises:
         TypeError: for a non-tensor or mismatched/unsupported dtypes.
-        ValueError: for mismatched K, a wrong bias shape, or a non-contiguous ``x``.
+        ValueError: for a 0-d ``x``, mismatched K, a wrong bias shape, or a non-contiguous ``x``.
         RuntimeError: if a pinned backend cannot run.
     """
     _check_linear_inputs("linear_gelu", x, weight, bias, None)
@@ -600,16 +645,12 @@ def _linear_gated_residual_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, res: torch.Tensor
 ) -> torch.Tensor:
     N, K = weight.shape
-    x2d = x.reshape(-1, K)
+    x2d = x.reshape(math.prod(x.shape[:-1]), K)  # not reshape(-1, K): K may be 0
     path = _dispatched("linear_gated_residual", _gemm_path("linear_gated_residual", x, x2d.shape[0], N, K))
     if path == "triton":
         return _triton_package()[0].linear_gated_residual_triton(x, weight, bias, gate, res)
     if path == "vendor":
-        y2d = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
-        y = y2d.view(res.shape)
-        if _triton_status(x.device)[0]:
-            return _triton_package()[0].gated_residual_triton(res, gate, y)
-        return ref.gated_residual_ref(res, gate, y)
+        return _vendor_linear_gated_residual(x2d, weight, bias, gate, res)
     return ref.linear_gated_residual_ref(x, weight, bias, gate, res)
 
 
@@ -635,7 +676,8 @@ def linear_gated_residual(
         res: (B, L, N) contiguous residual stream of ``x.dtype``.
 
     Returns:
-        (B, L, N) tensor of ``res.dtype``.
+        (B, L, N) tensor of ``res.dtype``. K = 0 gives ``res + gate * bias`` (``res`` without
+        a bias), as ``F.linear``.
 
     Raises:
         TypeError: for a non-tensor or mismatched/unsupported dtypes.
@@ -676,6 +718,41 @@ def _sdpa_backend_enum(name: str):
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
 
 
+#: Devices on which ``attention`` restores the reference's NaN rows (see its docstring). torch's
+#: SDPA kernels treat a softmax row with no finite score as fully masked and write 0 ("safe
+#: softmax": the math kernel since torch 2.5; the CPU flash kernel also for a NaN query row).
+#: Measured on CPU; on CUDA the guard's extra passes over q and k would cost a memory-bound
+#: kernel per call in the hot path, so it is not applied there until measured.
+_SDPA_NAN_ROW_GUARD_DEVICES = frozenset({"cpu"})
+
+
+def _check_num_heads(num_heads: Any) -> int:
+    """An integral, non-bool num_heads > 0 (int, NumPy integer, anything with ``__index__``)."""
+    if isinstance(num_heads, bool):
+        raise TypeError(f"attention: num_heads must be an int, not a bool, got {num_heads!r}")
+    try:
+        value = operator.index(num_heads)
+    except TypeError:
+        raise TypeError(
+            f"attention: num_heads must be an int, got {num_heads!r} ({type(num_heads).__name__})") from None
+    if value <= 0:
+        raise ValueError(f"attention: num_heads must be a positive int, got {value}")
+    return value
+
+
+def _nan_rows_without_finite_score(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """NaN in every (b, h, l) output row whose reference softmax is NaN because no score is finite.
+
+    For non-finite inputs a row of ``q k^T`` has no finite score exactly when the query row
+    holds a NaN/inf (each of its scores is then +-inf or NaN) or every key row of the head does
+    (idem). The reference softmax of such a row is NaN; SDPA writes 0. Rows with a finite score
+    come out of SDPA as from the reference (a NaN/+inf score still poisons the row, -inf scores
+    get weight 0, a NaN/inf in v reaches its column).
+    """
+    no_finite_score = ~torch.isfinite(q).all(-1) | ~torch.isfinite(k).all(-1).any(-1, keepdim=True)  # (B, H, L)
+    return out.masked_fill(no_finite_score.unsqueeze(-1), float("nan"))
+
+
 def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> torch.Tensor:
     """``out = softmax(q @ k^T / sqrt(hd)) @ v`` over ``num_heads`` heads (non-causal). Forward-only.
 
@@ -689,21 +766,25 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> 
     Args:
         qkv: (B, L, 3 * H * hd) fused projections laid out ``[q | k | v]``, heads contiguous
             within each part; unit stride in the last dim.
-        num_heads: H (> 0).
+        num_heads: H > 0: an int or NumPy integer (anything with ``__index__``), not a bool.
         backend: one of :data:`SDPA_BACKENDS` to pin the SDPA kernel; None: the configured one.
 
     Returns:
-        (B, L, H * hd) contiguous tensor of ``qkv.dtype``.
+        (B, L, H * hd) contiguous tensor of ``qkv.dtype``. Non-finite inputs: on CPU the NaN/inf
+        pattern is the reference's (plain softmax) under every SDPA kernel: a NaN/inf in a query
+        row, or in every key row of a head, makes those output rows NaN where torch's SDPA
+        writes 0 (:data:`_SDPA_NAN_ROW_GUARD_DEVICES`). On CUDA the SDPA kernel's own semantics
+        apply.
 
     Raises:
-        TypeError: for a non-tensor or an unsupported dtype.
-        ValueError: for a wrong rank, a width not divisible by ``3 * num_heads``, a non-unit
-            last-dim stride or an unknown backend.
+        TypeError: for a non-tensor, an unsupported dtype, or a ``num_heads`` that is not an
+            integer (or is a bool).
+        ValueError: for a wrong rank, ``num_heads <= 0``, a width not divisible by
+            ``3 * num_heads``, a non-unit last-dim stride or an unknown backend.
         RuntimeError: if the pinned SDPA backend cannot run these inputs (torch's message).
     """
     _check_tensor("attention", "qkv", qkv, 3)
-    if not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"attention: num_heads must be a positive int, got {num_heads!r}")
+    num_heads = _check_num_heads(num_heads)
     B, L, width = qkv.shape
     if width % (3 * num_heads) != 0 or width == 0:
         raise ValueError(
@@ -712,7 +793,10 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> 
         raise ValueError(f"attention: qkv must have unit stride in its last dim, got strides {qkv.stride()}")
     hd = width // (3 * num_heads)
     if backend is None:
-        backend = configs.get_config("attention", (B, L, num_heads, hd), qkv.dtype, qkv.device)["sdpa_backend"]
+        # Under torch.compile the SDPA kernel is the compiler's choice (and the config lookup,
+        # a locked dict, is not traceable with fullgraph=True).
+        backend = "auto" if torch.compiler.is_compiling() else configs.get_config(
+            "attention", (B, L, num_heads, hd), qkv.dtype, qkv.device)["sdpa_backend"]
     if backend not in SDPA_BACKENDS:
         raise ValueError(f"attention: backend must be one of {SDPA_BACKENDS}, got {backend!r}")
     _dispatched("attention", f"sdpa_{backend}")
@@ -725,4 +809,6 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> 
 
         with sdpa_kernel([_sdpa_backend_enum(backend)]):
             out = F.scaled_dot_product_attention(q, k, v)
+    if qkv.device.type in _SDPA_NAN_ROW_GUARD_DEVICES:
+        out = _nan_rows_without_finite_score(out, q, k)
     return out.transpose(1, 2).reshape(B, L, num_heads * hd)

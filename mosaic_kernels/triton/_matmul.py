@@ -94,10 +94,18 @@ def matmul_tile_tma(
 
 @triton.jit
 def gelu_tanh(x):
-    """``0.5 * x * (1 + tanh(u))`` with ``u = sqrt(2/pi) * (x + 0.044715 x^3)``, as ``x * sigmoid(2u)``."""
+    """``0.5 * x * (1 + tanh(u))`` with ``u = sqrt(2/pi) * (x + 0.044715 x^3)``, as ``x * sigmoid(2u)``.
+
+    The sigmoid is evaluated from ``e = exp(-2|u|)`` in (0, 1], which never overflows, so the
+    values at the extremes are torch's ``F.gelu(approximate="tanh")``: -0 for x << 0 (also when
+    ``x**3`` overflows), x for x >> 0, +inf at +inf, and NaN at -inf (``-inf * 0``, as
+    ``0.5 * x * (1 + tanh(-inf))``) and at NaN. (A clamped ``x / (1 + exp(min(-2u, 80)))`` gave
+    -inf at -inf and ``x / 5.5e34`` instead of -0 for |x| > 1e30.)
+    """
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    # Clamp the exponent (exp(80) is finite in fp32): for x << 0 the result is x / huge ~ -0.
-    return x / (1.0 + tl.exp(tl.minimum(-2.0 * u, 80.0)))
+    e = tl.exp(-2.0 * tl.abs(u))
+    sig = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return x * sig
 
 
 def dot_options(dtype: torch.dtype) -> dict:

@@ -105,7 +105,7 @@ def linear_gelu_triton(
             :func:`mosaic_kernels.configs.get_linear_gelu_config`.
 
     Returns:
-        ``out`` (M, N).
+        ``out`` (M, N). K = 0 gives ``gelu_tanh(bias)`` (or 0) per row, as ``F.linear`` does.
     """
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], "Incompatible dimensions"
     M, K = x.shape
@@ -119,7 +119,7 @@ def linear_gelu_triton(
     cfg = config if config is not None else configs.get_linear_gelu_config((M, N, K), x.dtype, x.device)
     launch_checks(x)
     meta = gemm_meta(cfg, x.dtype)
-    if cfg.get("TMA", False) and tma_ok(x, weight, out):
+    if cfg.get("TMA", False) and K > 0 and tma_ok(x, weight, out):  # K = 0: no tile to describe
         bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
         with device_guard(x):
             _linear_gelu_tma_kernel[gemm_grid(M, N, cfg)](

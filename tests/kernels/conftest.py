@@ -34,13 +34,19 @@ def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "op(name): the mosaic op a test runs (for the backend fixture's cuda case)")
+
+
 @pytest.fixture(params=_backend_params())
 def backend(request) -> Iterator[str]:
     """Every backend that can run here, pinned for the duration of the test.
 
-    ``cuda`` is skipped for test modules whose ``OP`` has no compiled kernel.
+    ``cuda`` is skipped unless the test's op (``@pytest.mark.op(name)``, else the module's
+    ``OP``) has a compiled kernel.
     """
-    op = getattr(request.module, "OP", None)
+    marker = request.node.get_closest_marker("op")
+    op = marker.args[0] if marker else getattr(request.module, "OP", None)
     if request.param == "cuda" and op not in mk.ops._CUDA_OPS:
         pytest.skip(f"{op} has no compiled CUDA kernel")
     with mk.use_backend(request.param):

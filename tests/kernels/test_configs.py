@@ -207,8 +207,18 @@ def test_select_configs_for_shapes(tmp_config_cache):
         ("ln_modulate", (2, 256, C), torch.bfloat16),  # duplicate
     ]
     out = configs.select_configs_for_shapes(items, "cpu")
-    assert len(out) == 5
-    assert all(cfg for cfg in out.values())
+    expected_keys = {configs.config_key(op, shape, dtype, "cpu"): (op, shape, dtype) for op, shape, dtype in items}
+    assert list(out) == list(expected_keys)  # one entry per distinct key, in first-seen order
+    assert list(out)[:2] == ["ln_modulate/D1024+128/bf16/cpu", "linear_gelu/M512_N2304_K1152/bf16/cpu"]
+    for key, (op, shape, dtype) in expected_keys.items():
+        cfg = out[key]
+        assert cfg == configs.get_config(op, shape, dtype, "cpu"), key  # what the op itself would run
+        if op in configs.ROW_OPS:
+            _assert_valid_row_config(op, shape[-1], cfg)
+        else:
+            assert cfg["backend"] in ("vendor", "triton"), (key, cfg)
+            for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                assert cfg[name] >= 16 and cfg[name] & (cfg[name] - 1) == 0, (key, name, cfg)
 
 
 def test_cache_path_env(monkeypatch, tmp_path):

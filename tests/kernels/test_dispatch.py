@@ -55,10 +55,13 @@ def test_pinned_cuda_on_cpu_raises():
 
 def test_pinned_cuda_without_compiled_kernel_follows_auto():
     """gated_residual has no compiled kernel: a cuda pin runs the auto order instead of failing."""
-    res, gate, y = torch.randn(2, 3, 16), torch.randn(2, 16), torch.zeros(2, 3, 16)
-    with mk.use_backend("cuda"):
+    res, gate, y = torch.randn(2, 3, 16), torch.randn(2, 16), torch.randn(2, 3, 16)
+    with mk.use_backend("cuda"), ops.record_dispatch() as calls:
         out = mk.gated_residual(res, gate, y)
-    torch.testing.assert_close(out, res)
+    auto = "triton" if mk.backends("cpu")["triton"]["available"] else "torch"
+    assert calls == {("gated_residual", auto): 1}
+    torch.testing.assert_close(out, res + gate[:, None, :] * y, atol=1e-6, rtol=1e-6)
+    assert (out - res).abs().max() > 0.1  # the gated branch is really there
 
 
 def test_pinned_triton_unavailable_raises(monkeypatch):

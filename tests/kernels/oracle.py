@@ -1,0 +1,75 @@
+"""Independent float64 formulations of every mosaic op: the oracle the kernel tests compare with.
+
+``mosaic_kernels.reference`` is what the ``torch`` backend returns, so a test that compared the
+torch backend with the reference compared the reference with itself (a mutant in reference.py
+survived 94 such tests). These functions are written differently on purpose and computed in
+float64: torch's own ``F.layer_norm`` and ``F.gelu(approximate="tanh")`` instead of the
+reference's hand-written mean/variance and tanh formula, ``torch.addcmul`` for the gated
+updates, and ``einsum`` + ``softmax`` for attention. The reference itself is checked against
+them, and against diffusers' own modules, in ``test_reference.py``.
+
+Every function returns float64 (the caller compares a kernel's output with it under the
+tolerance of the kernel's dtype). ``exact_gemm=True`` computes ``x @ w.T`` as an explicit
+broadcast product and sum instead of a BLAS call: IEEE semantics for every term, which the
+non-finite tests need (whether an inf meets a zero or an inf of the other sign does not depend
+on a BLAS kernel's shortcuts). Small shapes only (it materialises (M, N, K)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.float64)
+
+
+def ln_modulate(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
+    """``F.layer_norm(x) * (scale + 1) + shift`` per sample, float64."""
+    x64 = _f64(x)
+    normed = F.layer_norm(x64, x64.shape[-1:], eps=eps)
+    return torch.addcmul(_f64(shift).unsqueeze(1), normed, _f64(scale).unsqueeze(1) + 1)
+
+
+def gated_residual(res, gate, y) -> torch.Tensor:
+    """``res + gate * y`` per sample, float64 (``addcmul``)."""
+    return torch.addcmul(_f64(res), _f64(gate).unsqueeze(1), _f64(y))
+
+
+def gated_residual_ln_modulate(res, gate, y, shift, scale, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, ln_modulate(h))`` with ``h = gated_residual(res, gate, y)``, float64."""
+    h = gated_residual(res, gate, y)
+    return h, ln_modulate(h, shift, scale, eps)
+
+
+def linear(x, weight, bias, exact_gemm: bool = False) -> torch.Tensor:
+    """``x @ weight.T + bias`` in float64 (``exact_gemm``: broadcast product + sum, no BLAS)."""
+    x64, w64 = _f64(x), _f64(weight)
+    if exact_gemm:
+        out = (x64.unsqueeze(-2) * w64).sum(-1)
+    else:
+        out = x64 @ w64.T
+    return out if bias is None else out + _f64(bias)
+
+
+def gelu_tanh(z: torch.Tensor) -> torch.Tensor:
+    """torch's tanh-approximate GELU (the DiT MLP activation, diffusers' "gelu-approximate")."""
+    return F.gelu(_f64(z), approximate="tanh")
+
+
+def linear_gelu(x, weight, bias, exact_gemm: bool = False) -> torch.Tensor:
+    return gelu_tanh(linear(x, weight, bias, exact_gemm))
+
+
+def linear_gated_residual(x, weight, bias, gate, res, exact_gemm: bool = False) -> torch.Tensor:
+    return gated_residual(res, gate, linear(x, weight, bias, exact_gemm))
+
+
+def attention(qkv, num_heads: int) -> torch.Tensor:
+    """Per head ``softmax(q k^T / sqrt(hd)) v`` with einsum, float64; ``qkv`` is ``[q | k | v]``."""
+    B, L, width = qkv.shape
+    hd = width // (3 * num_heads)
+    q, k, v = _f64(qkv).reshape(B, L, 3, num_heads, hd).unbind(2)  # each (B, L, H, hd)
+    weights = torch.softmax(torch.einsum("blhd,bmhd->bhlm", q, k) / hd**0.5, dim=-1)
+    return torch.einsum("bhlm,bmhd->blhd", weights, v).reshape(B, L, num_heads * hd)
