@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import sys
 import traceback
 from pathlib import Path
@@ -193,15 +192,15 @@ def check_writable_folder(folder: Path, flag: str, target: Path) -> None:
     Raises:
         PermissionError: `folder` cannot be written.
     """
-    probe = folder / f".mosaicdiff-probe-{secrets.token_hex(4)}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        os.unlink(probe)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise PermissionError(f"{flag} {target}: cannot write into {folder} ({exc.strerror}); "
-                                  f"choose another {flag}") from None
-        raise
+    from mosaicdiff.serialization import write_probe_error
+
+    exc = write_probe_error(folder)
+    if exc is None:
+        return
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise PermissionError(f"{flag} {target}: cannot write into {folder} ({exc.strerror}); "
+                              f"choose another {flag}") from None
+    raise exc
 
 
 def check_output_folder(path: Path, flag: str = "--out", target: Path | None = None) -> None:

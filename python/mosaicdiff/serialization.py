@@ -215,13 +215,21 @@ def _other_model(folder: Path) -> str | None:
     return None
 
 
-def _probe_writable(folder: Path, target: Path) -> None:
-    """Create and remove a file in `folder`: the only test that also holds for root and ACLs."""
+def write_probe_error(folder: Path) -> OSError | None:
+    """Create and remove a probe file in `folder` (the only test that also holds for root and
+    ACLs); the error it raised, or None when the folder is writable."""
     probe = folder / f"{_PROBE_PREFIX}{secrets.token_hex(4)}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.unlink(probe)
     except OSError as exc:
+        return exc
+    return None
+
+
+def _probe_writable(folder: Path, target: Path) -> None:
+    exc = write_probe_error(folder)
+    if exc is not None:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise PermissionError(
                 f"save_pretrained: cannot write into {folder} ({exc.strerror}); "
