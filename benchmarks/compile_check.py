@@ -411,13 +411,29 @@ def triton_ptxas() -> str | None:
     return None
 
 
+def _run_retrying_exec(cmd: list[str], attempts: int = 4, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that retries when the process could not be started at all.
+
+    Seen in CI: one ``execve`` of ptxas out of ~100 failed with ``OSError: [Errno 14] Bad
+    address`` while the main thread was compiling (a sandboxed kernel's spawn race). That is a
+    failure to start, not a ptxas verdict, so it is retried; a ptxas that runs and fails is not.
+    """
+    for attempt in range(attempts):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, **{"timeout": 300, **kwargs})
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def run_ptxas(ptxas: str, ptx: str, arch: str) -> dict[str, Any]:
     """``ptxas -v`` of one PTX module for ``arch``: the parsed figures of its (single) kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        proc = subprocess.run([ptxas, "-lineinfo", "-v", f"--gpu-name={arch}", str(src), "-o", str(src) + ".o"],
-                              capture_output=True, text=True, timeout=300)
+        proc = _run_retrying_exec([ptxas, "-lineinfo", "-v", f"--gpu-name={arch}", str(src), "-o", str(src) + ".o"])
     if proc.returncode != 0:
         return {"ptxas_error": (proc.stderr or proc.stdout)[-2000:]}
     funcs = parse_ptxas_log(proc.stderr + proc.stdout)
@@ -475,7 +491,7 @@ def triton_check(cards: list[Card], ops: Iterable[str], dtype_names: Iterable[st
     ptxas = triton_ptxas()
     skipped = [] if ptxas else ["ptxas: Triton's NVIDIA backend has no ptxas; registers/spills not measured"]
     records: dict[tuple, dict[str, Any]] = {}
-    futures: dict[tuple, concurrent.futures.Future] = {}
+    futures: dict[tuple, tuple[concurrent.futures.Future, tuple[str, str, str]]] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         for card in cards:
             t0 = time.perf_counter()
@@ -500,8 +516,8 @@ def triton_check(cards: list[Card], ops: Iterable[str], dtype_names: Iterable[st
                                         if cap.kernel is not None:
                                             _kernel_record(rec, cap.kernel)
                                             if ptxas:
-                                                futures[key] = pool.submit(
-                                                    run_ptxas, ptxas, cap.kernel.asm["ptx"], card.triton_arch)
+                                                ptx_args = (ptxas, cap.kernel.asm["ptx"], card.triton_arch)
+                                                futures[key] = (pool.submit(run_ptxas, *ptx_args), ptx_args)
                                     if source not in rec["sources"]:
                                         rec["sources"].append(source)
                                     if [role, list(shape)] not in rec["shapes"]:
@@ -509,9 +525,12 @@ def triton_check(cards: list[Card], ops: Iterable[str], dtype_names: Iterable[st
                 captures.clear()
             n = sum(1 for k in records if k[0] == card.capability)
             log(f"triton {card.triton_arch}: {n} distinct kernels in {time.perf_counter() - t0:.1f} s")
-        for key, fut in futures.items():
+        for key, (fut, ptx_args) in futures.items():
             try:
-                res = fut.result()
+                try:
+                    res = fut.result()
+                except OSError:  # could not start even after retries: once more, with no compile beside it
+                    res = run_ptxas(*ptx_args)
             except Exception as exc:  # noqa: BLE001 - e.g. a ptxas timeout: data, not a crash
                 res = {"ptxas_error": f"{type(exc).__name__}: {exc}"}
             rec = records[key]
@@ -588,7 +607,7 @@ def nvcc_compile(nvcc: str, source: Path, arch: str) -> tuple[str, int, str]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [nvcc, *NVCC_FLAGS, f"-I{REPO / 'csrc'}", "-Xptxas", "-v", "--cubin", f"-arch={arch}",
                str(source), "-o", str(Path(tmp) / "k.cubin")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        proc = _run_retrying_exec(cmd, env=env, timeout=600)
     return str(source.relative_to(REPO)), proc.returncode, proc.stderr + proc.stdout
 
 

@@ -202,3 +202,25 @@ def test_arch_names():
     assert cc.parse_archs(["sm_90a,sm_80", "sm_90"]) == [cc.HOPPER, cc.AMPERE]
     with pytest.raises(Exception, match="unknown arch"):
         cc.parse_archs(["sm_70"])
+
+
+def test_a_process_that_failed_to_start_is_retried(monkeypatch):
+    """CI saw one ptxas ``execve`` fail with EFAULT while a compile ran beside it: retried."""
+    calls = []
+
+    def flaky_run(cmd, **kwargs):
+        calls.append(cmd)
+        if len(calls) < 3:
+            raise OSError(14, "Bad address")
+        return subprocess.CompletedProcess(cmd, 0, "ok", "")
+
+    monkeypatch.setattr(cc.subprocess, "run", flaky_run)
+    monkeypatch.setattr(cc.time, "sleep", lambda s: None)
+    assert cc._run_retrying_exec(["ptxas"]).stdout == "ok" and len(calls) == 3
+
+    def never_starts(cmd, **kwargs):
+        raise OSError(14, "Bad address")
+
+    monkeypatch.setattr(cc.subprocess, "run", never_starts)
+    with pytest.raises(OSError):
+        cc._run_retrying_exec(["ptxas"], attempts=2)
