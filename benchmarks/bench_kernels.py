@@ -1,14 +1,19 @@
-"""Kernel benchmarks: every provider of every mosaic op at DiT-XL/2 shapes.
+"""Kernel benchmarks: every provider of every registered mosaic op, at the shapes models run.
 
-Each op has: an input maker, the bytes it must move (memory-bound ops) or the FLOPs it must do
-(GEMMs), and providers with one signature. `validate` compares a provider against the fp32
-torch reference before anything is timed; `bench_op` times with `triton.testing.do_bench`
-(CUDA events, median of quantiles [0.5, 0.2, 0.8]; a perf_counter median on the CPU, for the
-dry run) and reports GB/s or TFLOP/s. ``linear`` is the plain GEMM (F.linear, cuBLAS) that the
-runtime runs for qkv, proj and, with block-boundary fusion, fc2.
+The cases are discovered, not listed here: each op registers a ``BenchCase`` next to its
+function (``mosaic_kernels/ops/<op>.py``: input maker for a canonical shape, the bytes it must
+move and the FLOPs it must do, its reference and providers), found in
+``mosaic_kernels.ops.BENCH_CASES``. ``linear``, the plain GEMM (F.linear, cuBLAS) that the
+runtime runs for qkv, proj and, with block-boundary fusion, fc2, is the one case defined here.
+Canonical shapes: row ops (B, L, D), GEMMs (M, N, K), attention (B, L, H, hd).
+
+`validate` compares a provider against the fp32 reference before anything is timed; `bench_op`
+times with `triton.testing.do_bench` (CUDA events, median of quantiles [0.5, 0.2, 0.8]; a
+perf_counter median on the CPU, for the dry run: `mosaic_kernels.timing`) and reports GB/s and,
+for GEMMs and attention, TFLOP/s.
 
 `stage_cases` gives the cases a mosaic really runs (its stages' head counts and MLP widths);
-`dit_cases` fixed DiT-XL/2 widths. Run on a GPU::
+`model_cases` every op at the shapes its model runs. Run on a GPU::
 
     python benchmarks/bench_kernels.py --batches 16 64
 
@@ -19,32 +24,55 @@ It is also used by `benchmarks/gpu_suite.py` and, at tiny shapes on the CPU, by
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mosaic_kernels import ops
-from mosaic_kernels import reference as ref
+from mosaic_kernels.atomic_io import write_json_atomic
+from mosaic_kernels.ops._registry import BenchCase, random_maker
+from mosaic_kernels.timing import time_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dit_models import TORCH_OPS  # noqa: E402
 
-QUANTILES = [0.5, 0.2, 0.8]
+def _linear_ref(x, w, b):
+    return F.linear(x.double(), w.double(), b.double()).to(x.dtype)
+
+
+def _linear_inputs(shape, dtype, device, generator):
+    M, N, K = shape
+    rnd = random_maker(device, dtype, generator)
+    return rnd(1, M, K), rnd(N, K, scale=K**-0.5), rnd(N, scale=0.1)
+
+
+#: The plain GEMM: not a mosaic op, the bar the fused GEMM epilogues are measured against.
+LINEAR = BenchCase(
+    op="linear",
+    make_inputs=_linear_inputs,
+    bytes_moved=lambda s, e: e * (s[0] * s[2] + s[1] * s[2] + s[1] + s[0] * s[1]),
+    flops=lambda s: 2 * s[0] * s[1] * s[2],
+    reference=_linear_ref,
+    providers=lambda: {"cublas_linear": F.linear},
+    model_shapes=lambda batch: [],  # its shapes come from the stages (stage_cases)
+    tiny_shape=(32, 64, 72),
+)
+
+#: Every case: the registered ops, then ``linear``.
+CASES: dict[str, BenchCase] = {**ops.BENCH_CASES, "linear": LINEAR}
 
 
 @dataclass(frozen=True)
 class Case:
     op: str
-    shape: tuple  # op-specific, see make_inputs
+    shape: tuple  # the op's canonical shape
     dtype: torch.dtype
     device: str
+
+    @property
+    def spec(self) -> BenchCase:
+        return CASES[self.op]
 
     @property
     def label(self) -> str:
@@ -54,96 +82,23 @@ class Case:
 def make_inputs(case: Case, seed: int = 0) -> tuple:
     """Random inputs (never zeros) for one case."""
     g = torch.Generator(device=case.device).manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device=case.device) * scale).to(case.dtype)
-
-    if case.op in ("ln_modulate",):
-        B, L, D = case.shape
-        return rnd(B, L, D), rnd(B, D, scale=0.5), rnd(B, D, scale=0.5)
-    if case.op == "gated_residual_ln_modulate":
-        B, L, D = case.shape
-        return rnd(B, L, D), rnd(B, D, scale=0.5), rnd(B, L, D), rnd(B, D, scale=0.5), rnd(B, D, scale=0.5)
-    if case.op in ("linear_gelu", "linear"):
-        M, K, N = case.shape
-        return rnd(1, M, K), rnd(N, K, scale=K**-0.5), rnd(N, scale=0.1)
-    if case.op == "linear_gated_residual":
-        B, L, K, N = case.shape
-        return rnd(B, L, K), rnd(N, K, scale=K**-0.5), rnd(N, scale=0.1), rnd(B, N, scale=0.5), rnd(B, L, N)
-    if case.op == "attention":
-        B, L, H, hd = case.shape
-        return rnd(B, L, 3 * H * hd), H
-    raise ValueError(f"unknown op {case.op!r}")
+    return case.spec.make_inputs(tuple(case.shape), case.dtype, torch.device(case.device), g)
 
 
 def bytes_moved(case: Case) -> int:
     """The fewest bytes the op must move: each input read once, each output written once."""
-    e = torch.tensor([], dtype=case.dtype).element_size()
-    if case.op == "ln_modulate":
-        B, L, D = case.shape
-        return e * (2 * B * L * D + 2 * B * D)
-    if case.op == "gated_residual_ln_modulate":
-        B, L, D = case.shape
-        return e * (4 * B * L * D + 3 * B * D)
-    if case.op in ("linear_gelu", "linear"):
-        M, K, N = case.shape
-        return e * (M * K + N * K + N + M * N)
-    if case.op == "linear_gated_residual":
-        B, L, K, N = case.shape
-        return e * (B * L * K + N * K + N + B * N + 2 * B * L * N)
-    if case.op == "attention":
-        B, L, H, hd = case.shape
-        return e * (B * L * 4 * H * hd)
-    raise ValueError(case.op)
+    return case.spec.bytes_moved(tuple(case.shape), torch.tensor([], dtype=case.dtype).element_size())
 
 
 def flops(case: Case) -> int:
-    if case.op in ("linear_gelu", "linear"):
-        M, K, N = case.shape
-        return 2 * M * K * N
-    if case.op == "linear_gated_residual":
-        B, L, K, N = case.shape
-        return 2 * B * L * K * N
-    if case.op == "attention":
-        B, L, H, hd = case.shape
-        return 4 * B * H * L * L * hd
-    return 0
-
-
-def _pinned(fn: Callable, backend: str) -> Callable:
-    def run(*args):
-        with ops.use_backend(backend):
-            return fn(*args)
-
-    return run
+    return case.spec.flops(tuple(case.shape))
 
 
 def providers(op: str) -> dict[str, Callable]:
-    """Name -> callable with the op's signature. Unavailable ones are filtered by the caller."""
-    if op == "linear":
-        return {"reference": _linear_ref, "cublas_linear": F.linear}
-    public = getattr(ops, op)
-    out: dict[str, Callable] = {"reference": getattr(ref, f"{op}_ref")}
-    if op in ("ln_modulate", "gated_residual_ln_modulate"):
-        # what diffusers does: LayerNorm kernel, then elementwise kernels, in the input dtype
-        out["torch_eager"] = TORCH_OPS[op]
-        out["torch_compile"] = torch.compile(TORCH_OPS[op], dynamic=False)
-    if op in ("linear_gelu", "linear_gated_residual"):
-        # the plain GEMM of the same shape, no epilogue: the bar the epilogues must stay within 5% of
-        out["cublas_linear"] = lambda x, w, b, *rest: F.linear(x, w, b)
-        out["vendor"] = _pinned(public, "auto")
-        out["triton"] = _pinned(public, "triton")
-    elif op == "attention":  # each SDPA kernel pinned (head_dim 72: which one wins is measured)
-        for backend in ("auto", "flash", "efficient", "cudnn"):
-            out[f"sdpa_{backend}"] = lambda qkv, h, _b=backend: public(qkv, h, backend=_b)
-    else:
-        out["triton"] = _pinned(public, "triton")
-        out["cuda"] = _pinned(public, "cuda")
-    return out
-
-
-def _linear_ref(x, w, b):
-    return F.linear(x.double(), w.double(), b.double()).to(x.dtype)
+    """Name -> callable with the op's signature: ``reference`` first. Unavailable ones are
+    filtered by the caller."""
+    spec = CASES[op]
+    return {"reference": spec.reference, **spec.providers()}
 
 
 def relative_error(out, expected) -> float:
@@ -161,25 +116,11 @@ def relative_error(out, expected) -> float:
 def validate(case: Case, provider: Callable, inputs: tuple) -> float:
     """Relative error of a provider against the reference on upcast fp32 inputs."""
     up = tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs)
-    expected = providers(case.op)["reference"](*up) if case.op == "linear" else getattr(ref, f"{case.op}_ref")(*up)
-    return relative_error(provider(*inputs), expected)
+    return relative_error(provider(*inputs), case.spec.reference(*up))
 
 
-def time_ms(fn: Callable, device: str, rep_ms: int = 100) -> tuple[float, float, float]:
-    """(median, p20, p80) ms: `triton.testing.do_bench` on CUDA, a perf_counter loop on the CPU."""
-    if torch.device(device).type == "cuda":
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(fn, quantiles=QUANTILES, rep=rep_ms))
-    fn()  # warm-up (compiles)
-    times = []
-    deadline = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 100):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor(times).quantile(torch.tensor(QUANTILES)).tolist()
-    return q[0], q[1], q[2]
+def _error_row(case: Case, name: str, exc: Exception) -> dict:
+    return {"case": case.label, "provider": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def bench_op(case: Case, names: list[str] | None = None, rep_ms: int = 100) -> list[dict]:
@@ -195,12 +136,12 @@ def bench_op(case: Case, names: list[str] | None = None, rep_ms: int = 100) -> l
             try:
                 err = validate(case, fn, inputs)
             except Exception as exc:  # noqa: BLE001 - an unavailable backend is a row, not a crash
-                rows.append({"case": case.label, "provider": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                rows.append(_error_row(case, name, exc))
                 continue
         try:
             ms, lo, hi = time_ms(lambda: fn(*inputs), case.device, rep_ms)
         except Exception as exc:  # noqa: BLE001 - e.g. a compile failure: a row, not a crash
-            rows.append({"case": case.label, "provider": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append(_error_row(case, name, exc))
             continue
         row = {"case": case.label, "op": case.op, "shape": list(case.shape), "provider": name,
                "ms": ms, "ms_p20": lo, "ms_p80": hi, "rel_err": err}
@@ -214,9 +155,9 @@ def bench_op(case: Case, names: list[str] | None = None, rep_ms: int = 100) -> l
 def stage_cases(mosaic, batches=(16, 64), dtype=torch.bfloat16, device="cuda") -> list[Case]:
     """The distinct kernel cases a `MosaicDiT` runs over all its stages, at each forward batch.
 
-    Row ops and fc1 come from ``mosaic.stage_kernel_shapes`` (what the runtime configures per
-    stage); the plain GEMMs (qkv, proj, fc2 before the fused norm) and attention from each
-    block's kept heads and MLP width.
+    The fused ops come from ``mosaic.stage_kernel_shapes`` (what the runtime configures per
+    stage, in the canonical shapes); the plain GEMMs (qkv, proj, fc2 before the fused norm) and
+    attention from each block's kept heads and MLP width.
     """
     info = mosaic.runtime_info
     C, hd = info["width"], info["head_dim"]
@@ -225,46 +166,36 @@ def stage_cases(mosaic, batches=(16, 64), dtype=torch.bfloat16, device="cuda") -
     for B in batches:
         M = B * tokens
         for stage in range(mosaic.num_stages):
-            for op, shape, _ in mosaic.stage_kernel_shapes(stage, B, tokens, dtype):
-                if op in ("linear_gelu", "linear_gated_residual"):  # (M, N, K) -> this file's layout
-                    m, n, k = shape
-                    shape = (m, k, n) if op == "linear_gelu" else (B, tokens, k, n)
-                cases.setdefault(f"{op}{shape}", Case(op, tuple(shape), dtype, device))
+            found = [Case(op, tuple(shape), dtype, device)
+                     for op, shape, _ in mosaic.stage_kernel_shapes(stage, B, tokens, dtype)]
             for block in mosaic.stage_blocks[stage]:
                 h, f = block.num_heads, block.mlp_width
-                more = [Case("linear", (M, C, 3 * h * hd), dtype, device),  # qkv
-                        Case("linear", (M, h * hd, C), dtype, device),      # proj
-                        Case("attention", (B, tokens, h, hd), dtype, device)] if h else []
+                if h:
+                    found += [Case("linear", (M, 3 * h * hd, C), dtype, device),  # qkv
+                              Case("linear", (M, C, h * hd), dtype, device),      # proj
+                              Case("attention", (B, tokens, h, hd), dtype, device)]
                 if f and mosaic.fuse_block_boundaries:
-                    more.append(Case("linear", (M, f, C), dtype, device))   # fc2
-                for case in more:
-                    cases.setdefault(case.label, case)
+                    found.append(Case("linear", (M, C, f), dtype, device))       # fc2
+            for case in found:
+                cases.setdefault(case.label, case)
     return list(cases.values())
 
 
-def dit_cases(batches=(16, 64), dtype=torch.bfloat16, device="cuda") -> list[Case]:
-    """DiT-XL/2 shapes (C=1152, 256 tokens), dense and pruned widths."""
-    cases = []
-    for B in batches:
-        M = B * 256
-        cases.append(Case("ln_modulate", (B, 256, 1152), dtype, device))
-        cases.append(Case("gated_residual_ln_modulate", (B, 256, 1152), dtype, device))
-        for n in (4608, 3200, 2304):  # fc1: dense, 30%, 50%
-            cases.append(Case("linear_gelu", (M, 1152, n), dtype, device))
-            cases.append(Case("linear_gated_residual", (B, 256, n, 1152), dtype, device))  # fc2
-        for k in (1152, 576):  # proj: 16 heads, 8 heads
-            cases.append(Case("linear_gated_residual", (B, 256, k, 1152), dtype, device))
-        for h in (16, 8):
-            cases.append(Case("attention", (B, 256, h, 72), dtype, device))
-    return cases
+def model_cases(batches=(16, 64), dtype=torch.bfloat16, device="cuda", ops_: list[str] | None = None) -> list[Case]:
+    """Every registered op (or ``ops_``) at the shapes its model runs (``BenchCase.model_shapes``)."""
+    return [Case(op, tuple(shape), dtype, device)
+            for B in batches for op, spec in CASES.items() if ops_ is None or op in ops_
+            for shape in spec.model_shapes(B)]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--ops", nargs="+", choices=sorted(CASES), default=None, help="only these ops")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
-    rows = [r for c in dit_cases(tuple(args.batches)) for r in bench_op(c)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = [r for c in model_cases(tuple(args.batches), device=device, ops_=args.ops) for r in bench_op(c)]
     for r in rows:
         if "error" in r:
             print(f"{r['case']:<48} {r['provider']:<14} ERROR {r['error']}")
@@ -272,8 +203,7 @@ def main(argv=None) -> None:
             print(f"{r['case']:<48} {r['provider']:<14} {r['ms'] * 1e3:9.1f} us  {r['gbps']:8.0f} GB/s  "
                   f"{r.get('tflops', 0):6.0f} TF  err {r['rel_err']:.1e}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json_atomic(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
+
+from mosaic_kernels import ops
 
 DIT_XL2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
                sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
@@ -47,54 +48,18 @@ def timing_mosaic(dense, target: float, num_steps: int = NUM_STEPS):
 
     stages = prune_stages(dense, None, target, method="mosaic", pruner="magnitude",
                           num_inference_steps=num_steps, progress=False)
-    return MosaicDiT(dense, stages, meta={"method": "timing-only magnitude", "target_sparsity": target})
+    return MosaicDiT.from_dense(dense, stages, meta={"method": "timing-only magnitude", "target_sparsity": target})
 
 
 # ------------------------------------------------------------------ plain torch, input dtype
 
-
-def torch_ln_modulate(x, shift, scale, eps=1e-6):
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
-
-
-def torch_gated_residual(res, gate, y):
-    return res + gate[:, None] * y
-
-
-def torch_gated_residual_ln_modulate(res, gate, y, shift, scale, eps=1e-6):
-    h = res + gate[:, None] * y
-    return h, torch_ln_modulate(h, shift, scale, eps)
-
-
-def torch_linear_gelu(x, weight, bias):
-    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
-
-
-def torch_linear_gated_residual(x, weight, bias, gate, res):
-    return res + gate[:, None] * F.linear(x, weight, bias)
-
-
-def torch_attention(qkv, num_heads):
-    B, L, width = qkv.shape
-    q, k, v = qkv.unflatten(-1, (3, num_heads, width // (3 * num_heads))).permute(2, 0, 3, 1, 4).unbind(0)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1)
-
-
-TORCH_OPS = {
-    "attention": torch_attention,
-    "ln_modulate": torch_ln_modulate,
-    "gated_residual": torch_gated_residual,
-    "gated_residual_ln_modulate": torch_gated_residual_ln_modulate,
-    "linear_gelu": torch_linear_gelu,
-    "linear_gated_residual": torch_linear_gated_residual,
-}
+#: op name -> the op in plain torch in the input dtype (each op's ``BenchCase.eager``).
+TORCH_OPS = {name: case.eager for name, case in ops.BENCH_CASES.items() if case.eager is not None}
 
 
 @contextlib.contextmanager
 def plain_torch_ops() -> Iterator[None]:
     """Replace ``mosaic_kernels.ops.<op>`` by `TORCH_OPS` (what torch.compile then traces)."""
-    from mosaic_kernels import ops
-
     saved = {name: getattr(ops, name) for name in TORCH_OPS}
     try:
         for name, fn in TORCH_OPS.items():

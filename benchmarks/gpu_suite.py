@@ -10,9 +10,10 @@ Stages, in order, each under its own wall-clock guard and each writing its own f
    error may be at most ``max(2 x the bf16 baseline's, 1e-2)``. Records which backend ran each
    op and how many CUDA graphs were captured or failed.
 2. ``kernels`` -> kernels.json: first the SDPA kernel of every stage's attention shape is
-   autotuned and persisted in the `mosaic_kernels.configs` cache (``tuned_configs``), so the e2e
+   measured and persisted in the `mosaic_kernels.configs` cache (``tuned_configs``), so the e2e
    stage runs the winners; then every provider of every op at the shapes the 0.3 and 0.5
-   mosaics really run (`bench_kernels.stage_cases`), validated against the reference first.
+   mosaics really run (`bench_kernels.stage_cases`: each op's registered benchmark case),
+   validated against the reference first.
 3. ``e2e`` -> e2e.json (rewritten after every config) and e2e.png: per forward (stages weighted
    by their DDIM-50 step counts) and per DDIM-50 + CFG sampling run, at forward batch 16 and
    64: diffusers_eager_dense, engine_dense, engine_mosaic_0.5, engine_mosaic_0.3,
@@ -24,6 +25,9 @@ Stages, in order, each under its own wall-clock guard and each writing its own f
 4. ``profile`` -> profile.txt: torch.profiler tables (top kernels by GPU time) of engine_dense
    and diffusers_compile_dense at batch 16.
 
+Stage 3 lives in suite_e2e.py, the helpers the stages share (guard, results files, run header,
+timing with `triton.testing.do_bench`) in suite_common.py.
+
 The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8);
 each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
 
@@ -34,24 +38,30 @@ each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import datetime as _dt
 import json
-import math
-import os
-import signal
-import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from mosaic_kernels.atomic_io import write_text_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dit_models import DIT_TINY, DIT_XL2, NUM_STEPS, build_dense, plain_torch_ops, timing_mosaic  # noqa: E402
+from dit_models import DIT_TINY, DIT_XL2, build_dense, timing_mosaic  # noqa: E402
+from suite_common import (  # noqa: E402,F401 - StageTimeout, time_ms: used by the tests and the e2e stage
+    StageTimeout,
+    env_info,
+    is_timeout,
+    log,
+    rel_err,
+    time_ms,
+    wall_clock_guard,
+    write_json,
+)
+from suite_e2e import TARGETS, e2e_plan, stage_e2e  # noqa: E402,F401 - TARGETS, e2e_plan: the dry-run tests read them
 
 STAGES = ("correctness", "kernels", "e2e", "profile")
 STAGE_BITS = {name: 1 << i for i, name in enumerate(STAGES)}
@@ -59,107 +69,6 @@ STAGE_BITS = {name: 1 << i for i, name in enumerate(STAGES)}
 #: DRY_RUN_GUARD_SCALE: inductor compiles for the CPU with a cold cache take minutes on 2 cores.
 GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25}
 DRY_RUN_GUARD_SCALE = 4
-GUIDANCE = 4.0
-#: The issue's targets: name -> (slower config, faster config, index into --batches (0: batch 16,
-#: 1: batch 64), measure, target ratio).
-TARGETS = {
-    "PF1_engine_dense_vs_compile_dense": ("diffusers_compile_dense", "engine_dense", 0, "ms_per_forward", 1.3),
-    "PF1_engine_dense_vs_compile_dense_large_batch": ("diffusers_compile_dense", "engine_dense", 1,
-                                                      "ms_per_forward", 1.15),
-    "PF2_mosaic_0.5_run_vs_compile_dense": ("diffusers_compile_dense", "engine_mosaic_0.5", 0,
-                                            "ms_per_sample_run", 2.3),
-    "PF7_engine_vs_compile_pruned_0.5": ("compile_pruned_0.5", "engine_mosaic_0.5", 0, "ms_per_forward", 1.2),
-}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class StageTimeout(Exception):
-    """A stage ran past its wall-clock guard."""
-
-
-def is_timeout(exc: BaseException | None) -> bool:
-    """True when ``exc`` is, or was raised from, a `StageTimeout` (torch.compile wraps errors)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, StageTimeout):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-@contextlib.contextmanager
-def wall_clock_guard(seconds: float) -> Iterator[None]:
-    """Raise `StageTimeout` in the main thread after ``seconds`` (checked between Python bytecodes,
-    so a long CUDA call finishes first; the shell script's `timeout` is the hard stop)."""
-
-    def fire(signum, frame):
-        raise StageTimeout(f"past its {seconds:.0f} s guard")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write atomically: a half-written file never replaces a complete one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
-
-
-def git_commit() -> str:
-    if os.environ.get("MOSAIC_COMMIT"):
-        return os.environ["MOSAIC_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def env_info(device: str) -> dict:
-    """Card, clocks, versions and backends: the header of every results file."""
-    import diffusers
-
-    from mosaic_kernels import backends
-
-    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": sys.version.split()[0],
-            "backends": backends(device)}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device == "cuda":
-        try:
-            info["nvidia_smi"] = subprocess.check_output(
-                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit",
-                 "--format=csv,noheader"], text=True, timeout=20).strip()
-        except (OSError, subprocess.SubprocessError) as exc:
-            info["nvidia_smi"] = f"unavailable: {exc}"
-    return info
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; inf when out is not finite."""
-    o, r = out.double(), ref.double()
-    if not torch.isfinite(o).all():
-        return math.inf
-    return ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
-
-
-# ------------------------------------------------------------------------------------ suite
 
 
 class Suite:
@@ -229,13 +138,6 @@ class Suite:
         return torch.full((batch,), int(t), dtype=torch.long, device="cpu" if host else self.device)
 
 
-def time_ms(fn: Callable[[], object], device: str, rep_ms: int = 200) -> float:
-    """Median ms of fn(): `triton.testing.do_bench` on CUDA, a perf_counter loop on the CPU."""
-    import bench_kernels
-
-    return bench_kernels.time_ms(fn, device, rep_ms)[0]
-
-
 # ------------------------------------------------------------------------------------ stages
 
 
@@ -282,7 +184,7 @@ def stage_correctness(suite: Suite, out: Path) -> bool:
     mosaic = suite.mosaic(0.5)
     mosaic32 = copy.deepcopy(mosaic).float()
     engine = copy.deepcopy(mosaic).enable_cuda_graphs(suite.cuda)
-    for stage, (name, t0, t1, _) in enumerate(mosaic._stage_meta):
+    for stage, (name, t0, t1, _) in enumerate(mosaic.stage_ranges):
         t = (t0 + t1) // 2
         t_vec = torch.full((B,), float(t), device=suite.device)
         with torch.no_grad(), ops.use_backend("torch"):
@@ -322,130 +224,6 @@ def stage_kernels(suite: Suite, out: Path) -> bool:
                if "error" not in r)
 
 
-def stage_step_weights(model, scheduler) -> list[tuple[int, int]]:
-    """(representative timestep, number of sampler steps) per stage of a mosaic."""
-    if not hasattr(model, "stage_for"):
-        return [(500, 1)]
-    counts: dict[int, list[int]] = {}
-    for t in scheduler.timesteps.tolist():
-        counts.setdefault(model.stage_for(t), []).append(int(t))
-    return [(ts[0], len(ts)) for _, ts in sorted(counts.items())]
-
-
-def unique_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def measure(suite: Suite, name: str, batch: int, scheduler) -> dict:
-    """Per forward (stage-weighted) and per DDIM-50 + CFG run of one config at one batch."""
-    from mosaicdiff.sampling import sample
-
-    model = suite.model(name)
-    x, y = suite.inputs(batch)
-    plain = plain_torch_ops() if name.startswith("compile_pruned") else contextlib.nullcontext()
-    graphs_before, t_start = unique_graphs(), time.perf_counter()
-    rec: dict = {"config": name, "batch": batch, "per_stage_ms": {}}
-    with plain, torch.no_grad():
-        total = steps = 0.0
-        for t, n in stage_step_weights(model, scheduler):
-            tt = suite.timestep(model, t, batch)
-            first = time.perf_counter()
-            model(x, timestep=tt, class_labels=y)  # compile / capture happens here
-            if suite.cuda:
-                torch.cuda.synchronize()
-            rec.setdefault("first_call_s", {})[str(t)] = round(time.perf_counter() - first, 2)
-            ms = time_ms(lambda: model(x, timestep=tt, class_labels=y), suite.device, suite.args.rep_ms)
-            rec["per_stage_ms"][str(t)] = ms
-            total += n * ms
-            steps += n
-        rec["ms_per_forward"] = total / steps
-        labels = y[: batch // 2].cpu()
-        run = lambda: sample(model, labels, num_inference_steps=NUM_STEPS, guidance_scale=GUIDANCE,  # noqa: E731
-                             progress=False, generator=torch.Generator().manual_seed(0))
-        run()  # warm-up (a new timestep form would recompile here: counted below)
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-        rec["ms_per_sample_run"] = min(times)
-    rec["wall_s"] = round(time.perf_counter() - t_start, 1)
-    rec["dynamo_graphs_compiled"] = unique_graphs() - graphs_before
-    runner = getattr(model, "_graphs", None)
-    if runner is not None:
-        rec["cuda_graphs_captured"] = runner.num_graphs
-        rec["cuda_graphs_failed"] = {str(k): v for k, v in runner.failed.items()}
-    return rec
-
-
-def ratios(records: list[dict], batches: list[int]) -> dict:
-    """Speed ratios within this run (slower / faster: > 1 means the second config is faster)."""
-    by = {(r["config"], r["batch"]): r for r in records}
-    out = {"ratios": {}, "targets": {}}
-    for batch in sorted({r["batch"] for r in records}):
-        for num, den in (("diffusers_eager_dense", "engine_dense"), ("diffusers_compile_dense", "engine_dense"),
-                         ("engine_dense", "engine_mosaic_0.5"), ("engine_dense", "engine_mosaic_0.3"),
-                         ("diffusers_compile_dense", "engine_mosaic_0.5"), ("compile_pruned_0.5", "engine_mosaic_0.5"),
-                         ("diffusers_compile_dense", "compile_pruned_0.5"), ("engine_dense_unfused", "engine_dense")):
-            a, b = by.get((num, batch)), by.get((den, batch))
-            if a and b:
-                for kind in ("ms_per_forward", "ms_per_sample_run"):
-                    out["ratios"][f"{num}/{den}@{batch}:{kind}"] = a[kind] / b[kind]
-    for name, (num, den, index, kind, target) in TARGETS.items():
-        batch = batches[index] if index < len(batches) else None
-        a, b = by.get((num, batch)), by.get((den, batch))
-        if a and b:
-            value = a[kind] / b[kind]
-            out["targets"][name] = {"batch": batch, "measure": kind, "ratio": value, "target": target,
-                                    "met": value >= target}
-    return out
-
-
-def e2e_plan(suite: Suite) -> list[tuple[str, int]]:
-    """(config, batch) in order of importance: everything at the first batch, then the rest."""
-    first, *rest = suite.batches
-    plan = [(name, first) for name in ("diffusers_eager_dense", "engine_dense", "engine_mosaic_0.5",
-                                       "engine_mosaic_0.3", "diffusers_compile_dense", "compile_pruned_0.5",
-                                       "engine_dense_unfused")]
-    for batch in rest:
-        plan += [(name, batch) for name in ("diffusers_eager_dense", "engine_dense", "engine_mosaic_0.5",
-                                            "engine_mosaic_0.3", "diffusers_compile_dense")]
-    plan += [("compile_pruned_0.5", batch) for batch in rest]  # 3 more compiles: only if time remains
-    return plan
-
-
-def stage_e2e(suite: Suite, out: Path) -> bool:
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    scheduler.set_timesteps(NUM_STEPS)
-    result = {"env": suite.env, "steps": NUM_STEPS, "guidance": GUIDANCE, "records": [], "errors": []}
-    try:
-        for name, batch in e2e_plan(suite):
-            try:
-                rec = measure(suite, name, batch, scheduler)
-            except Exception as exc:  # noqa: BLE001 - one config failing must not lose the others
-                if is_timeout(exc):
-                    raise StageTimeout(str(exc)) from exc
-                result["errors"].append({"config": name, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:500]})
-                log(f"  {name} @ {batch}: {type(exc).__name__}: {exc}")
-                continue
-            result["records"].append(rec)
-            result.update(ratios(result["records"], suite.batches))
-            write_json(out / "e2e.json", result)
-            log(f"  {name:<24} batch {batch:>3}: {rec['ms_per_forward']:8.2f} ms/forward, "
-                f"{rec['ms_per_sample_run']:9.1f} ms/run, {rec['dynamo_graphs_compiled']} dynamo graphs, "
-                f"{rec['wall_s']} s")
-    finally:
-        if result["records"]:
-            result["memory"] = {n: m.memory_report() for n, m in suite._models.items() if hasattr(m, "memory_report")}
-            write_json(out / "e2e.json", result)
-            bar_chart(result, out / "e2e.png")
-    return not result["errors"]
-
-
 def stage_profile(suite: Suite, out: Path) -> bool:
     """torch.profiler's top kernels by GPU time: where the remaining time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -476,27 +254,8 @@ def stage_profile(suite: Suite, out: Path) -> bool:
             except (KeyError, AttributeError, ValueError):
                 continue
         text += [f"\n## {name} (5 forwards)\n", table or "profiler table unavailable"]
-        (out / "profile.txt").write_text("\n".join(text))
+        write_text_atomic(out / "profile.txt", "\n".join(text))
     return True
-
-
-def bar_chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = sorted({r["batch"] for r in result["records"]})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        recs = [r for r in result["records"] if r["batch"] == batch]
-        ax.bar(range(len(recs)), [r["ms_per_forward"] for r in recs])
-        ax.set_xticks(range(len(recs)), [r["config"] for r in recs], rotation=35, ha="right", fontsize=8)
-        ax.set_ylabel("ms per forward")
-        ax.set_title(f"{result['env']['device']}, batch {batch}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 STAGE_FNS = {"correctness": stage_correctness, "kernels": stage_kernels, "e2e": stage_e2e, "profile": stage_profile}

@@ -27,26 +27,18 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float32
 
 if HAS_CUDA:
-    CASES = bk.dit_cases(batches=(16,), dtype=DTYPE, device=DEVICE)
-else:  # small shapes: the CPU only checks that the harness works
-    CASES = [bk.Case("ln_modulate", (2, 16, 72), DTYPE, DEVICE),
-             bk.Case("gated_residual_ln_modulate", (2, 16, 72), DTYPE, DEVICE),
-             bk.Case("linear_gelu", (32, 72, 64), DTYPE, DEVICE),
-             bk.Case("linear_gated_residual", (2, 16, 64, 72), DTYPE, DEVICE),
-             bk.Case("attention", (2, 16, 2, 32), DTYPE, DEVICE)]
+    CASES = bk.model_cases(batches=(16,), dtype=DTYPE, device=DEVICE)
+else:  # small shapes, one per registered op: the CPU only checks that the harness works
+    CASES = [bk.Case(op, spec.tiny_shape, DTYPE, DEVICE) for op, spec in bk.CASES.items()]
 
-PROVIDERS = ["reference", "torch_eager", "torch_compile", "cublas_linear", "vendor", "triton", "cuda",
-             "sdpa_auto", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
+PROVIDERS = sorted({name for op in bk.CASES for name in bk.providers(op)})
 CPU_PROVIDERS = ("reference", "torch_eager")  # plain torch; torch_compile's CPU codegen takes minutes
-ORACLES = {"ln_modulate": oracle.ln_modulate, "gated_residual_ln_modulate": oracle.gated_residual_ln_modulate,
-           "linear_gelu": oracle.linear_gelu, "linear_gated_residual": oracle.linear_gated_residual,
-           "attention": oracle.attention}
 TOLERANCE = 2e-2 if DTYPE == torch.bfloat16 else 1e-5
 
 
 def oracle_error(case, fn, inputs) -> float:
     """Relative error of ``fn`` against the float64 oracle of the same (dtype-exact) inputs."""
-    return bk.relative_error(fn(*inputs), ORACLES[case.op](*inputs))
+    return bk.relative_error(fn(*inputs), getattr(oracle, case.op)(*inputs))
 
 
 def _sync():

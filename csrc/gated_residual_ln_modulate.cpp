@@ -34,16 +34,6 @@ void check_gated_residual_ln_modulate(
 
 }  // namespace
 
-void gated_residual_ln_modulate_meta(at::Tensor& h_out, at::Tensor& out,
-                                     const at::Tensor& res,
-                                     const at::Tensor& gate,
-                                     const at::Tensor& y,
-                                     const at::Tensor& shift,
-                                     const at::Tensor& scale, double eps) {
-  check_gated_residual_ln_modulate(h_out, out, res, gate, y, shift, scale,
-                                   eps);
-}
-
 void gated_residual_ln_modulate(at::Tensor& h_out, at::Tensor& out,
                                 const at::Tensor& res, const at::Tensor& gate,
                                 const at::Tensor& y, const at::Tensor& shift,

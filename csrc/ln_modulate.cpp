@@ -29,12 +29,6 @@ void check_ln_modulate(const at::Tensor& out, const at::Tensor& x,
 
 }  // namespace
 
-void ln_modulate_meta(at::Tensor& out, const at::Tensor& x,
-                      const at::Tensor& shift, const at::Tensor& scale,
-                      double eps) {
-  check_ln_modulate(out, x, shift, scale, eps);
-}
-
 void ln_modulate(at::Tensor& out, const at::Tensor& x, const at::Tensor& shift,
                  const at::Tensor& scale, double eps) {
   check_ln_modulate(out, x, shift, scale, eps);

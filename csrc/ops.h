@@ -2,8 +2,9 @@
 //
 // Destination-passing: outputs come first as `at::Tensor&` (schema `Tensor!`),
 // inputs are `const at::Tensor&`, schema `float` is `double`. Each op has a
-// CUDA implementation and a Meta one (checks only, no compute) for
-// FakeTensor / torch.compile tracing.
+// CUDA implementation only: torch.compile sees the Python custom op
+// mosaic::<op> (mosaic_kernels/ops/<op>.py), whose one fake is its
+// register_fake; these ops run inside its body.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,9 +15,6 @@ namespace mosaic {
 //   out, x: (B, L, D); shift, scale: (B, D); one dtype (fp32/fp16/bf16).
 void ln_modulate(at::Tensor& out, const at::Tensor& x, const at::Tensor& shift,
                  const at::Tensor& scale, double eps);
-void ln_modulate_meta(at::Tensor& out, const at::Tensor& x,
-                      const at::Tensor& shift, const at::Tensor& scale,
-                      double eps);
 
 // h_out = res + gate[:, None, :] * y
 // out   = LN(h) * (1 + scale[:, None, :]) + shift[:, None, :]
@@ -25,11 +23,5 @@ void gated_residual_ln_modulate(at::Tensor& h_out, at::Tensor& out,
                                 const at::Tensor& res, const at::Tensor& gate,
                                 const at::Tensor& y, const at::Tensor& shift,
                                 const at::Tensor& scale, double eps);
-void gated_residual_ln_modulate_meta(at::Tensor& h_out, at::Tensor& out,
-                                     const at::Tensor& res,
-                                     const at::Tensor& gate,
-                                     const at::Tensor& y,
-                                     const at::Tensor& shift,
-                                     const at::Tensor& scale, double eps);
 
 }  // namespace mosaic

@@ -2,9 +2,11 @@
 //
 // Schema notes: `Tensor!` marks an argument the op writes in place (the
 // destination-passing outputs, listed first); `float` is a C++ double;
-// `-> ()` returns nothing. Every op has a CUDA kernel and a Meta kernel
-// (argument checks only), so FakeTensor and torch.compile can trace it.
-// The Python wrappers that allocate outputs live in mosaic_kernels/ops.py.
+// `-> ()` returns nothing. Every op has a CUDA kernel only: these are the
+// internal destination-passing ops called inside the body of the Python
+// custom op mosaic::<op> (mosaic_kernels/ops/<op>.py), which allocates the
+// outputs and carries the one fake torch.compile traces. Their TORCH_CHECKs
+// are the last guard; the Python op validates first.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -18,7 +20,6 @@ TORCH_LIBRARY(mosaic_C, m) {
       "ln_modulate(Tensor! out, Tensor x, Tensor shift, Tensor scale, "
       "float eps) -> ()");
   m.impl("ln_modulate", c10::kCUDA, &mosaic::ln_modulate);
-  m.impl("ln_modulate", c10::kMeta, &mosaic::ln_modulate_meta);
 
   // h_out = res + gate[:, None, :] * y;
   // out = LN(h_out) * (1 + scale[:, None, :]) + shift[:, None, :]
@@ -27,8 +28,6 @@ TORCH_LIBRARY(mosaic_C, m) {
       "Tensor gate, Tensor y, Tensor shift, Tensor scale, float eps) -> ()");
   m.impl("gated_residual_ln_modulate", c10::kCUDA,
          &mosaic::gated_residual_ln_modulate);
-  m.impl("gated_residual_ln_modulate", c10::kMeta,
-         &mosaic::gated_residual_ln_modulate_meta);
 }
 
 // `import mosaic_kernels._C` loads this library, which runs the

@@ -5,28 +5,7 @@ torch reference; the Triton kernels and the optional compiled CUDA extension are
 :mod:`mosaic_kernels.ops` when they can run. All ops are forward-only.
 """
 
-from .ops import (
-    attention,
-    backends,
-    current_backend,
-    gated_residual,
-    gated_residual_ln_modulate,
-    linear_gated_residual,
-    linear_gelu,
-    ln_modulate,
-    select_backend,
-    use_backend,
-)
+from . import ops
+from .ops import *  # noqa: F403 - the registered ops and the backend controls
 
-__all__ = [
-    "attention",
-    "backends",
-    "current_backend",
-    "gated_residual",
-    "gated_residual_ln_modulate",
-    "linear_gated_residual",
-    "linear_gelu",
-    "ln_modulate",
-    "select_backend",
-    "use_backend",
-]
+__all__ = list(ops.__all__)

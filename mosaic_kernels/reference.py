@@ -19,7 +19,10 @@ __all__ = [
     "attention_ref",
     "gated_residual_ln_modulate_ref",
     "gated_residual_ref",
+    "gelu_erf_ref",
     "gelu_tanh_ref",
+    "layer_norm_ref",
+    "linear_geglu_ref",
     "linear_gated_residual_ref",
     "linear_gelu_ref",
     "ln_modulate_ref",
@@ -53,6 +56,28 @@ def ln_modulate_ref(
     """
     xf = x.float()
     y = _layer_norm_fp32(xf, eps) * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    return y.to(x.dtype)
+
+
+def layer_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
+) -> torch.Tensor:
+    """``y = LN(x) * weight + bias`` over the last dim (``torch.nn.LayerNorm``; SDXL's norms).
+
+    Args:
+        x: (..., D) activations.
+        weight: (D,) scale, or None (``elementwise_affine=False``).
+        bias: (D,) shift, or None.
+        eps: variance epsilon.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype.
+    """
+    y = _layer_norm_fp32(x.float(), eps)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
     return y.to(x.dtype)
 
 
@@ -115,6 +140,22 @@ def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * xf * (1.0 + torch.tanh(inner))
 
 
+def gelu_erf_ref(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU ``0.5 * x * (1 + erf(x / sqrt(2)))``, in fp32 (``F.gelu``'s default).
+
+    Written out rather than ``F.gelu``: torch's vectorized CPU kernel returns NaN at +inf where
+    the formula (and its CUDA kernel) gives +inf.
+
+    Args:
+        x: tensor of any shape.
+
+    Returns:
+        fp32 tensor of the same shape.
+    """
+    xf = x.float()
+    return 0.5 * xf * (1.0 + torch.erf(xf * (1.0 / math.sqrt(2.0))))
+
+
 def linear_gelu_ref(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -130,6 +171,24 @@ def linear_gelu_ref(
     """
     acc = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return gelu_tanh_ref(acc).to(x.dtype)
+
+
+def linear_geglu_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``h, gate = (x @ weight.T + bias).chunk(2, -1); y = h * gelu(gate)`` (diffusers ``GEGLU``).
+
+    Args:
+        x: (..., K) input.
+        weight: (2 * inner, K) weight: rows [0, inner) the value, [inner, 2 * inner) the gate.
+        bias: (2 * inner,) bias, or None.
+
+    Returns:
+        (..., inner) tensor of ``x.dtype``.
+    """
+    acc = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    h, gate = acc.chunk(2, dim=-1)
+    return (h * gelu_erf_ref(gate)).to(x.dtype)
 
 
 def linear_gated_residual_ref(

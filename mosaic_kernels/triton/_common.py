@@ -51,10 +51,10 @@ def device_guard(t: torch.Tensor) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# @triton.jit helpers of the row kernels (ln_modulate, gated_residual, gated_residual_ln_modulate)
+# @triton.jit helpers of the row kernels (_norm_rows: the LayerNorm ops; gated_residual)
 #
 # A row of width D is held as a power-of-two main chunk of BLOCK_D columns plus a power-of-two
-# tail chunk of TAIL_D columns (mosaic_kernels.configs.row_blocks): D = 1152 -> 1024 + 128 with no
+# tail chunk of TAIL_D columns (.settings.row_blocks): D = 1152 -> 1024 + 128 with no
 # masked lane. Only the tail can have masked columns (TAIL_MASKED), and only a program past the
 # last full row tile has masked rows (not EVEN_M). Rows past the end are clamped to the last row
 # for loads, so loads never need a row mask; stores take the row mask (without it the clamped

@@ -1,18 +1,27 @@
-"""The tiled GEMM main loop shared by the GEMM ops (Triton tutorial 03 structure).
+"""The one GEMM kernel of the GEMM ops: ``x @ w.T`` tiles with an epilogue constexpr and a TMA switch.
 
-``acc = x @ w.T`` for one ``BLOCK_M x BLOCK_N`` output tile, fp32 accumulation, K-loop over
-``BLOCK_K`` slices with masked tails. Tiles are visited in grouped-M order (``GROUP_M`` row
-tiles share each column sweep) so that weight tiles stay in L2. Each GEMM op file adds its own
-epilogue on ``acc``.
+Structure of Triton tutorial 03: one program per ``BLOCK_M x BLOCK_N`` output tile, visited in
+grouped-M order (``GROUP_M`` row tiles share each column sweep, so weight tiles stay in L2), a
+K-loop of ``BLOCK_K`` slices, fp32 accumulation, then ``EPILOGUE`` on the accumulator before the
+single store (the ``ACTIVATION`` pattern of the tutorial; :mod:`._epilogues`):
 
-Under the Triton interpreter bf16 ``tl.dot`` returns garbage (upstream bug), so launchers pass
-``UPCAST_DOT=True`` there and the operands are converted to fp32 before the dot.
+- ``"gelu_tanh"``: ``gelu_tanh(acc + bias)`` (``linear_gelu``);
+- ``"gated_residual"``: ``res + gate[m // L] * (acc + bias)``, on two column halves of the tile
+  one after the other (``linear_gated_residual``: with full-width gate and residual tiles live
+  next to the accumulator, 128x128 and wider tiles spilled up to ~880 B per thread,
+  ``benchmarks/compile_check.py``; with halves none do);
+- ``"geglu"``: two accumulators, the value columns ``w[n]`` and the gate columns ``w[N + n]``,
+  then ``(acc + b[n]) * gelu_erf(acc_gate + b[N + n])`` (``linear_geglu``).
 
-A second main loop, :func:`matmul_tile_tma`, reads the tiles through host-built tensor
-descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``: TMA bulk copies on Hopper,
-emulated by the interpreter), with the weight tile transposed in the dot as in Triton's
-persistent-matmul tutorial. It needs 16-byte aligned bases and row strides (:func:`tma_ok`); the
-launchers fall back to the pointer loop otherwise. Its speed against cuBLAS is not measured yet.
+``USE_TMA`` reads the tiles through host-built tensor descriptors
+(``triton.tools.tensor_descriptor.TensorDescriptor``: TMA bulk copies on Hopper, emulated by the
+interpreter), the weight tile transposed in the dot as in Triton's persistent-matmul tutorial,
+out-of-bounds reads zero-filled and out-of-bounds stores dropped by the descriptors. It needs
+16-byte aligned bases and row strides (:func:`tma_ok`); otherwise the pointer loop runs. Its
+speed against cuBLAS is not measured yet, so only a pinned config (``"tma": True``) takes it.
+
+Under the Triton interpreter bf16 ``tl.dot`` returns garbage (upstream bug), so ``UPCAST_DOT``
+converts the operands to fp32 there.
 """
 
 from __future__ import annotations
@@ -21,7 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED
+from . import settings
+from ._common import INTERPRETED, device_guard, launch_checks
+from ._epilogues import gated_residual_store, gated_residual_store_tma, gelu_erf, gelu_tanh
+
+EPILOGUES = ("gelu_tanh", "gated_residual", "geglu")
 
 
 @triton.jit
@@ -39,73 +52,111 @@ def grouped_tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GR
 
 
 @triton.jit
-def matmul_tile(
-    x_ptr,  # (M, K) input, strides (stride_xm, stride_xk)
-    w_ptr,  # (N, K) weight (nn.Linear layout), strides (stride_wn, stride_wk)
+def _gemm_kernel(
+    # Operands: pointers, or tensor descriptors when USE_TMA
+    x,  # (M, K) input; descriptor block [BLOCK_M, BLOCK_K]
+    w,  # (N_w, K) weight (nn.Linear layout), N_w = 2N for geglu; descriptor block [BLOCK_N, BLOCK_K]
+    bias_ptr,  # (N_w,) bias; read only when HAS_BIAS
+    gate_ptr,  # (B, N) per-sample gate, row stride stride_gb, unit last-dim stride (gated_residual)
+    res,  # (M, N) contiguous residual (gated_residual); descriptor block [BLOCK_M, BLOCK_N // 2]
+    out,  # (M, N) output, row stride stride_om; descriptor block [BLOCK_M, BLOCK_N] (halves: gated_residual)
+    # Sizes and strides (elements)
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk,
-    pid_m, pid_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    L,  # tokens per sample: the gate row of output row m is m // L (gated_residual)
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_gb,
+    M_BUCKET,  # unused by the code: the M part of the autotune key (settings.gemm_m_bucket)
+    # Meta-parameters
+    EPILOGUE: tl.constexpr,  # "gelu_tanh" | "gated_residual" | "geglu"
+    USE_TMA: tl.constexpr,  # operands (and res/out) are tensor descriptors
+    HAS_BIAS: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,  # tl dtype of out
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # convert operands to fp32 before tl.dot (interpreter)
     INPUT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
 ):
-    """Return ``(acc, offs_m, offs_n)``: the fp32 (BLOCK_M, BLOCK_N) tile of ``x @ w.T`` and its indices."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # (BLOCK_N,)
-    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-    mask_m = offs_m < M
     mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BLOCK_K, BLOCK_N) = w.T tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        mask_k = offs_k < K - k * BLOCK_K
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-    return acc, offs_m, offs_n
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # geglu only
+    if USE_TMA:
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = x.load([pid_m * BLOCK_M, k * BLOCK_K])  # (BLOCK_M, BLOCK_K)
+            b = w.load([pid_n * BLOCK_N, k * BLOCK_K])  # (BLOCK_N, BLOCK_K)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
+            if EPILOGUE == "geglu":  # value rows past N read gate rows: their columns are never stored
+                bg = w.load([N + pid_n * BLOCK_N, k * BLOCK_K])
+                if UPCAST_DOT:
+                    bg = bg.to(tl.float32)
+                acc_gate = tl.dot(a, bg.T, acc_gate, input_precision=INPUT_PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        mask_m = offs_m < M
+        x_ptrs = x + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+        w_ptrs = w + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BLOCK_K, BLOCK_N) = w.T tile
+        wg_ptrs = w + offs_k[:, None] * stride_wk + (N + offs_n)[None, :] * stride_wn  # gate rows (geglu)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            mask_k = offs_k < K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            if EPILOGUE == "geglu":
+                bg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if UPCAST_DOT:
+                    bg = bg.to(tl.float32)
+                acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
+                wg_ptrs += BLOCK_K * stride_wk
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == "geglu":
+            acc_gate += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
+    if EPILOGUE == "gated_residual":
+        # Two column halves, one after the other: gate and residual tiles of half the width are
+        # live next to the accumulator, not full ones (full ones spill at 128x128 and wider).
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        if USE_TMA:
+            gated_residual_store_tma(acc0, m0, n0, M, N, L, gate_ptr, stride_gb, res, out,
+                                     BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+            gated_residual_store_tma(acc1, m0, n0 + BLOCK_N // 2, M, N, L, gate_ptr, stride_gb, res, out,
+                                     BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+        else:
+            gated_residual_store(acc0, m0, n0, M, N, L, gate_ptr, stride_gb, res, out,
+                                 BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+            gated_residual_store(acc1, m0, n0 + BLOCK_N // 2, M, N, L, gate_ptr, stride_gb, res, out,
+                                 BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+    else:
+        if EPILOGUE == "gelu_tanh":
+            y = gelu_tanh(acc)
+        else:  # geglu
+            y = acc * gelu_erf(acc_gate)
+        if USE_TMA:
+            out.store([m0, n0], y.to(OUT_DTYPE))  # out-of-bounds rows/columns dropped
+        else:
+            mask = (offs_m < M)[:, None] & mask_n[None, :]
+            tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], y.to(OUT_DTYPE), mask=mask)
 
 
-@triton.jit
-def matmul_tile_tma(
-    x_desc,  # descriptor over x (M, K), block [BLOCK_M, BLOCK_K]
-    w_desc,  # descriptor over w (N, K), block [BLOCK_N, BLOCK_K]
-    K,
-    pid_m, pid_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """The fp32 (BLOCK_M, BLOCK_N) tile of ``x @ w.T``; out-of-bounds reads are zero-filled by TMA."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        a = x_desc.load([pid_m * BLOCK_M, k * BLOCK_K])  # (BLOCK_M, BLOCK_K)
-        b = w_desc.load([pid_n * BLOCK_N, k * BLOCK_K])  # (BLOCK_N, BLOCK_K)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
-    return acc
-
-
-@triton.jit
-def gelu_tanh(x):
-    """``0.5 * x * (1 + tanh(u))`` with ``u = sqrt(2/pi) * (x + 0.044715 x^3)``, as ``x * sigmoid(2u)``.
-
-    The sigmoid is evaluated from ``e = exp(-2|u|)`` in (0, 1], which never overflows, so the
-    values at the extremes are torch's ``F.gelu(approximate="tanh")``: -0 for x << 0 (also when
-    ``x**3`` overflows), x for x >> 0, +inf at +inf, and NaN at -inf (``-inf * 0``, as
-    ``0.5 * x * (1 + tanh(-inf))``) and at NaN. (A clamped ``x / (1 + exp(min(-2u, 80)))`` gave
-    -inf at -inf and ``x / 5.5e34`` instead of -0 for |x| > 1e30.)
-    """
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    e = tl.exp(-2.0 * tl.abs(u))
-    sig = tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    return x * sig
+# Autotuned at the first call of each key (CUDA graph capture comes after a warm-up call, so the
+# benchmarking never runs inside a capture). Pointer loads only: a TMA config needs its
+# descriptors' block shapes set by a pre_hook, which turns off the timings' disk cache.
+_gemm_kernel_autotuned = triton.autotune(
+    configs=settings.GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "EPILOGUE", "HAS_BIAS"],  # + the dtypes of the tensor arguments
+    prune_configs_by={"early_config_prune": settings.prune_gemm_configs},
+    cache_results=True,
+)(_gemm_kernel)
 
 
 def dot_options(dtype: torch.dtype) -> dict:
@@ -121,11 +172,6 @@ def dot_options(dtype: torch.dtype) -> dict:
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
-
-def tl_dtype(dtype: torch.dtype):
-    """The ``tl`` dtype of a torch dtype (passed as a constexpr to descriptor stores)."""
-    return _TL_DTYPES[dtype]
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
@@ -150,17 +196,60 @@ def make_descriptor(t: torch.Tensor, block_shape: list[int]):
     return TensorDescriptor.from_tensor(t, block_shape)
 
 
-def gemm_grid(M: int, N: int, cfg: dict) -> tuple[int]:
-    """One program per output tile."""
-    return (triton.cdiv(M, int(cfg["BLOCK_M"])) * triton.cdiv(N, int(cfg["BLOCK_N"])),)
+def _tile_meta(config: dict) -> dict:
+    return {"BLOCK_M": int(config["BLOCK_M"]), "BLOCK_N": int(config["BLOCK_N"]), "BLOCK_K": int(config["BLOCK_K"]),
+            "GROUP_M": int(config.get("GROUP_M", 8)), "num_warps": int(config.get("num_warps", 4)),
+            "num_stages": int(config.get("num_stages", 3))}
 
 
-def gemm_meta(cfg: dict, dtype: torch.dtype) -> dict:
-    """Launch keyword arguments (constexprs and launch options) from a GEMM config."""
-    meta = {
-        "BLOCK_M": int(cfg["BLOCK_M"]), "BLOCK_N": int(cfg["BLOCK_N"]), "BLOCK_K": int(cfg["BLOCK_K"]),
-        "GROUP_M": int(cfg.get("GROUP_M", 8)),
-        "num_warps": int(cfg.get("num_warps", 4)), "num_stages": int(cfg.get("num_stages", 3)),
-    }
-    meta.update(dot_options(dtype))
-    return meta
+def launch_gemm(
+    epilogue: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    res: torch.Tensor | None = None,
+    L: int = 1,
+    config: dict | None = None,
+) -> None:
+    """Launch :func:`_gemm_kernel` for ``out (M, N) = epilogue(x (M, K) @ weight.T)``.
+
+    ``config``: None -> ``triton.autotune`` over :data:`.settings.GEMM_CONFIGS` (pointer loads);
+    a dict -> exactly that tile config (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``,
+    ``num_warps``, ``num_stages``), with ``"tma": True`` taking the tensor-descriptor path where
+    :func:`tma_ok` allows (and K > 0: no tile to describe otherwise). ``gated_residual`` takes
+    ``gate`` (B, N) and ``res`` (M, N) contiguous; ``geglu`` a weight of 2N rows.
+    """
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown GEMM epilogue {epilogue!r}, expected one of {EPILOGUES}")
+    M, K = x.shape
+    N = out.shape[1]
+    if M == 0 or N == 0:
+        return
+    launch_checks(x)
+    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+               gate.stride(0) if gate is not None else 0)
+    flags = {"EPILOGUE": epilogue, "HAS_BIAS": bias is not None, "OUT_DTYPE": _TL_DTYPES[out.dtype],
+             **dot_options(x.dtype)}
+    sizes = (M, N, K, L, *strides, settings.gemm_m_bucket(M))
+    if config is None:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        with device_guard(x):
+            _gemm_kernel_autotuned[grid](x, weight, bias, gate, res, out, *sizes, USE_TMA=False, **flags)
+        return
+    meta = _tile_meta(config)
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    operands = (x, weight, bias, gate, res, out)
+    described = (x, weight, out) if res is None else (x, weight, res, out)
+    use_tma = bool(config.get("tma", False)) and K > 0 and tma_ok(*described)
+    if use_tma:
+        out_block = [bm, bn // 2] if epilogue == "gated_residual" else [bm, bn]  # the epilogue's halves
+        operands = (make_descriptor(x, [bm, bk]), make_descriptor(weight, [bn, bk]), bias, gate,
+                    None if res is None else make_descriptor(res, out_block), make_descriptor(out, out_block))
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    with device_guard(x):
+        _gemm_kernel[grid](*operands, *sizes, USE_TMA=use_tma, **flags, **meta)

@@ -1,7 +1,7 @@
 """Gated residual update: ``out = res + gate[:, None, :] * y`` (elementwise, memory-bound).
 
 The (B*L, D) rows are cut into 2-D tiles of ``BLOCK_M`` rows x ``BLOCK_D`` columns, with
-``BLOCK_D`` a power of two fitted to D (:func:`mosaic_kernels.configs.column_tiles`): a row is
+``BLOCK_D`` a power of two fitted to D (:func:`.settings.column_tiles`): a row is
 ``D // BLOCK_D`` unmasked tiles, and when BLOCK_D does not divide D the program of the last full
 tile also does a power-of-two tail chunk of ``TAIL_D`` columns (D = 1152 -> 1024 + 128, no masked
 lane, where plain 1024-wide tiles would leave a second tile 87% masked). Only that tail (when
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import configs
+from . import settings
 from ._common import device_guard, launch_checks, load_chunk_f32, row_alignment, store_chunk
 
 
@@ -84,9 +84,9 @@ def gated_residual_triton(
         gate: (B, D), unit last-dim stride.
         y: (B, L, D) contiguous branch output.
         out: optional (B, L, D) contiguous output of ``res.dtype`` (may be ``res`` itself).
-        config: optional ``{"BLOCK_M", "BLOCK_D", "num_warps"}`` (powers of two); default from
-            :func:`mosaic_kernels.configs.get_gated_residual_config`. ``BLOCK_D`` is clamped to
-            D and the tail chunk derived from it (:func:`mosaic_kernels.configs.column_tiles`).
+        config: optional ``{"BLOCK_M", "BLOCK_D", "num_warps"}`` (powers of two); default
+            :func:`.settings.row_settings`. ``BLOCK_D`` is clamped to D and the tail chunk
+            derived from it (:func:`.settings.column_tiles`).
 
     Returns:
         ``out`` (B, L, D).
@@ -100,8 +100,10 @@ def gated_residual_triton(
     n_rows = B * L
     if n_rows == 0 or D == 0:
         return out
-    cfg = config if config is not None else configs.get_gated_residual_config((B, L, D), res.dtype, res.device)
-    cfg = configs.fit_row_config("gated_residual", D, cfg)
+    if config is None:
+        cfg = settings.row_settings("gated_residual", D, res.dtype)
+    else:
+        cfg = settings.fit_row_config("gated_residual", D, config)
     block_m, block_d, tail_d = int(cfg["BLOCK_M"]), int(cfg["BLOCK_D"]), int(cfg["TAIL_D"])
     launch_checks(res)
     grid = (triton.cdiv(n_rows, block_m), D // block_d)

@@ -23,19 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mosaicdiff.types import CompactBlockWeights
+from mosaicdiff.types import WEIGHT_FIELDS, CompactBlockWeights, compact_block_shapes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CompactDiTBlock", "SharedConditioning", "MOD_NAMES"]
+__all__ = ["CompactDiTBlock", "MOD_NAMES", "SharedConditioning", "SharedSkeleton", "empty_block_weights"]
 
 #: Order of the six adaLN-Zero modulation vectors of a block (as diffusers' AdaLayerNormZero).
 MOD_NAMES = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
-
-_FLOAT_FIELDS = (
-    "qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
-    "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
-)
 
 
 def _ops():
@@ -94,7 +89,7 @@ class CompactDiTBlock(nn.Module):
         self.mlp_eps = float(eps if mlp_eps is None else mlp_eps)
         self.kept_heads = weights.kept_heads.detach().to("cpu", torch.int64)
         self.kept_channels = weights.kept_channels.detach().to("cpu", torch.int64)
-        for name in _FLOAT_FIELDS:
+        for name in WEIGHT_FIELDS:
             setattr(self, name, _frozen(getattr(weights, name)))
 
     @property
@@ -118,7 +113,7 @@ class CompactDiTBlock(nn.Module):
         Returns:
             `CompactBlockWeights` whose float tensors are the module's parameters' data.
         """
-        kw = {name: getattr(self, name).detach() for name in _FLOAT_FIELDS}
+        kw = {name: getattr(self, name).detach() for name in WEIGHT_FIELDS}
         return CompactBlockWeights(kept_heads=self.kept_heads, kept_channels=self.kept_channels, **kw)
 
     def forward(self, h: torch.Tensor, mod: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -206,16 +201,7 @@ def _check_block_weights(w: CompactBlockWeights, head_dim: int) -> None:
         raise ValueError(f"head_dim must be positive, got {head_dim}")
     h, f = int(w.kept_heads.numel()), int(w.kept_channels.numel())
     c = int(w.proj_bias.shape[0]) if w.proj_bias.dim() == 1 else -1
-    expected = {
-        "qkv_weight": (3 * h * head_dim, c),
-        "qkv_bias": (3 * h * head_dim,),
-        "proj_weight": (c, h * head_dim),
-        "proj_bias": (c,),
-        "fc1_weight": (f, c),
-        "fc1_bias": (f,),
-        "fc2_weight": (c, f),
-        "fc2_bias": (c,),
-    }
+    expected = compact_block_shapes(h, f, head_dim, c)
     for name, shape in expected.items():
         actual = tuple(getattr(w, name).shape)
         if actual != shape:
@@ -231,6 +217,19 @@ def _check_block_weights(w: CompactBlockWeights, head_dim: int) -> None:
             raise TypeError(
                 f"CompactBlockWeights.{name} must be a 1-D integer tensor, got {idx.dtype} {tuple(idx.shape)}"
             )
+
+
+def empty_block_weights(kept_heads, kept_channels, head_dim: int, width: int) -> CompactBlockWeights:
+    """Uninitialised float32 CPU weights of the shapes a block with these kept indices has.
+
+    The skeleton a saved mosaic is loaded into: the pages are only touched when the weights are
+    assigned, so building the empty model costs no memory traffic.
+    """
+    heads = torch.as_tensor(kept_heads, dtype=torch.int64).reshape(-1)
+    channels = torch.as_tensor(kept_channels, dtype=torch.int64).reshape(-1)
+    shapes = compact_block_shapes(heads.numel(), channels.numel(), head_dim, width)
+    return CompactBlockWeights(kept_heads=heads, kept_channels=channels,
+                               **{name: torch.empty(shape) for name, shape in shapes.items()})
 
 
 class SharedConditioning(nn.Module):
@@ -348,3 +347,26 @@ class SharedConditioning(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_layers={self.num_layers}, width={self.width}, shared_embedder={self.shared_embedder}"
+
+
+class SharedSkeleton(nn.Module):
+    r"""The un-pruned parameters of a DiT, stored once and shared by every stage.
+
+    Parameters:
+        pos_embed (`nn.Module`): diffusers' ``PatchEmbed`` (patchify conv + sin-cos positions).
+        conditioning (`SharedConditioning`): embedder(s) and the batched adaLN matrix.
+        proj_out_1 (`nn.Linear`): final-layer modulation linear ``C -> 2C``.
+        proj_out_2 (`nn.Linear`): final projection ``C -> p*p*out_channels``.
+        norm_out_eps (`float`): epsilon of the final LayerNorm (no affine).
+    """
+
+    def __init__(self, pos_embed: nn.Module, conditioning: SharedConditioning, proj_out_1: nn.Linear,
+                 proj_out_2: nn.Linear, norm_out_eps: float = 1e-6):
+        super().__init__()
+        self.pos_embed = pos_embed
+        self.conditioning = conditioning
+        self.proj_out_1 = proj_out_1
+        self.proj_out_2 = proj_out_2
+        self.norm_out_eps = float(norm_out_eps)
+        for p in self.parameters():
+            p.requires_grad_(False)

@@ -2,16 +2,21 @@
 
 For a stage ``[t_start, t_end)`` the calibration set is clean data ``x_0`` (VAE latents for
 DiT-XL/2, pixels for the embedded model) noised to ``t ~ U[t_start, t_end)`` with the model's
-training schedule. With classifier-free guidance each batch is duplicated with the null class,
-so both branches enter the statistics. The Hessians ``H = X^T X / n_tokens`` of the inputs of
-every block's ``proj`` (attention output) and ``fc2`` (MLP output) are accumulated in float64
-by forward pre-hooks during one pass of the dense model.
+training schedule. With classifier-free guidance each batch is duplicated with the null
+condition, so both branches enter the statistics. The Hessians ``H = X^T X / n_tokens`` of the
+inputs of every prunable group's consumer (for a DiT: each block's ``proj`` and ``fc2``) are
+accumulated in float64 by forward pre-hooks during one pass of the dense model.
+
+The loop knows a model only through its adapter (`mosaicdiff.integrations.base.ModelAdapter`:
+blocks, groups, how to run it) and a calibration set only through `x0`, `condition_rows` and
+`null_condition`; a condition is a batch-first tensor or a dict/tuple of them (text embeddings).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,11 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mosaicdiff import schedule
-from mosaicdiff.integrations import diffusers_dit as dit
+from mosaicdiff.integrations.base import ModelAdapter, unwrap_model
+from mosaicdiff.integrations.schedulers import scheduler_alphas_cumprod
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Calibration", "collect_hessians", "resolve_alphas_cumprod", "stage_inputs"]
+__all__ = ["Calibration", "cat_rows", "collect_hessians", "resolve_alphas_cumprod", "stage_inputs", "take_rows"]
 
 _CHUNK_ELEMENTS = 1 << 24  # float64 temporaries of at most 128 MiB while accumulating X^T X
 
@@ -94,7 +100,7 @@ class Calibration:
         Raises:
             ValueError: naming what the model expects and what the data has.
         """
-        config = getattr(dit.unwrap_model(model), "config", None) or {}
+        config = getattr(unwrap_model(model), "config", None) or {}
         get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
         channels, size = get("in_channels"), get("sample_size")
         if channels is not None and size is not None:
@@ -112,6 +118,14 @@ class Calibration:
                 f"(config.num_embeds_ada_norm) is {int(num_classes)}; pass Calibration(x0, labels, "
                 f"null_class={int(num_classes)}) with labels in [0, {int(num_classes)})")
         self._check_values()  # the fields may have been replaced since construction
+
+    def condition_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The conditioning of the samples `index` (their class labels)."""
+        return self.labels[index]
+
+    def null_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """The unconditional (CFG) counterpart of `condition`: the null class."""
+        return torch.full_like(condition, self.null_class)
 
     def __repr__(self) -> str:
         return (f"Calibration(x0={tuple(self.x0.shape)} {self.x0.dtype} on {self.x0.device}, "
@@ -135,7 +149,7 @@ def resolve_alphas_cumprod(alphas_cumprod=None) -> torch.Tensor:
     if alphas_cumprod is None:
         return torch.from_numpy(schedule.linear_alphas_cumprod())
     if hasattr(alphas_cumprod, "alphas_cumprod"):
-        return dit.scheduler_alphas_cumprod(alphas_cumprod)
+        return scheduler_alphas_cumprod(alphas_cumprod)
     if isinstance(alphas_cumprod, np.ndarray):
         return torch.from_numpy(alphas_cumprod.astype(np.float64))
     return torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
@@ -143,7 +157,7 @@ def resolve_alphas_cumprod(alphas_cumprod=None) -> torch.Tensor:
 
 def stage_inputs(calibration: Calibration, t_start: int, t_end: int, n_samples: int, cfg: bool = True,
                  generator: torch.Generator | None = None,
-                 alphas_cumprod=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 alphas_cumprod=None) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Calibration inputs of one stage: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``.
 
     Samples are drawn from `calibration` in random order, cycling through it when `n_samples`
@@ -154,15 +168,15 @@ def stage_inputs(calibration: Calibration, t_start: int, t_end: int, n_samples: 
         t_start (`int`): first timestep of the stage (inclusive).
         t_end (`int`): end of the stage (exclusive), ``<= len(alphas_cumprod)``.
         n_samples (`int`): noised samples to draw (before CFG duplication).
-        cfg (`bool`, *optional*, defaults to True): append a copy of the batch with the labels
-            replaced by ``calibration.null_class`` (so the result has ``2 * n_samples`` rows).
+        cfg (`bool`, *optional*, defaults to True): append a copy of the batch with the condition
+            replaced by ``calibration.null_condition`` (so the result has ``2 * n_samples`` rows).
         generator (`torch.Generator`, *optional*): CPU generator for indices, t and noise.
         alphas_cumprod (*optional*): ``abar`` (array/tensor of length T) or a diffusers scheduler;
             default: DiT's linear schedule (1e-4 .. 0.02, T = 1000).
 
     Returns:
-        `(x_t, t, labels)` on the calibration's device: ``x_t`` like ``x0`` (its dtype), ``t``
-        and ``labels`` int64.
+        `(x_t, t, condition)` on the calibration's device: ``x_t`` like ``x0`` (its dtype), ``t``
+        int64, ``condition`` the samples' conditioning (class labels: int64).
 
     Raises:
         ValueError: on an empty or out-of-range t interval or a non-positive `n_samples`.
@@ -185,12 +199,12 @@ def stage_inputs(calibration: Calibration, t_start: int, t_end: int, n_samples: 
     x_t = a.sqrt().to(dev) * x0[idx.to(dev)].float() + (1 - a).sqrt().to(dev) * noise.to(dev)
     x_t = x_t.to(x0.dtype)
     t = t.to(dev)
-    labels = calibration.labels[idx.to(dev)]
+    condition = calibration.condition_rows(idx.to(dev))
     if cfg:
         x_t = torch.cat([x_t, x_t])
         t = torch.cat([t, t])
-        labels = torch.cat([labels, torch.full_like(labels, calibration.null_class)])
-    return x_t, t, labels
+        condition = cat_rows(condition, calibration.null_condition(condition))
+    return x_t, t, condition
 
 
 class _HessianHook:
@@ -210,41 +224,82 @@ class _HessianHook:
         self.tokens += x.shape[0]
 
 
+def take_rows(condition: Any, index) -> Any:
+    """Rows `index` (a slice or an index tensor) of a batch-first tensor, or of each tensor of a dict/tuple."""
+    if isinstance(condition, torch.Tensor):
+        return condition[index]
+    if isinstance(condition, dict):
+        return {k: take_rows(v, index) for k, v in condition.items()}
+    return type(condition)(take_rows(v, index) for v in condition)
+
+
+def cat_rows(a: Any, b: Any) -> Any:
+    """Concatenate two conditions along the batch (tensors, or dicts/tuples of tensors)."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    if isinstance(a, dict):
+        return {k: cat_rows(a[k], b[k]) for k in a}
+    return type(a)(cat_rows(x, y) for x, y in zip(a, b))
+
+
+def _to(condition: Any, device: torch.device) -> Any:
+    if isinstance(condition, torch.Tensor):
+        return condition.to(device)
+    if isinstance(condition, dict):
+        return {k: _to(v, device) for k, v in condition.items()}
+    return type(condition)(_to(v, device) for v in condition)
+
+
+def _rows(condition: Any) -> int:
+    if isinstance(condition, torch.Tensor):
+        return int(condition.shape[0]) if condition.dim() else -1
+    values = list(condition.values()) if isinstance(condition, dict) else list(condition)
+    return _rows(values[0]) if values else -1
+
+
 @torch.no_grad()
-def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                     batch_size: int = 64, progress: bool = True) -> list[dict[str, torch.Tensor]]:
-    """Runs the dense DiT on the calibration inputs and returns each block's input Hessians.
+def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: Any,
+                     batch_size: int = 64, progress: bool = True,
+                     adapter: ModelAdapter | None = None) -> list[dict[str, torch.Tensor]]:
+    """Runs the dense model on the calibration inputs and returns each block's input Hessians.
 
     Args:
-        model (`nn.Module`): a DiT accepted by `mosaicdiff.integrations.diffusers_dit.validate_dit`.
+        model (`nn.Module`): a model its adapter accepts (for a DiT, see
+            `mosaicdiff.integrations.diffusers_dit.validate_dit`).
         x_t (`torch.Tensor`): (B, C, H, W) noised inputs (as from `stage_inputs`).
         t (`torch.Tensor`): (B,) timesteps.
-        labels (`torch.Tensor`): (B,) class labels.
+        condition: (B, ...) conditioning rows (class labels for a DiT).
         batch_size (`int`, *optional*, defaults to 64): model batch size.
         progress (`bool`, *optional*, defaults to True): show a tqdm progress bar.
+        adapter (`ModelAdapter`, *optional*): the model's adapter; default `mosaicdiff.models.adapter_for`.
 
     Returns:
-        `list[dict]`, one per block: ``{"proj": H, "fc2": H}``, float64 (in, in) matrices
-        ``X^T X / n_tokens`` on the model's device.
+        `list[dict]`, one per block: group name -> float64 (in, in) matrix ``X^T X / n_tokens`` of
+        the group's consumer input (for a DiT ``{"proj": H, "fc2": H}``), on the model's device.
 
     Raises:
-        ValueError: on mismatched batch sizes, an empty batch or a bad `batch_size`.
+        ValueError: on mismatched batch sizes, an empty batch, a bad `batch_size` or a model the
+            adapter does not accept.
     """
-    dit.validate_dit(model)
+    if adapter is None:
+        from mosaicdiff.models import adapter_for
+
+        adapter = adapter_for(model)
+    adapter.validate(model)
     B = x_t.shape[0]
-    if B == 0 or t.shape != (B,) or labels.shape != (B,):
-        raise ValueError(f"expected x_t (B>0, ...), t (B,), labels (B,); got {tuple(x_t.shape)}, "
-                         f"{tuple(t.shape)}, {tuple(labels.shape)}")
+    if B == 0 or t.shape != (B,) or _rows(condition) != B:
+        shape = tuple(condition.shape) if isinstance(condition, torch.Tensor) else type(condition).__name__
+        raise ValueError(f"expected x_t (B>0, ...), t (B,), condition (B, ...); got {tuple(x_t.shape)}, "
+                         f"{tuple(t.shape)}, {shape}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     param = next(model.parameters())
     hooks, handles = [], []
-    for block in dit.transformer_blocks(model):
-        lin = dit.block_linears(block)
+    for block in adapter.blocks(model):
         entry = {}
-        for name in ("proj", "fc2"):
-            hook = _HessianHook(lin[name].in_features, param.device)
-            handles.append(lin[name].register_forward_pre_hook(hook))
+        for name, group in adapter.groups(block).items():
+            hook = _HessianHook(group.consumer.in_features, param.device)
+            handles.append(group.consumer.register_forward_pre_hook(hook))
             entry[name] = hook
         hooks.append(entry)
     was_training = model.training
@@ -253,8 +308,8 @@ def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, label
         starts = range(0, B, int(batch_size))
         for s in tqdm(starts, desc="calibrating", disable=not progress, leave=False):
             sl = slice(s, s + int(batch_size))
-            dit.run_dit(model, x_t[sl].to(param.device, param.dtype), t[sl].to(param.device),
-                        labels[sl].to(param.device))
+            adapter.run(model, x_t[sl].to(param.device, param.dtype), t[sl].to(param.device),
+                        _to(take_rows(condition, sl), param.device))
     finally:
         for h in handles:
             h.remove()

@@ -1,12 +1,14 @@
-"""Compact: prune one DiT block's heads and MLP channels into smaller dense matrices.
+"""Compact: prune a block's structured units (heads, MLP channels) into smaller dense matrices.
 
-Heads are groups of ``head_dim`` input columns of the attention output projection ``proj``;
-removing a head drops those columns of ``proj`` (compensated by OBS) and the head's rows of
-``q``, ``k`` and ``v`` (sliced). MLP channels are input columns of ``fc2`` (compensated) and
-rows of ``fc1`` (sliced). Only the consumers are compensated; the producers are sliced.
+A unit is a group of input columns of a *consumer* linear and the matching output rows of its
+*producers* (a `mosaicdiff.integrations.base.PrunableGroup`). Heads are groups of ``head_dim``
+input columns of the attention output projection; removing a head drops those columns
+(compensated by OBS) and the head's rows of ``q``, ``k`` and ``v`` (sliced). MLP channels are
+single input columns of ``fc2`` (compensated) and rows of ``fc1`` (sliced). Only consumers are
+compensated; producers are sliced.
 
-This module only sees ``nn.Linear`` layers and tensors (from
-`mosaicdiff.integrations.diffusers_dit.block_linears`), never model classes.
+This module only sees ``nn.Linear`` layers and tensors, never model classes: the model's adapter
+says where the groups are and assembles the runtime's compact block from the result.
 """
 
 from __future__ import annotations
@@ -14,18 +16,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
-from torch import nn
 
 from mosaicdiff import obs
-from mosaicdiff.types import CompactBlockWeights
+from mosaicdiff.integrations.base import PrunableGroup, PrunedGroup, linear_bias
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "align_width", "heads_to_remove", "mlp_width", "prune_block"]
+__all__ = ["METHODS", "align_width", "heads_to_remove", "mlp_width", "prune_group", "prune_groups", "units_to_remove"]
 
-#: Column-removal methods of `prune_block`.
+#: Column-removal methods of `prune_group`.
 METHODS = ("obs", "magnitude", "random")
 
 
@@ -102,12 +104,6 @@ def _check_sparsity(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
-def _bias(linear: nn.Linear) -> torch.Tensor:
-    if linear.bias is not None:
-        return linear.bias.detach()
-    return torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
-
-
 def _remove_columns(weight, hessian, n_remove, group_size, method, generator, name, obs_kwargs):
     if method == "obs":
         if hessian is None:
@@ -118,85 +114,67 @@ def _remove_columns(weight, hessian, n_remove, group_size, method, generator, na
     return obs.random_prune_columns(weight, n_remove, group_size, generator=generator)
 
 
-def prune_block(block_linears: Mapping[str, nn.Linear], hessians: Mapping[str, torch.Tensor] | None,
-                num_heads: int, head_sparsity: float, mlp_sparsity: float, method: str = "obs",
-                align: int | None = 64, generator: torch.Generator | None = None,
-                **obs_kwargs) -> CompactBlockWeights:
-    """Prunes one block's heads and MLP channels into a `CompactBlockWeights`.
+def units_to_remove(group: PrunableGroup, sparsity: float, align: int | None = 64) -> int:
+    """How many units of `group` a sparsity removes: `heads_to_remove` or the `mlp_width` rule."""
+    if group.kind == "heads":
+        return heads_to_remove(group.num_units, sparsity)
+    return group.num_units - mlp_width(group.num_units, sparsity, align)
+
+
+def prune_group(group: PrunableGroup, hessian: torch.Tensor | None, sparsity: float, method: str = "obs",
+                align: int | None = 64, generator: torch.Generator | None = None, name: str = "consumer",
+                **obs_kwargs) -> PrunedGroup:
+    """Removes a fraction of one group's units: the consumer's columns (compensated), the producers' rows.
 
     Args:
-        block_linears (`Mapping[str, nn.Linear]`): ``q, k, v, proj, fc1, fc2`` as from
-            `mosaicdiff.integrations.diffusers_dit.block_linears`.
-        hessians (`Mapping[str, torch.Tensor]`, *optional*): ``proj`` and ``fc2`` input
-            Hessians (as from `mosaicdiff.calibrate.collect_hessians`); needed for ``"obs"``.
-        num_heads (`int`): heads of the block (``proj.in_features`` must be divisible by it).
-        head_sparsity (`float`): fraction of heads to remove, in [0, 1); rounded to the nearest
-            head count; at least one head is always kept.
-        mlp_sparsity (`float`): fraction of MLP channels to remove, in [0, 1); the kept width is
-            rounded to a multiple of `align` (see `align_width`).
+        group (`PrunableGroup`): the consumer, its producers and the unit size.
+        hessian (`torch.Tensor`, *optional*): the consumer's input Hessian (as from
+            `mosaicdiff.calibrate.collect_hessians`); needed for ``"obs"``.
+        sparsity (`float`): fraction of units to remove, in [0, 1) (see `units_to_remove`).
         method (`str`, *optional*, defaults to ``"obs"``): ``"obs"`` (greedy OBS with
-            compensation of ``proj``/``fc2``), ``"magnitude"`` (drop least-norm column groups of
-            the consumer, no compensation) or ``"random"``.
-        align (`int`, *optional*, defaults to 64): MLP width alignment; None disables it.
+            compensation), ``"magnitude"`` (drop least-norm column groups, no compensation) or
+            ``"random"``.
+        align (`int`, *optional*, defaults to 64): width alignment of ``"channels"`` groups.
         generator (`torch.Generator`, *optional*): for ``"random"``.
+        name (`str`, *optional*): the group's name, for error messages.
         **obs_kwargs: passed to `mosaicdiff.obs.prune_columns` (``damp``, ``groups_per_step``
-            (used for the MLP channels only), ``block``).
+            (used for single-column units only), ``block``).
 
     Returns:
-        `CompactBlockWeights` in the dtype and device of the block's weights.
-
-    Raises:
-        ValueError: on an unknown method, bad sparsities, a sparsity that removes every head,
-            missing Hessians or inconsistent shapes.
+        `PrunedGroup` in the dtype and device of the group's weights.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    missing = [k for k in ("q", "k", "v", "proj", "fc1", "fc2") if k not in block_linears]
-    if missing:
-        raise ValueError(f"block_linears is missing {missing}")
-    lin = block_linears
-    inner = lin["proj"].in_features
-    if int(num_heads) != num_heads or num_heads < 1 or inner % num_heads:
-        raise ValueError(f"num_heads must be a positive divisor of proj.in_features={inner}, got {num_heads}")
-    num_heads = int(num_heads)
-    head_dim = inner // num_heads
-    for n in "qkv":
-        if lin[n].out_features != inner:
-            raise ValueError(f"{n}.out_features={lin[n].out_features} != proj.in_features={inner}")
-    width = lin["fc2"].in_features
-    if lin["fc1"].out_features != width:
-        raise ValueError(f"fc1.out_features={lin['fc1'].out_features} != fc2.in_features={width}")
+    consumer, size = group.consumer, int(group.unit_size)
+    n_remove = units_to_remove(group, sparsity, align)
+    kwargs = obs_kwargs if size == 1 else {k: v for k, v in obs_kwargs.items() if k != "groups_per_step"}
+    weight, cols = _remove_columns(consumer.weight, hessian, n_remove, size, method, generator, name, kwargs)
+    kept = (cols.view(-1, size)[:, 0] // size).long()
+    weights, biases = [], []
+    for producer in group.producers:
+        rows = cols if group.producer_rows is None else group.producer_rows(cols)
+        rows = rows.to(producer.weight.device)
+        weights.append(producer.weight.detach().index_select(0, rows).contiguous())
+        biases.append(linear_bias(producer).index_select(0, rows).contiguous())
+    return PrunedGroup(kept=kept, consumer_weight=weight.contiguous(), consumer_bias=linear_bias(consumer).clone(),
+                       producer_weights=weights, producer_biases=biases)
+
+
+def prune_groups(groups: Mapping[str, PrunableGroup], hessians: Mapping[str, torch.Tensor] | None,
+                 sparsities: float | Mapping[str, float], method: str = "obs", align: int | None = 64,
+                 generator: torch.Generator | None = None, **obs_kwargs: Any) -> dict[str, PrunedGroup]:
+    """`prune_group` on every group of a block, in order (one sparsity for all, or one per group name).
+
+    Raises:
+        ValueError: on an unknown method, bad sparsities, a sparsity that removes every head, a
+            missing Hessian, or a Hessian that does not match its consumer.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     hessians = hessians or {}
-
-    # 1. Heads: groups of head_dim input columns of proj; slice the rows of q, k, v.
-    n_remove_heads = heads_to_remove(num_heads, head_sparsity)
-    head_kwargs = {k: v for k, v in obs_kwargs.items() if k != "groups_per_step"}
-    proj_w, proj_cols = _remove_columns(lin["proj"].weight, hessians.get("proj"), n_remove_heads,
-                                        head_dim, method, generator, "proj", head_kwargs)
-    kept_heads = proj_cols.view(-1, head_dim)[:, 0] // head_dim
-    rows = proj_cols.to(lin["q"].weight.device)
-    qkv_weight = torch.cat([lin[n].weight.detach().index_select(0, rows) for n in "qkv"], 0)
-    qkv_bias = torch.cat([_bias(lin[n]).index_select(0, rows) for n in "qkv"], 0)
-
-    # 2. MLP channels: input columns of fc2; slice the rows of fc1.
-    n_keep = mlp_width(width, mlp_sparsity, align)
-    fc2_w, channels = _remove_columns(lin["fc2"].weight, hessians.get("fc2"), width - n_keep, 1,
-                                      method, generator, "fc2", obs_kwargs)
-    channels = channels.to(lin["fc1"].weight.device)
-    fc1_weight = lin["fc1"].weight.detach().index_select(0, channels)
-    fc1_bias = _bias(lin["fc1"]).index_select(0, channels)
-
-    logger.debug("pruned block (%s): heads %d -> %d, MLP %d -> %d", method, num_heads,
-                 kept_heads.numel(), width, channels.numel())
-    return CompactBlockWeights(
-        kept_heads=kept_heads.long(),
-        kept_channels=channels.long(),
-        qkv_weight=qkv_weight.contiguous(),
-        qkv_bias=qkv_bias.contiguous(),
-        proj_weight=proj_w.contiguous(),
-        proj_bias=_bias(lin["proj"]).clone(),
-        fc1_weight=fc1_weight.contiguous(),
-        fc1_bias=fc1_bias.contiguous(),
-        fc2_weight=fc2_w.contiguous(),
-        fc2_bias=_bias(lin["fc2"]).clone(),
-    )
+    out = {}
+    for name, group in groups.items():
+        sp = sparsities[name] if isinstance(sparsities, Mapping) else sparsities
+        out[name] = prune_group(group, hessians.get(name), sp, method, align, generator, name=name, **obs_kwargs)
+        logger.debug("pruned %s (%s): %d -> %d units", name, method, group.num_units, out[name].kept.numel())
+    return out

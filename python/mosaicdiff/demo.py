@@ -13,195 +13,56 @@ Outputs in ``--out`` (default ``./mosaicdiff_demo``): ``report.json`` (rewritten
 every method, so an interrupted run keeps what finished), ``grid_<method>.png`` (same noise and
 labels in every grid; column = digit class) and ``stages.png``.
 
-Defaults: DDIM 50 steps, guidance 1.5, 200 samples, 128 calibration samples per stage, mean
-sparsity 0.5 (see `DEFAULT_GUIDANCE` and `DEFAULT_NUM_SAMPLES` for the measurements behind them).
+The defaults (steps, guidance, samples, calibration samples per stage, sparsity) are in
+`mosaicdiff.app.experiment`; the measurements behind them are in docs/results.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
 import os
-import platform
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from mosaicdiff import plots, schedule
+from mosaicdiff.app.experiment import (
+    COMPARED_METHODS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_SAMPLES_PER_STAGE,
+    DEFAULT_SPARSITY,
+    DEFAULT_STEPS,
+    SAMPLER,
+    Experiment,
+    ReportFile,
+    check_methods,
+    environment,
+    image_metrics,
+    prepare,
+    real_reference_fid,
+    stage_info,
+    step_mean_sparsity,
+)
+
 logger = logging.getLogger(__name__)
 
-METHODS = ("mosaic", "uniform", "magnitude")
-#: Guidance scale of the demo. Sweep on the dense embedded model (DDIM 50, 200 samples, seed 1,
-#: digits-FID / class accuracy; the FID of 200 real digits is 53):
-#:   g:                      1.0         1.5         2.0         3.0         4.0
-#:   shipped EMA weights:    372 / 0.30  331 / 0.39  314 / 0.45  337 / 0.56  386 / 0.61
-#:   raw weights, step 2000: 152 / 0.74  109 / 0.90  174 / 0.97  395 / 0.99  551 / 0.99
-#: Accuracy keeps rising with g while FID (diversity) is best at 1.5-2; 1.5 is the FID optimum of
-#: the better weights and within 6% of it for the EMA ones.
-DEFAULT_GUIDANCE = 1.5
-#: 200 samples: FID of 200 random real digits against all 1797 is 53 (100: 89), so differences
-#: between methods of a few tens are resolvable; the whole demo takes about 3 minutes on 2 cores.
-DEFAULT_NUM_SAMPLES = 200
-DEFAULT_SAMPLES_PER_STAGE = 128
-DEFAULT_STEPS = 50
+__all__ = ["format_table", "run_demo"]
 
-
-# ----------------------------------------------------------------------------- small helpers
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as JSON to `path` via a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=2, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return _json_safe(v.tolist())
-    if hasattr(v, "item") and callable(v.item):  # numpy scalars
-        return v.item()
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN/inf
-    return v
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10, scale: int = 2,
-                    pad: int = 2) -> str:
-    """Save `(N, 1, H, W)` images in [-1, 1] as a PNG grid (row-major, `nrow` per row, gray padding)."""
-    from PIL import Image
-
-    if images.dim() != 4 or images.shape[1] != 1:
-        raise ValueError(f"save_image_grid: expected (N, 1, H, W), got {tuple(images.shape)}")
-    n, _, h, w = images.shape
-    ncol = min(nrow, max(n, 1))
-    nrows = max(1, math.ceil(n / ncol))
-    hs, ws = h * scale, w * scale
-    grid = torch.full((nrows * (hs + pad) + pad, ncol * (ws + pad) + pad), 0.5)
-    img = ((images[:, 0].float().clamp(-1, 1) + 1) / 2).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (hs + pad): pad + r * (hs + pad) + hs, pad + c * (ws + pad): pad + c * (ws + pad) + ws] = img[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((grid * 255).round().to(torch.uint8).numpy(), mode="L").save(path)
-    return str(path)
-
-
-def digits_calibration(null_class: int = 10, split: str = "train"):
-    """A `Calibration` from the real digits (`zoo.data`; `split` "train" = the DiT's training split, or "all")."""
-    from mosaicdiff.calibrate import Calibration
-    from mosaicdiff.zoo.data import load_digits_tensors, train_test_split
-
-    images, labels = load_digits_tensors()
-    if split == "train":
-        idx, _ = train_test_split(len(images))
-        images, labels = images[idx], labels[idx]
-    elif split != "all":
-        raise ValueError(f"digits_calibration: split must be 'train' or 'all', got {split!r}")
-    return Calibration(x0=images, labels=labels, null_class=null_class)
-
-
-def sample_labels(num_samples: int, num_classes: int = 10) -> torch.Tensor:
-    """Balanced labels 0, 1, ..., 9, 0, 1, ... (a grid with 10 columns shows one digit per column)."""
-    return torch.arange(num_samples) % num_classes
-
-
-def evaluate_images(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> dict:
-    """FID to the real digits, class accuracy and (when `reference` is given) mean PSNR to it."""
-    from mosaicdiff import quality
-
-    out = {"fid": quality.fid_to_real(images), "class_accuracy": quality.class_accuracy(images, labels)}
-    if reference is not None:
-        p = quality.psnr(images, reference)
-        out["psnr_to_dense"] = float(p.clamp(max=100.0).mean())  # identical images count as 100 dB
-    return out
-
-
-def timed_sample(model, labels, noise, *, steps, guidance_scale, progress, batch_size=None,
-                 return_trajectory=False):
-    """`sampling.sample` plus its wall time per image."""
-    from mosaicdiff.sampling import sample
-
-    warmup(model, int(labels[0]))
-    t0 = time.perf_counter()
-    result = sample(model, labels, num_inference_steps=steps, guidance_scale=guidance_scale, noise=noise,
-                    progress=progress, batch_size=batch_size, return_trajectory=return_trajectory)
-    return result, (time.perf_counter() - t0) / len(labels)
-
-
-@torch.no_grad()
-def warmup(model, label: int = 0) -> None:
-    """A few tiny forwards spread over t = 999..0 (so every stage of a mosaic runs once).
-
-    Keeps one-time costs (lazy imports, backend probing, kernel-config selection) out of the
-    timed sampling run.
-    """
-    p = next(model.parameters())
-    c, s = int(model.config.in_channels), int(model.config.sample_size)
-    x = torch.zeros(2, c, s, s, device=p.device, dtype=p.dtype)
-    y = torch.tensor([label, int(model.config.num_embeds_ada_norm)], device=p.device)
-    for t in torch.linspace(999, 0, 11).round().long():
-        model(x, timestep=t.expand(2).to(p.device), class_labels=y)
-
-
-def real_reference_fid(num_samples: int, seed: int) -> float:
-    """FID of `num_samples` random real digits against all 1797: the small-sample floor at this N."""
-    from mosaicdiff import quality
-    from mosaicdiff.zoo.data import load_digits_tensors
-
-    images, _ = load_digits_tensors()
-    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return quality.fid_to_real(images[idx])
-
-
-def stage_info(mosaic) -> dict:
-    """Stage names, ranges and sparsities of a `MosaicDiT`."""
-    return {s.name: {"t_start": int(s.t_start), "t_end": int(s.t_end), "sparsity": float(s.sparsity)}
-            for s in mosaic.stages}
-
-
-def boundaries_for(calibration, scheduler, M: float, lam: float) -> tuple[tuple[int, int], float]:
-    """Closed-form stage boundaries for the scheduler's schedule, with r = ||x0||^2/d from the calibration data."""
-    from mosaicdiff import schedule
-
-    r = calibration.x0_sq_norm
-    return tuple(int(b) for b in schedule.stage_boundaries(scheduler.alphas_cumprod, M=M, lam=lam, x0_sq_norm=r)), r
-
-
-# ----------------------------------------------------------------------------- the demo
 
 def run_demo(
     out_dir: str | os.PathLike = "mosaicdiff_demo",
     *,
-    sparsity: float = 0.5,
+    sparsity: float = DEFAULT_SPARSITY,
     seed: int = 0,
     num_samples: int = DEFAULT_NUM_SAMPLES,
     guidance_scale: float = DEFAULT_GUIDANCE,
     steps: int = DEFAULT_STEPS,
     samples_per_stage: int = DEFAULT_SAMPLES_PER_STAGE,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = COMPARED_METHODS,
     boundaries: tuple[int, int] | None = None,
-    M: float = 0.55,
-    lam: float = 0.0,
+    speed_threshold: float = schedule.DEFAULT_SPEED_THRESHOLD,
+    log_snr_weight: float = schedule.DEFAULT_LOG_SNR_WEIGHT,
     progress: bool = True,
     model=None,
 ) -> dict:
@@ -217,7 +78,8 @@ def run_demo(
         samples_per_stage: calibration samples per stage (each duplicated with the null class).
         methods: pruning methods to compare with the dense model.
         boundaries: explicit `(t_low, t_high)` of the middle stage; default from the closed-form score.
-        M, lam: threshold and log-SNR weight of the closed-form stage split.
+        speed_threshold, log_snr_weight: the closed-form stage split (the paper's ``M`` and
+            ``lambda``), see `mosaicdiff.schedule.stage_boundaries`.
         progress: show tqdm bars.
         model: the dense model (default: the embedded digits DiT).
 
@@ -227,104 +89,76 @@ def run_demo(
     Raises:
         ValueError: on invalid arguments.
     """
-    from mosaicdiff import plots, schedule
-    from mosaicdiff.pruning import prune
-    from mosaicdiff.sampling import default_scheduler, make_noise
-    from mosaicdiff.zoo import load_digits_dit
-
     if not 0 <= sparsity < 1:
         raise ValueError(f"demo: sparsity must be in [0, 1), got {sparsity}")
     if num_samples < 2:
         raise ValueError(f"demo: num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"demo: unknown methods {unknown}; expected a subset of {list(METHODS)}")
+    check_methods(methods, "demo")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    report: dict[str, Any] = {
+    report = ReportFile(out / "report.json", {
         "complete": False,
         "settings": {"sparsity": sparsity, "seed": seed, "num_samples": num_samples,
                      "guidance_scale": guidance_scale, "steps": steps, "samples_per_stage": samples_per_stage,
-                     "methods": list(methods), "M": M, "lam": lam,
-                     "sampler": "DDIM eta=0 (linear betas, no x0 clipping)"},
-        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "cpu_count": os.cpu_count(), "platform": platform.platform()},
+                     "methods": list(methods), "speed_threshold": speed_threshold,
+                     "log_snr_weight": log_snr_weight, "sampler": SAMPLER},
+        "environment": environment(),
         "methods": {},
-    }
-    report_path = out / "report.json"
-
-    def save():
-        report["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-        write_json_atomic(report_path, report)
-
-    try:
-        dense = model if model is not None else load_digits_dit()
-        null_class = int(dense.config.num_embeds_ada_norm)
-        calib = digits_calibration(null_class)
-        sched = default_scheduler()
-        sched.set_timesteps(steps)
-        if boundaries is None:
-            bounds, r = boundaries_for(calib, sched, M, lam)
-        else:
-            bounds, r = (int(boundaries[0]), int(boundaries[1])), calib.x0_sq_norm
-        stages = schedule.stages_from_boundaries(*bounds, T=len(sched.alphas_cumprod))
-        report["boundaries"] = list(bounds)
-        report["x0_sq_norm"] = r
-        report["steps_per_stage"] = schedule.steps_per_stage(sched.timesteps, stages)
-        labels = sample_labels(num_samples, null_class)
-        noise = make_noise(dense, num_samples, seed=seed)
-        report["real_reference_fid"] = real_reference_fid(num_samples, seed)
-
-        # 1. Dense reference, with its trajectory for the measured curve.
-        logger.info("sampling the dense model (%d images, %d steps)", num_samples, steps)
-        (dense_images, traj), sps = timed_sample(dense, labels, noise, steps=steps, guidance_scale=guidance_scale,
-                                                 progress=progress, return_trajectory=True)
-        report["methods"]["dense"] = {**evaluate_images(dense_images, labels, None),
-                                      "psnr_to_dense": None,  # the reference itself (PSNR would be inf)
-                                      "seconds_per_sample": sps, "sparsity": 0.0}
-        save_image_grid(dense_images, out / "grid_dense.png")
-        mse, _ = schedule.empirical_curve(traj.xs, dense_images, traj.timesteps)
-        report["empirical_curve"] = {"timesteps": traj.timesteps.tolist(), "mse": mse.tolist()}
-        plots.plot_stage_curves(out / "stages.png", sched.alphas_cumprod, bounds,
-                                empirical=(traj.timesteps.tolist(), mse.tolist()), x0_sq_norm=r,
-                                title=f"digits DiT, DDIM {steps} steps: stages {bounds}")
-        save()
-
-        # 2. Pruned models, same noise.
+    })
+    with report.keeping_errors():
+        run = prepare(model, steps=steps, seed=seed, num_samples=num_samples, samples_per_stage=samples_per_stage,
+                      boundaries=boundaries, speed_threshold=speed_threshold, log_snr_weight=log_snr_weight,
+                      progress=progress)
+        _record_setup(run, report.data)
+        dense_images = _sample_dense(run, guidance_scale, report, out)
         for method in methods:
-            logger.info("pruning: %s at mean sparsity %.2f", method, sparsity)
-            t0 = time.perf_counter()
-            pruned = prune(dense, calib, sparsity, method=method, boundaries=bounds,
-                           num_inference_steps=steps, scheduler=default_scheduler(),
-                           samples_per_stage=samples_per_stage, M=M, lam=lam, seed=seed, progress=progress)
-            prune_s = time.perf_counter() - t0
-            images, sps = timed_sample(pruned, labels, noise, steps=steps, guidance_scale=guidance_scale,
-                                       progress=progress)
-            meta = getattr(pruned, "meta", {}) or {}
-            entry = {**evaluate_images(images, labels, dense_images), "seconds_per_sample": sps,
-                     "prune_seconds": prune_s, "stages": stage_info(pruned),
-                     "mean_sparsity": _step_mean_sparsity(pruned, sched.timesteps),
-                     "realized_mean_sparsity": meta.get("realized_mean_sparsity"),
-                     "stage_widths": meta.get("stage_widths")}
-            entry["memory"] = pruned.memory_report()
-            report["methods"][method] = entry
-            save_image_grid(images, out / f"grid_{method}.png")
-            save()
-            del pruned
-        report["complete"] = True
-    except BaseException as exc:
-        report["error"] = f"{type(exc).__name__}: {exc}"
-        save()
-        raise
-    save()
-    return report
+            _compare_pruned(run, method, sparsity, guidance_scale, dense_images, report, out)
+        report.data["complete"] = True
+    report.save()
+    return report.data
 
 
-def _step_mean_sparsity(mosaic, timesteps) -> float:
-    """Sparsity averaged over the sampler's steps (each step uses its stage's sparsity)."""
-    sp = [mosaic.stages[mosaic.stage_for(int(t))].sparsity for t in timesteps]
-    return float(sum(sp) / len(sp))
+def _record_setup(run: Experiment, report: dict) -> None:
+    """The stages every method shares and the FID floor of real digits at this sample count."""
+    report["boundaries"] = list(run.boundaries)
+    report["x0_sq_norm"] = run.calibration.x0_sq_norm
+    report["steps_per_stage"] = schedule.steps_per_stage(run.scheduler.timesteps, run.stages)
+    report["real_reference_fid"] = real_reference_fid(len(run.labels), run.seed)
+
+
+def _sample_dense(run: Experiment, guidance_scale: float, report: ReportFile, out: Path) -> torch.Tensor:
+    """Sample the dense model (the reference of every method) with its trajectory, plot the stages."""
+    logger.info("sampling the dense model (%d images, %d steps)", len(run.labels), run.steps)
+    (images, traj), seconds = run.sample(run.dense, guidance_scale, return_trajectory=True)
+    report.data["methods"]["dense"] = {**image_metrics(images, run.labels, None),
+                                       "psnr_to_dense": None,  # the reference itself (PSNR would be inf)
+                                       "seconds_per_sample": seconds, "sparsity": 0.0}
+    plots.save_image_grid(images, out / "grid_dense.png")
+    mse, _ = schedule.empirical_curve(traj.xs, images, traj.timesteps)
+    report.data["empirical_curve"] = {"timesteps": traj.timesteps.tolist(), "mse": mse.tolist()}
+    plots.plot_stage_curves(out / "stages.png", run.scheduler.alphas_cumprod, run.boundaries,
+                            empirical=(traj.timesteps.tolist(), mse.tolist()), x0_sq_norm=run.calibration.x0_sq_norm,
+                            title=f"digits DiT, DDIM {run.steps} steps: stages {run.boundaries}")
+    report.save()
+    return images
+
+
+def _compare_pruned(run: Experiment, method: str, sparsity: float, guidance_scale: float,
+                    dense_images: torch.Tensor, report: ReportFile, out: Path) -> None:
+    """Prune with `method`, sample from the dense model's noise, measure against the dense images."""
+    logger.info("pruning: %s at mean sparsity %.2f", method, sparsity)
+    pruned, prune_seconds = run.prune(method, sparsity)
+    images, seconds = run.sample(pruned, guidance_scale)
+    meta = getattr(pruned, "meta", {}) or {}
+    report.data["methods"][method] = {
+        **image_metrics(images, run.labels, dense_images), "seconds_per_sample": seconds,
+        "prune_seconds": prune_seconds, "stages": stage_info(pruned),
+        "mean_sparsity": step_mean_sparsity(pruned, run.scheduler.timesteps),
+        "realized_mean_sparsity": meta.get("realized_mean_sparsity"), "stage_widths": meta.get("stage_widths"),
+        "memory": pruned.memory_report(),
+    }
+    plots.save_image_grid(images, out / f"grid_{method}.png")
+    report.save()
 
 
 def format_table(report: dict) -> str:
@@ -347,64 +181,3 @@ def format_table(report: dict) -> str:
         lines.append(f"(FID of {report['settings']['num_samples']} real digits vs all 1797: "
                      f"{report['real_reference_fid']:.2f}; stage boundaries {report.get('boundaries')})")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- CLI glue
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `mosaicdiff demo` options (values are checked by the `mosaicdiff.cli` argument types)."""
-    from mosaicdiff.cli import boundary_pair, choice_list, finite_float, int_at_least, integer, positive_int, sparsity
-
-    p.add_argument("--sparsity", type=sparsity, default=0.5, help="target mean sparsity, in [0, 1) (default 0.5)")
-    p.add_argument("--seed", type=integer, default=0)
-    p.add_argument("--out", type=Path, default=Path("mosaicdiff_demo"), help="output folder")
-    p.add_argument("--num-samples", type=int_at_least(2), default=DEFAULT_NUM_SAMPLES,
-                   help="images per method, >= 2 (FID needs a covariance)")
-    p.add_argument("--guidance-scale", type=finite_float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="DDIM steps")
-    p.add_argument("--samples-per-stage", type=positive_int, default=DEFAULT_SAMPLES_PER_STAGE,
-                   help="calibration samples per stage")
-    p.add_argument("--methods", type=choice_list(METHODS), default=list(METHODS),
-                   help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--boundaries", type=boundary_pair, default=None,
-                   help="explicit middle-stage boundaries t_low,t_high")
-    p.add_argument("--model", default=None,
-                   help="a diffusers DiT folder shaped like the digits model (default: the embedded one)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads, >= 1 (default: torch's choice; 1 is faster on a busy machine)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def threads_and_model(args: argparse.Namespace):
-    """Apply ``--threads`` and load ``--model`` (None: the embedded model, loaded later).
-
-    Raises:
-        ValueError: a model that is not shaped like the digits DiT (1 channel, 16 x 16, 10 classes).
-    """
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.model is None:
-        return None
-    from mosaicdiff.cli import load_model
-
-    model = load_model(args.model, allow_mosaic=False)
-    cfg = model.config
-    shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.num_embeds_ada_norm))
-    if shape != (1, 16, 10):
-        raise ValueError(f"--model {args.model}: (in_channels, sample_size, classes) = {shape}, but the demo and "
-                         f"eval measure digits (1, 16, 10); use `mosaicdiff prune` for other models")
-    return model
-
-
-def main_from_args(args: argparse.Namespace) -> int:
-    """Run the demo from parsed arguments, print the table; returns the exit code."""
-    t0 = time.perf_counter()
-    model = threads_and_model(args)
-    report = run_demo(
-        args.out, sparsity=args.sparsity, seed=args.seed, num_samples=args.num_samples,
-        guidance_scale=args.guidance_scale, steps=args.steps, samples_per_stage=args.samples_per_stage,
-        methods=tuple(args.methods), boundaries=args.boundaries, progress=not args.no_progress, model=model,
-    )
-    print(format_table(report))
-    print(f"wrote {Path(args.out) / 'report.json'} and PNGs in {args.out} ({time.perf_counter() - t0:.1f} s)")
-    return 0

@@ -1,20 +1,54 @@
-"""Figures for the Divide step: closed-form and measured trajectory curves with the stage bands."""
+"""The figures `mosaicdiff` writes: image grids, stage curves (the Divide step), FID against sparsity."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from mosaicdiff import schedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_stage_curves"]
+__all__ = ["plot_fid_vs_sparsity", "plot_stage_curves", "save_image_grid"]
 
 _BAND_COLORS = {"early": "#9ecae1", "middle": "#fdae6b", "late": "#a1d99b"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10, scale: int = 2,
+                    pad: int = 2) -> str:
+    """Save `(N, 1, H, W)` images in [-1, 1] as a PNG grid (row-major, `nrow` per row, gray padding)."""
+    from PIL import Image
+
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"save_image_grid: expected (N, 1, H, W), got {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    ncol = min(nrow, max(n, 1))
+    nrows = max(1, math.ceil(n / ncol))
+    hs, ws = h * scale, w * scale
+    grid = torch.full((nrows * (hs + pad) + pad, ncol * (ws + pad) + pad), 0.5)
+    img = ((images[:, 0].float().clamp(-1, 1) + 1) / 2).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (hs + pad): pad + r * (hs + pad) + hs, pad + c * (ws + pad): pad + c * (ws + pad) + ws] = img[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid * 255).round().to(torch.uint8).numpy(), mode="L").save(path)
+    return str(path)
 
 
 def _norm_max(x: np.ndarray) -> np.ndarray:
@@ -44,11 +78,7 @@ def plot_stage_curves(path: str | os.PathLike, alphas_cumprod, boundaries: tuple
     Returns:
         `str`: the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
     T = abar.size
     stages = schedule.stages_from_boundaries(*boundaries, T=T)
@@ -88,3 +118,34 @@ def plot_stage_curves(path: str | os.PathLike, alphas_cumprod, boundaries: tuple
     plt.close(fig)
     logger.info("wrote %s", path)
     return path
+
+
+def plot_fid_vs_sparsity(result: dict, path: str | os.PathLike) -> str:
+    """One panel per guidance scale of a `mosaicdiff eval` result: FID against mean sparsity per
+    method, the dense model as a dashed line."""
+    plt = _pyplot()
+    gs = result["settings"]["guidance_scales"]
+    fig, axes = plt.subplots(1, len(gs), figsize=(4.5 * len(gs), 3.6), squeeze=False)
+    for ax, g in zip(axes[0], gs):
+        for method in result["settings"]["methods"]:
+            pts = sorted((p["sparsity"], p["fid"]) for p in result["points"]
+                         if p["method"] == method and p["guidance_scale"] == g)
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=method)
+        d = result["dense"].get(str(g))
+        if d is not None:
+            ax.axhline(d["fid"], color="k", ls="--", lw=1, label="dense")
+        ax.axhline(result["real_reference_fid"], color="gray", ls=":", lw=1, label="real (same N)")
+        ax.set_title(f"guidance {g:g}")
+        ax.set_xlabel("mean sparsity")
+        ax.set_ylabel("digits-FID")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"FID vs sparsity ({result['settings']['num_samples']} samples, "
+                 f"DDIM {result['settings']['steps']}, stages {tuple(result['boundaries'])})", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

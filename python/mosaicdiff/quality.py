@@ -145,11 +145,8 @@ def real_features() -> torch.Tensor:
 def fid_to_real(images: torch.Tensor) -> float:
     """FID of `images` against all 1797 real digits (shipped classifier's features).
 
-    Reference scale (measured with the shipped classifier): two disjoint random halves of the real
-    data (898/899 images) score 13-23 against each other; N random real digits against all 1797
-    score about 89 (N = 100), 53 (N = 200) and 8 (N = 512), which is the small-sample floor at
-    that N; Gaussian noise scores about 1200 and a single digit class about 2300. Compare methods
-    at equal N only.
+    The scale (the small-sample floor at each N, noise, a single class) is measured in
+    docs/results.md ("Demo settings and the digits-FID scale"). Compare methods at equal N only.
     """
     f = classifier_features(images)
     if len(f) < 2:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mosaicdiff.integrations.diffusers_dit import default_scheduler
+from mosaicdiff.integrations.schedulers import default_scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -1,14 +1,16 @@
 r"""Divide: the learning-speed score along the noise axis, stage boundaries, sparsity allocation.
 
-Closed form (``research/method.md``): with ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` and
+Closed form (docs/method.md): with ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` and
 ``r = ||x_0||^2 / d``, the expected per-dimension distance of the noisy latent to the clean one is::
 
     E[MSE(t)] = (1 - sqrt(abar_t))^2 * r + (1 - abar_t)
     Grad(t)   = E[MSE(t)] - E[MSE(t - 1)]            # with E[MSE(-1)] = 0 (x_{-1} = x_0)
-    Score(t)  = norm(Grad)(t) + lam * norm(ln SNR)(t)  # norm: min-max to [0, 1] over t
+    Score(t)  = norm(Grad)(t) + lambda * norm(ln SNR)(t)  # norm: min-max to [0, 1] over t
 
 The middle ("fast-learning") stage is the contiguous run of t around ``argmax Score`` where
-``Score(t) >= M * max Score``; it is ``[t_low, t_high)``. Early is ``t >= t_high`` (high noise),
+``Score(t) >= M * max Score``; it is ``[t_low, t_high)``. In code the paper's ``M`` is
+``speed_threshold`` and ``lambda`` is ``log_snr_weight`` (defaults `DEFAULT_SPEED_THRESHOLD`,
+`DEFAULT_LOG_SNR_WEIGHT`). Early is ``t >= t_high`` (high noise),
 late is ``t < t_low``. A timestep equal to a boundary belongs to the stage *above* it, so with
 boundaries 600/200 the DDIM-50 timesteps 980, 960, ..., 0 split 20 / 20 / 10.
 
@@ -28,7 +30,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "STAGE_ORDER",
+    "DEFAULT_LOG_SNR_WEIGHT",
+    "DEFAULT_SPEED_THRESHOLD",
     "allocate_sparsity",
     "empirical_curve",
     "expected_mse",
@@ -44,8 +47,10 @@ __all__ = [
     "steps_per_stage",
 ]
 
-#: Stage names in trajectory order (sampling runs early -> middle -> late).
-STAGE_ORDER = ("early", "middle", "late")
+#: The paper's ``M``: the middle stage is where the score is at least this fraction of its peak.
+DEFAULT_SPEED_THRESHOLD = 0.55
+#: The paper's ``lambda``: weight of the normalised log-SNR term of the score (0: learning speed only).
+DEFAULT_LOG_SNR_WEIGHT = 0.0
 
 Stage = tuple[str, int, int]  # (name, t_start inclusive, t_end exclusive)
 
@@ -117,59 +122,63 @@ def log_snr(alphas_cumprod) -> np.ndarray:
     return np.log(abar) - np.log1p(-abar)
 
 
-def score(alphas_cumprod, lam: float = 0.0, x0_sq_norm: float = 1.0) -> np.ndarray:
-    """``Score(t) = norm(Grad)(t) + lam * norm(ln SNR)(t)``, both terms min-max normalized to [0, 1].
+def score(alphas_cumprod, log_snr_weight: float = DEFAULT_LOG_SNR_WEIGHT, x0_sq_norm: float = 1.0) -> np.ndarray:
+    """``Score(t) = norm(Grad)(t) + lambda * norm(ln SNR)(t)``, both terms min-max normalized to [0, 1].
 
-    Normalizing first makes `lam` scale-free (our decision; the paper does not say).
+    Normalizing first makes `log_snr_weight` scale-free (our decision; the paper does not say).
 
     Args:
         alphas_cumprod: ``abar_t`` for t = 0..T-1.
-        lam (`float`, *optional*, defaults to 0.0): weight of the log-SNR term.
+        log_snr_weight (`float`, *optional*, defaults to 0.0): the paper's ``lambda``, weight of the
+            log-SNR term.
         x0_sq_norm (`float`, *optional*, defaults to 1.0): ``||x_0||^2 / d``.
 
     Returns:
         `np.ndarray` (T,) float64.
     """
     grad = _minmax(learning_grad(alphas_cumprod, x0_sq_norm))
-    if lam == 0:
+    if log_snr_weight == 0:
         return grad
-    return grad + float(lam) * _minmax(log_snr(alphas_cumprod))
+    return grad + float(log_snr_weight) * _minmax(log_snr(alphas_cumprod))
 
 
-def normalized_score(alphas_cumprod, lam: float = 0.0, x0_sq_norm: float = 1.0) -> np.ndarray:
+def normalized_score(alphas_cumprod, log_snr_weight: float = DEFAULT_LOG_SNR_WEIGHT,
+                     x0_sq_norm: float = 1.0) -> np.ndarray:
     """`score` min-max normalized to [0, 1] (what the sparsity allocation averages per stage)."""
-    return _minmax(score(alphas_cumprod, lam, x0_sq_norm))
+    return _minmax(score(alphas_cumprod, log_snr_weight, x0_sq_norm))
 
 
-def stage_boundaries(alphas_cumprod, M: float = 0.55, lam: float = 0.0,
-                     x0_sq_norm: float = 1.0) -> tuple[int, int]:
+def stage_boundaries(alphas_cumprod, speed_threshold: float = DEFAULT_SPEED_THRESHOLD,
+                     log_snr_weight: float = DEFAULT_LOG_SNR_WEIGHT, x0_sq_norm: float = 1.0) -> tuple[int, int]:
     """The middle (fast-learning) stage ``[t_low, t_high)`` from the closed-form score.
 
     The middle stage is the contiguous run of timesteps containing ``argmax Score`` on which
-    ``Score(t) >= M * max Score`` (if the threshold set has several runs, the others are ignored
-    and logged). Early is ``t >= t_high``, late is ``t < t_low``. For DiT's linear schedule with
-    ``M = 0.55, lam = 0, r = 1`` this gives ``(111, 576)``; the paper's summaries quote bands of
+    ``Score(t) >= M * max Score`` (``M`` = `speed_threshold`; if the threshold set has several runs,
+    the others are ignored and logged). Early is ``t >= t_high``, late is ``t < t_low``. For DiT's linear schedule with
+    ``M = 0.55, lambda = 0, r = 1`` this gives ``(111, 576)``; the paper's summaries quote bands of
     about ``(200, 600]`` (pass explicit boundaries to use those).
 
     Args:
         alphas_cumprod: ``abar_t`` for t = 0..T-1.
-        M (`float`, *optional*, defaults to 0.55): threshold relative to the peak, in (0, 1].
-        lam (`float`, *optional*, defaults to 0.0): log-SNR weight, see `score`.
+        speed_threshold (`float`, *optional*, defaults to 0.55): the paper's ``M``, the threshold
+            relative to the peak, in (0, 1].
+        log_snr_weight (`float`, *optional*, defaults to 0.0): the paper's ``lambda``, the
+            log-SNR weight, see `score`.
         x0_sq_norm (`float`, *optional*, defaults to 1.0): ``||x_0||^2 / d``.
 
     Returns:
         `(t_low, t_high)` ints with ``0 <= t_low < t_high <= T``.
 
     Raises:
-        ValueError: if `M` is not in (0, 1] or the score has no positive peak.
+        ValueError: if `speed_threshold` is not in (0, 1] or the score has no positive peak.
     """
-    if not 0 < M <= 1:
-        raise ValueError(f"M must be in (0, 1], got {M}")
-    s = score(alphas_cumprod, lam, x0_sq_norm)
+    if not 0 < speed_threshold <= 1:
+        raise ValueError(f"speed_threshold (the paper's M) must be in (0, 1], got {speed_threshold}")
+    s = score(alphas_cumprod, log_snr_weight, x0_sq_norm)
     peak = int(np.argmax(s))
     if s[peak] <= 0:
         raise ValueError(f"the score has no positive peak (max {s[peak]:.3g}); pass explicit boundaries")
-    above = s >= M * s[peak]
+    above = s >= speed_threshold * s[peak]
     lo = peak
     while lo > 0 and above[lo - 1]:
         lo -= 1
@@ -177,7 +186,7 @@ def stage_boundaries(alphas_cumprod, M: float = 0.55, lam: float = 0.0,
     while hi < s.size and above[hi]:
         hi += 1
     if int(above.sum()) != hi - lo:
-        logger.info("score >= M*max on %d timesteps outside the run [%d, %d) around the peak; ignored",
+        logger.info("score >= speed_threshold*max on %d timesteps outside the run [%d, %d) around the peak; ignored",
                     int(above.sum()) - (hi - lo), lo, hi)
     return lo, hi
 

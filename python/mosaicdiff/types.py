@@ -1,24 +1,24 @@
 """Plain data passed between the pruner (obs/compact) and the runtime (blocks/mosaic).
 
-Kept here, apart from both, so neither side imports the other.
+Kept here, apart from both, so neither side imports the other. The compact block's layout (its
+fields and their shapes) is defined here once; the runtime block, the model's skeleton and the
+loader all read it from here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
-
-STAGE_NAMES = ("early", "middle", "late")
 
 
 @dataclass
 class CompactBlockWeights:
     """The pruned, compensated weights of one DiT block, as physically smaller dense matrices.
 
-    Shapes use C = model width, hd = head_dim, h = kept heads, F = kept MLP channels.
-    The qkv rows are laid out [q of kept heads | k of kept heads | v of kept heads], each head
-    a contiguous run of hd rows, heads in ascending original order.
+    Shapes (see `compact_block_shapes`) use C = model width, hd = head_dim, h = kept heads,
+    F = kept MLP channels. The qkv rows are laid out [q of kept heads | k of kept heads | v of
+    kept heads], each head a contiguous run of hd rows, heads in ascending original order.
     Everything else of the block (adaLN modulation linear, norms) is shared, not stored here.
     """
 
@@ -45,10 +45,27 @@ class CompactBlockWeights:
         return {k: getattr(self, k) for k in TENSOR_FIELDS}
 
 
-TENSOR_FIELDS = (
-    "kept_heads", "kept_channels", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
-    "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
-)
+#: Every field of `CompactBlockWeights`, in declaration order.
+TENSOR_FIELDS = tuple(f.name for f in fields(CompactBlockWeights))
+#: The kept-index fields (metadata: CPU int64, never cast or moved with the weights).
+INDEX_FIELDS = ("kept_heads", "kept_channels")
+#: The weight fields (what a compact block stores as parameters and a mosaic saves).
+WEIGHT_FIELDS = tuple(name for name in TENSOR_FIELDS if name not in INDEX_FIELDS)
+
+
+def compact_block_shapes(heads: int, channels: int, head_dim: int, width: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight field of a compact block keeping `heads` heads and `channels` channels."""
+    inner = heads * head_dim
+    return {
+        "qkv_weight": (3 * inner, width),
+        "qkv_bias": (3 * inner,),
+        "proj_weight": (width, inner),
+        "proj_bias": (width,),
+        "fc1_weight": (channels, width),
+        "fc1_bias": (channels,),
+        "fc2_weight": (width, channels),
+        "fc2_bias": (width,),
+    }
 
 
 @dataclass
@@ -60,6 +77,3 @@ class StageSpec:
     t_end: int
     sparsity: float  # requested structural sparsity of this stage's blocks
     blocks: list[CompactBlockWeights] = field(default_factory=list)
-
-    def contains(self, t: int) -> bool:
-        return self.t_start <= t < self.t_end

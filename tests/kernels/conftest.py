@@ -13,6 +13,7 @@ import torch
 
 import mosaic_kernels as mk
 from mosaic_kernels import configs
+from mosaic_kernels.ops import _dispatch
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -47,7 +48,7 @@ def backend(request) -> Iterator[str]:
     """
     marker = request.node.get_closest_marker("op")
     op = marker.args[0] if marker else getattr(request.module, "OP", None)
-    if request.param == "cuda" and op not in mk.ops._CUDA_OPS:
+    if request.param == "cuda" and op not in _dispatch.CUDA_OPS:
         pytest.skip(f"{op} has no compiled CUDA kernel")
     with mk.use_backend(request.param):
         yield request.param
@@ -60,7 +61,7 @@ def _seed() -> None:
 
 @pytest.fixture
 def tmp_config_cache(tmp_path, monkeypatch) -> Iterator:
-    """Point the autotune cache at a temp file and forget memoized configs before and after."""
+    """Point the config cache at a temp file and forget memoized configs before and after."""
     path = tmp_path / "configs.json"
     monkeypatch.setenv(configs.CACHE_ENV, str(path))
     configs.clear_memo()

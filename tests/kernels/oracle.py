@@ -32,6 +32,12 @@ def ln_modulate(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
     return torch.addcmul(_f64(shift).unsqueeze(1), normed, _f64(scale).unsqueeze(1) + 1)
 
 
+def layer_norm(x, weight, bias, eps: float = 1e-5) -> torch.Tensor:
+    """``F.layer_norm`` with its own affine, float64."""
+    x64 = _f64(x)
+    return F.layer_norm(x64, x64.shape[-1:], _f64(weight), _f64(bias), eps=eps)
+
+
 def gated_residual(res, gate, y) -> torch.Tensor:
     """``res + gate * y`` per sample, float64 (``addcmul``)."""
     return torch.addcmul(_f64(res), _f64(gate).unsqueeze(1), _f64(y))
@@ -60,6 +66,12 @@ def gelu_tanh(z: torch.Tensor) -> torch.Tensor:
 
 def linear_gelu(x, weight, bias, exact_gemm: bool = False) -> torch.Tensor:
     return gelu_tanh(linear(x, weight, bias, exact_gemm))
+
+
+def linear_geglu(x, weight, bias, exact_gemm: bool = False) -> torch.Tensor:
+    """diffusers ``GEGLU``: ``value * F.gelu(gate)`` of the two halves of the projection, float64."""
+    value, gate = linear(x, weight, bias, exact_gemm).chunk(2, dim=-1)
+    return value * F.gelu(gate)
 
 
 def linear_gated_residual(x, weight, bias, gate, res, exact_gemm: bool = False) -> torch.Tensor:

@@ -129,17 +129,32 @@ def test_sdpa_backend_comes_from_the_config_and_is_recorded(device, monkeypatch)
         mk.attention(qkv, 2, backend="fast")
 
 
-def test_attention_configs_are_searchable():
-    from mosaic_kernels import configs
+def test_attention_choice_is_measured_over_every_sdpa_kernel(tmp_config_cache):
+    """configs.measure times each SDPA kernel the choice names (through the op's own benchmark
+    providers) and keeps the fastest; the op then runs it."""
+    from mosaic_kernels import configs, ops
+    from mosaic_kernels.ops.attention import SDPA_CHOICES
 
-    shape = (16, 256, 6, 72)
-    assert configs.shape_bucket("attention", shape) == "B16_L256_H6_hd72"
-    assert [c["sdpa_backend"] for c in configs.candidate_configs("attention", shape, torch.bfloat16)] == \
-        list(configs.SDPA_BACKENDS)
-    picked = configs.autotune("attention", shape, torch.bfloat16, "cpu", persist=False,
-                              bench_fn=lambda cfg: {"auto": 3.0, "flash": 1.0, "efficient": 2.0, "cudnn": 4.0}[
-                                  cfg["sdpa_backend"]])
+    shape = (2, 16, 2, 8)
+    assert configs.shape_bucket("attention", shape) == "B2_L16_H2_hd8"
+    assert configs.shape_bucket("attention", (16, 256, 6, 72)) == "B16_L256_H6_hd72"
+    assert tuple(ops.BENCH_CASES["attention"].choice.options) == SDPA_CHOICES == ("auto", "flash", "efficient", "cudnn")
+    timed = []
+
+    def timer(fn):
+        with ops.record_dispatch() as calls:
+            try:
+                fn()  # a kernel this device lacks raises: that option is skipped
+            finally:
+                timed.extend(backend for _, backend in calls)
+        return {"sdpa_auto": 3.0, "sdpa_flash": 1.0, "sdpa_efficient": 2.0, "sdpa_cudnn": 4.0}[timed[-1]]
+
+    picked = configs.measure("attention", shape, torch.float32, "cpu", timer=timer, persist=False)
     assert picked == {"sdpa_backend": "flash"}
+    assert timed == ["sdpa_auto", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]  # each kernel really ran
+    with ops.record_dispatch() as calls:
+        mk.attention(torch.randn(2, 16, 3 * 2 * 8), 2)
+    assert calls == {("attention", "sdpa_flash"): 1}
     configs.clear_memo()
     with pytest.raises(ValueError, match=r"\(B, L, H, hd\)"):
         configs.shape_bucket("attention", (16, 256, 6))

@@ -1,8 +1,9 @@
 """Hopper/Ampere resource checks of every kernel without a GPU (benchmarks/compile_check.py).
 
-The script compiles every Triton kernel of mosaic_kernels, in every default, candidate and
-shipped config at DiT-XL/2 shapes, for sm_90a (H100/H200) and sm_80 (A100) through a stand-in
-Triton driver, and the CUDA kernels of csrc/ with nvcc. It runs once per module, in a
+The script compiles every Triton kernel of mosaic_kernels, in every config its launcher may run
+(the row settings; every GEMM autotune config, pointer and TMA) at DiT-XL/2 shapes, for sm_90a
+(H100/H200) and sm_80 (A100) through a stand-in Triton driver, and the CUDA kernels of csrc/
+with nvcc. It runs once per module, in a
 subprocess without TRITON_INTERPRET (the root conftest sets it for the interpreter tests, and the
 kernels must be decorated for real compilation). Its rules live in the script
 (:func:`problems`) so that a failing check here and its line in the script's output agree.
@@ -34,7 +35,7 @@ sys.modules[_spec.name] = cc  # dataclasses look their module up there
 _spec.loader.exec_module(cc)  # stdlib-only at import: nothing is compiled or interpreted here
 
 # 128x256x128 tiles, 4 stages of bf16: 384 KB of operand buffers on sm_90a, 288 KB on sm_80.
-OVERSIZED = {"backend": "triton", "BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8,
+OVERSIZED = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8,
              "num_warps": 8, "num_stages": 4}
 
 
@@ -81,7 +82,10 @@ def triton_records(report) -> list[dict]:
 def test_every_kernel_compiles_for_sm90a_and_sm80(report, triton_records):
     assert not cc.compile_failures(triton_records), "\n".join(cc.compile_failures(triton_records))
     assert {r["arch"] for r in triton_records} == {"sm_90a", "sm_80"}
-    problems = cc.missing_coverage(triton_records, [90, 80])
+    families = report["meta"]["families"]
+    assert set(families) == set(cc.kernel_cases()) and {"row", "gemm"} == set(families.values()), families
+    assert {r["op"] for r in triton_records} == set(families)
+    problems = cc.missing_coverage(triton_records, [90, 80], families)
     assert not problems, "\n".join(problems)
 
 
@@ -91,7 +95,7 @@ def test_shared_memory_fits_the_card(triton_records):
 
 
 def test_gemms_use_wgmma_on_hopper(triton_records):
-    gemms = [r for r in triton_records if r["op"] in cc.GEMM_OPS and r["arch"] == "sm_90a"]
+    gemms = [r for r in triton_records if r["family"] == "gemm" and r["arch"] == "sm_90a"]
     assert gemms
     missing = cc.gemm_without_wgmma(triton_records)
     assert not missing, "\n".join(missing)
@@ -105,9 +109,9 @@ def test_tma_variants_use_bulk_tensor_copies(triton_records):
 
 
 def test_row_kernels_do_not_spill(triton_records):
-    rows = [r for r in triton_records if r["op"] in cc.ROW_OPS]
+    rows = [r for r in triton_records if r["family"] == "row"]
     assert rows and all(r.get("registers", 0) > 0 for r in rows), "ptxas figures missing"
-    spills = cc.spilling(triton_records, "triton", cc.ROW_OPS)
+    spills = cc.spilling(triton_records, "triton", "row")
     assert not spills, "\n".join(spills)
 
 
@@ -124,7 +128,7 @@ def test_cuda_norm_kernels_compile_and_do_not_spill(report):
 
 def test_gemm_spills_are_reported(triton_records):
     """GEMM spills are data, not failures: every GEMM record carries its ptxas figures."""
-    gemms = [r for r in triton_records if r["op"] in cc.GEMM_OPS]
+    gemms = [r for r in triton_records if r["family"] == "gemm"]
     assert gemms and all("spill_bytes" in r and r["registers"] > 0 for r in gemms)
 
 
@@ -144,17 +148,17 @@ def test_oversized_config_is_over_the_limit_on_both_cards(report):
 
 def test_detectors_are_not_vacuous(triton_records):
     """Row kernels have no wgmma/TMA on Hopper; Ampere GEMMs use mma.sync, not wgmma."""
-    rows_h = [r for r in triton_records if r["op"] in cc.ROW_OPS and r["arch"] == "sm_90a"]
+    rows_h = [r for r in triton_records if r["family"] == "row" and r["arch"] == "sm_90a"]
     assert rows_h and not any(r["wgmma"] or r["tma_bulk_tensor"] for r in rows_h)
-    gemm_a = [r for r in triton_records if r["op"] in cc.GEMM_OPS and r["arch"] == "sm_80"]
+    gemm_a = [r for r in triton_records if r["family"] == "gemm" and r["arch"] == "sm_80"]
     assert gemm_a and all(r["wgmma"] == 0 and r["mma_sync"] > 0 for r in gemm_a)
-    pointer_h = [r for r in triton_records if r["op"] in cc.GEMM_OPS and r["arch"] == "sm_90a"
+    pointer_h = [r for r in triton_records if r["family"] == "gemm" and r["arch"] == "sm_90a"
                  and not r["tensor_descriptors"]]
     assert pointer_h and not any(r["tma_bulk_tensor"] for r in pointer_h)
 
 
 def _record(**kw) -> dict:
-    base = {"kind": "triton", "op": "linear_gelu", "kernel": "k", "arch": "sm_90a", "capability": 90,
+    base = {"kind": "triton", "op": "linear_gelu", "family": "gemm", "kernel": "k", "arch": "sm_90a", "capability": 90,
             "dtype": "bf16", "ok": True, "shared_bytes": 1024, "static_smem_bytes": 0, "wgmma": 4,
             "tma_bulk_tensor": 0, "tensor_descriptors": False, "spill_bytes": 0, "launch_meta": {}}
     return {**base, **kw}
@@ -171,14 +175,16 @@ def test_smem_rule_on_synthetic_records():
 
 def test_instruction_rules_on_synthetic_records():
     assert len(cc.gemm_without_wgmma([_record(wgmma=0)])) == 1
-    assert cc.gemm_without_wgmma([_record(wgmma=0, op="ln_modulate")]) == []  # not a GEMM
+    assert cc.gemm_without_wgmma([_record(wgmma=0, op="ln_modulate", family="row")]) == []  # not a GEMM
     assert cc.gemm_without_wgmma([_record(wgmma=0, arch="sm_80", capability=80)]) == []
     assert len(cc.tma_without_bulk_copies([_record(tensor_descriptors=True)])) == 1
     assert cc.tma_without_bulk_copies([_record(tensor_descriptors=True, tma_bulk_tensor=3)]) == []
-    assert len(cc.spilling([_record(op="gated_residual", spill_bytes=4)], "triton", cc.ROW_OPS)) == 1
-    assert cc.spilling([_record(spill_bytes=500)], "triton", cc.ROW_OPS) == []  # GEMM spills: reported only
+    assert len(cc.spilling([_record(op="gated_residual", family="row", spill_bytes=4)], "triton", "row")) == 1
+    assert cc.spilling([_record(spill_bytes=500)], "triton", "row") == []  # GEMM spills: reported only
     assert len(cc.compile_failures([_record(ok=False, error="CompilationError: boom")])) == 1
-    assert len(cc.missing_coverage([_record()], [90], ["linear_gelu"])) == 1  # no TMA variant
+    assert len(cc.missing_coverage([_record()], [90], {"linear_gelu": "gemm"})) == 1  # no TMA variant
+    assert cc.missing_coverage([_record(tensor_descriptors=True)], [90], {"linear_gelu": "gemm"}) == []
+    assert len(cc.missing_coverage([_record()], [90], {"linear_gelu": "gemm", "ln_modulate": "row"})) == 2
 
 
 def test_ptxas_log_parser():

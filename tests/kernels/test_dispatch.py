@@ -9,6 +9,7 @@ import torch
 
 import mosaic_kernels as mk
 from mosaic_kernels import ops
+from mosaic_kernels.ops import _dispatch
 from mosaic_kernels.reference import ln_modulate_ref
 
 
@@ -65,14 +66,14 @@ def test_pinned_cuda_without_compiled_kernel_follows_auto():
 
 
 def test_pinned_triton_unavailable_raises(monkeypatch):
-    monkeypatch.setattr(ops, "_triton_status", lambda device: (False, "no triton here (test)"))
+    monkeypatch.setattr(_dispatch, "_triton_status", lambda device: (False, "no triton here (test)"))
     with mk.use_backend("triton"), pytest.raises(RuntimeError, match="'triton' is pinned but unavailable: no triton"):
         mk.ln_modulate(*_inputs())
 
 
 def test_auto_falls_back_to_torch_and_logs_once(monkeypatch, caplog):
-    monkeypatch.setattr(ops, "_triton_status", lambda device: (False, "unit-test reason"))
-    monkeypatch.setattr(ops, "_logged", set())
+    monkeypatch.setattr(_dispatch, "_triton_status", lambda device: (False, "unit-test reason"))
+    monkeypatch.setattr(_dispatch, "_logged", set())
     x, shift, scale = _inputs()
     with mk.use_backend("auto"), caplog.at_level(logging.INFO, logger="mosaic_kernels.ops"):
         y1 = mk.ln_modulate(x, shift, scale)
@@ -104,9 +105,9 @@ def test_empty_batch():
 
 def test_mixed_dtypes_skip_compiled_kernel(monkeypatch):
     """The compiled kernels take one dtype: auto skips them for mixed inputs, a cuda pin raises."""
-    monkeypatch.setattr(ops, "_cuda_status", lambda device: (True, ""))
+    monkeypatch.setattr(_dispatch, "_cuda_status", lambda device: (True, ""))
     x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
-    mixed = ops._cuda_inputs_status("ln_modulate", x, torch.randn(2, 16), torch.randn(2, 16))
+    mixed = _dispatch.cuda_inputs_status("ln_modulate", x, torch.randn(2, 16), torch.randn(2, 16))
     assert not mixed[0] and "one dtype" in mixed[1]
     with mk.use_backend("auto"):
         assert mk.select_backend("ln_modulate", "cpu", mixed) in ("triton", "torch")
@@ -145,3 +146,25 @@ def test_compiled_block_all_ops_two_batch_sizes():
         x, mod = torch.randn(B, 5, D), torch.randn(B, 6 * D)
         torch.testing.assert_close(compiled(x, mod, *weights), block_ref(x, mod, *weights), atol=1e-4, rtol=1e-4,
                                    msg=lambda m, B=B: f"compiled block, B={B}: {m}")
+
+
+def test_forced_gemm_path_overrides_pin_and_choice():
+    """The benchmark providers force a GEMM path: it runs whatever the pin or the per-shape choice
+    says; an unknown path or an unavailable Triton GEMM is refused."""
+    x, w = torch.randn(2, 3, 16), torch.randn(8, 16)
+    with mk.use_backend("torch"), _dispatch.force_gemm_path("vendor"), ops.record_dispatch() as calls:
+        mk.linear_gelu(x, w, None)
+    assert calls == {("linear_gelu", "vendor"): 1}
+    with pytest.raises(ValueError, match="force_gemm_path: expected one of"):
+        with _dispatch.force_gemm_path("cublas"):
+            pass
+
+
+def test_forced_triton_gemm_unavailable_raises(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_triton_status", lambda device: (False, "no triton here (test)"))
+    with _dispatch.force_gemm_path("triton"), pytest.raises(RuntimeError, match="forced but unavailable: no triton"):
+        mk.linear_geglu(torch.randn(2, 3, 16), torch.randn(8, 16), None)
+
+
+def test_compiled_kernels_are_declared_by_their_ops():
+    assert _dispatch.CUDA_OPS == {"ln_modulate", "gated_residual_ln_modulate"}

@@ -1,8 +1,9 @@
 """The compiled extension mosaic_kernels._C: loading, version checks, registered ops, CUDA results.
 
 Runs everywhere: the loader (with a faked build info, no rebuild) and, when ``_C`` was built,
-its op schemas and Meta kernels (argument checks) on meta tensors. The CUDA results of
-``torch.ops.mosaic_C.*`` against ``mosaic_kernels.reference`` need a GPU and skip without one.
+its op schemas and that the Python custom op carries the one fake. The argument checks and the
+CUDA results of ``torch.ops.mosaic_C.*`` against ``mosaic_kernels.reference`` need a GPU and
+skip without one.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def test_real_build_info_matches_installed_torch():
 
 
 # ---------------------------------------------------------------------------------------------
-# Registered ops: schemas and Meta kernels (CPU, meta tensors)
+# Registered ops: schemas, one fake per op, argument checks
 # ---------------------------------------------------------------------------------------------
 
 
@@ -166,27 +167,42 @@ def test_op_schema(name):
     assert len(schema.returns) == 0, str(schema)
 
 
-def _meta_ln_args(B=2, L=3, D=40, dtype=torch.float32):
-    x = torch.empty(B, L, D, device="meta", dtype=dtype)
-    cond = torch.empty(B, D, device="meta", dtype=dtype)
+def _ln_args(B=2, L=3, D=40, dtype=torch.float32, device="cuda"):
+    x = torch.randn(B, L, D, device=device).to(dtype)
+    cond = torch.randn(B, D, device=device).to(dtype)
     return torch.empty_like(x), x, cond, cond.clone(), EPS
 
 
-def _meta_gated_args(B=2, L=3, D=40, dtype=torch.float32):
-    res = torch.empty(B, L, D, device="meta", dtype=dtype)
-    cond = torch.empty(B, D, device="meta", dtype=dtype)
-    return (torch.empty_like(res), torch.empty_like(res), res, cond, torch.empty_like(res),
+def _gated_args(B=2, L=3, D=40, dtype=torch.float32, device="cuda"):
+    res = torch.randn(B, L, D, device=device).to(dtype)
+    cond = torch.randn(B, D, device=device).to(dtype)
+    return (torch.empty_like(res), torch.empty_like(res), res, cond, torch.randn_like(res),
             cond.clone(), cond.clone(), EPS)
 
 
 @needs_ext
-def test_meta_kernels_accept_valid_arguments():
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_one_fake_per_op_the_python_custom_op(name):
+    """torch.compile traces mosaic::<op> (the Python custom op and its register_fake); the
+    compiled mosaic_C::<op> runs inside its body and has no Meta kernel of its own."""
+    make = _ln_args if name == "ln_modulate" else _gated_args
+    args = make(device="meta")
+    with pytest.raises(NotImplementedError, match="no fake impl or Meta kernel"):
+        getattr(torch.ops.mosaic_C, name)(*args)
+    inputs = args[1:] if name == "ln_modulate" else args[2:]
+    outs = getattr(torch.ops.mosaic, name)(*inputs)
+    for out in outs if isinstance(outs, tuple) else (outs,):
+        assert out.device.type == "meta" and out.shape == inputs[0].shape
+
+
+@needs_cuda
+def test_kernels_accept_valid_arguments():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        torch.ops.mosaic_C.ln_modulate(*_meta_ln_args(dtype=dtype))
-        torch.ops.mosaic_C.gated_residual_ln_modulate(*_meta_gated_args(dtype=dtype))
+        torch.ops.mosaic_C.ln_modulate(*_ln_args(dtype=dtype))
+        torch.ops.mosaic_C.gated_residual_ln_modulate(*_gated_args(dtype=dtype))
 
 
-@needs_ext
+@needs_cuda
 @pytest.mark.parametrize("case, match", [
     ("shift_shape", r"ln_modulate: shift must have shape \[2, 40\], got \[2, 39\]"),
     ("x_2d", r"ln_modulate: x must be 3-D \(B, L, D\), got shape \[6, 40\]"),
@@ -197,40 +213,41 @@ def test_meta_kernels_accept_valid_arguments():
     ("empty_hidden", r"ln_modulate: hidden size D must be in \[1, "),
 ])
 def test_ln_modulate_rejects_bad_arguments(case, match):
-    out, x, shift, scale, eps = _meta_ln_args()
+    """The last guard: the C++ checks, which the Python op's validation normally pre-empts."""
+    out, x, shift, scale, eps = _ln_args()
     if case == "shift_shape":
-        shift = torch.empty(2, 39, device="meta")
+        shift = torch.empty(2, 39, device="cuda")
     elif case == "x_2d":
-        x = torch.empty(6, 40, device="meta")
+        x = torch.empty(6, 40, device="cuda")
     elif case == "scale_dtype":
         scale = scale.half()
     elif case == "out_strided":
-        out = torch.empty(2, 40, 3, device="meta").transpose(1, 2)
+        out = torch.empty(2, 40, 3, device="cuda").transpose(1, 2)
     elif case == "x_int":
-        x = torch.empty(2, 3, 40, device="meta", dtype=torch.int32)
+        x = torch.empty(2, 3, 40, device="cuda", dtype=torch.int32)
     elif case == "eps_negative":
         eps = -1.0
     elif case == "empty_hidden":
-        x, out = torch.empty(2, 3, 0, device="meta"), torch.empty(2, 3, 0, device="meta")
-        shift, scale = torch.empty(2, 0, device="meta"), torch.empty(2, 0, device="meta")
+        x, out = torch.empty(2, 3, 0, device="cuda"), torch.empty(2, 3, 0, device="cuda")
+        shift, scale = torch.empty(2, 0, device="cuda"), torch.empty(2, 0, device="cuda")
     with pytest.raises(RuntimeError, match=match):
         torch.ops.mosaic_C.ln_modulate(out, x, shift, scale, eps)
 
 
-@needs_ext
+@needs_cuda
 @pytest.mark.parametrize("case, match", [
     ("gate_shape", r"gated_residual_ln_modulate: gate must have shape \[2, 40\], got \[1, 40\]"),
     ("y_dtype", r"gated_residual_ln_modulate: y must have the dtype of res \(BFloat16\), got Float"),
     ("h_out_shape", r"gated_residual_ln_modulate: h_out must have shape \[2, 3, 40\], got \[2, 4, 40\]"),
 ])
 def test_gated_residual_ln_modulate_rejects_bad_arguments(case, match):
-    h_out, out, res, gate, y, shift, scale, eps = _meta_gated_args(dtype=torch.bfloat16)
+    h_out, out, res, gate, y, shift, scale, eps = _gated_args(dtype=torch.bfloat16)
     if case == "gate_shape":
-        gate = torch.empty(1, 40, device="meta", dtype=torch.bfloat16)
+        gate = torch.empty(1, 40, device="cuda", dtype=torch.bfloat16)
     elif case == "y_dtype":
         y = y.float()
     elif case == "h_out_shape":
-        h_out = torch.empty(2, 4, 40, device="meta", dtype=torch.bfloat16)
+        h_out = torch.empty(2, 4, 40, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.mosaic_C.gated_residual_ln_modulate(h_out, out, res, gate, y, shift, scale, eps)
 
@@ -240,13 +257,6 @@ def test_cpu_tensors_have_no_kernel():
     x = torch.randn(2, 3, 8)
     with pytest.raises(NotImplementedError, match="CPU"):
         torch.ops.mosaic_C.ln_modulate(torch.empty_like(x), x, torch.randn(2, 8), torch.randn(2, 8), EPS)
-
-
-@needs_ext
-def test_opcheck_on_meta_tensors():
-    """Schema (mutation annotations), FakeTensor and AOT-dispatch checks, without running a kernel."""
-    opcheck(torch.ops.mosaic_C.ln_modulate.default, _meta_ln_args(D=48, dtype=torch.bfloat16))
-    opcheck(torch.ops.mosaic_C.gated_residual_ln_modulate.default, _meta_gated_args(D=48))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +368,12 @@ def test_cuda_kernels_reject_aliased_output():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_cuda(dtype):
+    """Schema checks (the mutation annotations) of the internal ops; their fake-tensor checks
+    belong to the Python custom ops that call them (opcheck in the per-op tests)."""
     x, shift, scale = _ln_inputs((2, 5, 1152), dtype)
-    opcheck(torch.ops.mosaic_C.ln_modulate.default, (torch.empty_like(x), x, shift, scale, EPS))
+    opcheck(torch.ops.mosaic_C.ln_modulate.default, (torch.empty_like(x), x, shift, scale, EPS),
+            test_utils=("test_schema",))
     y = torch.randn_like(x)
     opcheck(torch.ops.mosaic_C.gated_residual_ln_modulate.default,
-            (torch.empty_like(x), torch.empty_like(x), x, scale.clone(), y, shift, scale, EPS))
+            (torch.empty_like(x), torch.empty_like(x), x, scale.clone(), y, shift, scale, EPS),
+            test_utils=("test_schema",))

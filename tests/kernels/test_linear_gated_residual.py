@@ -113,7 +113,7 @@ def test_two_configs_match_exactly():
 def test_tensor_descriptor_variant(B, L, K, N, uses_tma, dtype, monkeypatch, check_close):
     """The TMA-descriptor kernel equals the pointer kernel (bitwise on a GPU); unaligned N falls back."""
     triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    from mosaic_kernels.triton import _matmul, linear_gated_residual as lgr_module
+    from mosaic_kernels.triton import _matmul
 
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     if not mk.backends(device)["triton"]["available"]:
@@ -122,10 +122,10 @@ def test_tensor_descriptor_variant(B, L, K, N, uses_tma, dtype, monkeypatch, che
         pytest.skip("tensor descriptors need Hopper (sm_90+)")
     inputs = make_inputs(B, L, K, N, dtype, device)
     launched = []
-    monkeypatch.setattr(lgr_module, "make_descriptor",
-                        lambda t, block: launched.append(block) or _matmul.make_descriptor(t, block))
+    make_descriptor = _matmul.make_descriptor
+    monkeypatch.setattr(_matmul, "make_descriptor", lambda t, block: launched.append(block) or make_descriptor(t, block))
     cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 3}
-    with_tma = triton_kernels.linear_gated_residual_triton(*inputs, config={**cfg, "TMA": True})
+    with_tma = triton_kernels.linear_gated_residual_triton(*inputs, config={**cfg, "tma": True})
     assert bool(launched) == uses_tma
     plain = triton_kernels.linear_gated_residual_triton(*inputs, config=cfg)
     if device.type == "cuda":

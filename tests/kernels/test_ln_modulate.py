@@ -32,7 +32,7 @@ SHAPES = [
     (1, 3, 4608),
 ]
 
-# Widths for the BLOCK_M sweeps: every kind of (main, tail) split (configs.row_blocks).
+# Widths for the BLOCK_M sweeps: every kind of (main, tail) split (settings.row_blocks).
 SWEEP_D = [1, 3, 13, 72, 1000, 1025, 1152, 2301, 4608, 8192]
 # 9 rows: BLOCK_M 2, 4 and 8 leave a partial last row tile, 16 is one program wider than the rows.
 SWEEP_BLOCK_M = [1, 2, 4, 8, 16]
@@ -234,3 +234,34 @@ def test_opcheck_compiled_op():
     x, shift, scale = make_inputs((2, 3, 72), torch.bfloat16, "cuda")
     out = torch.empty_like(x)
     torch.library.opcheck(torch.ops.mosaic_C.ln_modulate.default, (out, x, shift, scale, 1e-6))
+
+
+def test_row_settings_from_width_and_dtype():
+    """Settings are a function of (op, D, dtype): whole rows as main + tail chunks (1152 -> 1024 +
+    128), power-of-two rows per program, unsupported dtypes and over-wide rows refused."""
+    settings = pytest.importorskip("mosaic_kernels.triton.settings")
+    from mosaic_kernels.triton import INTERPRETED
+
+    for op in settings.NORM_OPS:
+        cfg = settings.row_settings(op, 1152, torch.bfloat16)
+        assert (cfg["BLOCK_D"], cfg["TAIL_D"]) == (1024, 128)
+        assert cfg == settings.row_settings(op, 1152, torch.float32)  # fp32 in registers either way
+        for D in (1, 72, 1000, 2301, 8192, settings.MAX_FUSED_D):
+            cfg = settings.row_settings(op, D, torch.float32)
+            lanes = cfg["BLOCK_D"] + cfg["TAIL_D"]
+            assert D <= lanes < 2 * D or D == 1
+            assert cfg["BLOCK_M"] & (cfg["BLOCK_M"] - 1) == 0 and cfg["num_warps"] in (4, 8, 16, 32)
+            if not INTERPRETED:
+                assert cfg["BLOCK_M"] * lanes <= max(2048, lanes) and cfg["BLOCK_M"] <= 16
+    cfg = settings.row_settings("gated_residual", 1152, torch.float16)
+    assert cfg["BLOCK_D"] + cfg["TAIL_D"] == 1152 or (cfg["BLOCK_D"], cfg["TAIL_D"]) == (1024, 128)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        settings.row_settings("ln_modulate", 72, torch.float64)
+    with pytest.raises(NotImplementedError, match="exceeds the single-pass row limit"):
+        settings.row_settings("ln_modulate", settings.MAX_FUSED_D + 1, torch.float32)
+    with pytest.raises(ValueError, match="unknown row op"):
+        settings.row_settings("softmax", 72, torch.float32)
+    assert settings.fit_row_config("ln_modulate", 72, {"BLOCK_M": 2, "BLOCK_D": 4096}) == \
+        {"BLOCK_M": 2, "BLOCK_D": 64, "TAIL_D": 8, "num_warps": 4}
+    with pytest.raises(ValueError, match="BLOCK_M must be a power of two"):
+        settings.fit_row_config("ln_modulate", 72, {"BLOCK_M": 3})

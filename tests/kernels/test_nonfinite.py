@@ -19,6 +19,7 @@ import torch
 from tolerances import DTYPE_TOLS
 
 import mosaic_kernels as mk
+from mosaic_kernels.ops.attention import _SDPA_NAN_ROW_GUARD_DEVICES
 
 # The interpreter's numpy warns on inf * 0 and overflow: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -204,8 +205,8 @@ def test_attention(device, case, value, sdpa):
     """Each SDPA kernel, pinned, against the plain-softmax oracle. torch's SDPA writes 0 for a
     softmax row without a finite score (a NaN/inf query, or a non-finite entry in every key);
     ops.attention restores the reference's NaN there on CPU (on CUDA: not guarded, expected to
-    differ in those cases, see ops._SDPA_NAN_ROW_GUARD_DEVICES)."""
-    if case in ("q", "every_key") and device.type not in mk.ops._SDPA_NAN_ROW_GUARD_DEVICES:
+    differ in those cases, see mosaic_kernels/ops/attention.py: _SDPA_NAN_ROW_GUARD_DEVICES)."""
+    if case in ("q", "every_key") and device.type not in _SDPA_NAN_ROW_GUARD_DEVICES:
         pytest.xfail(f"{device.type}: SDPA's own semantics for rows without a finite score (not guarded)")
     qkv = _attention_case(case, value, device)
     expected = oracle.attention(qkv, H)

@@ -56,8 +56,10 @@ def test_attention_num_heads_integral_accepted(heads):
 
 _LN_ARGS = (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8))
 _GRLN_ARGS = (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8))
+_AFFINE_LN_ARGS = (torch.randn(2, 3, 8), torch.randn(8), torch.randn(8))
 _EPS_OPS = {"ln_modulate": (mk.ln_modulate, _LN_ARGS),
-            "gated_residual_ln_modulate": (mk.gated_residual_ln_modulate, _GRLN_ARGS)}
+            "gated_residual_ln_modulate": (mk.gated_residual_ln_modulate, _GRLN_ARGS),
+            "layer_norm": (mk.layer_norm, _AFFINE_LN_ARGS)}
 
 
 @pytest.mark.parametrize("op", list(_EPS_OPS))
@@ -121,6 +123,18 @@ def test_linear_gated_residual_k0(backend, device, bias):
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_linear_geglu_k0_is_geglu_of_bias(backend, device, bias):
+    """K = 0: F.linear gives the bias (or zeros) in every row, then value * gelu(gate)."""
+    b = torch.tensor([1.0, -1.0, 2.0, 3.0, 0.5, -2.0], device=device) if bias else None
+    x, w = torch.zeros(2, 3, 0, device=device), torch.zeros(6, 0, device=device)
+    out = mk.linear_geglu(x, w, b)
+    assert out.shape == (2, 3, 3)
+    torch.testing.assert_close(out.double(), oracle.linear_geglu(x, w, b), atol=1e-6, rtol=1e-6)
+    if bias:
+        assert out[1, 2, 0].item() == pytest.approx(1.0 * 2.9959502, abs=1e-5)  # 1 * gelu(3)
+
+
 @pytest.mark.op("ln_modulate")  # the cuda case runs the compiled kernels too (gated_residual: auto order)
 @pytest.mark.parametrize("shape", [(0, 3, 72), (2, 0, 72), (2, 3, 0)], ids=["B0", "L0", "D0"])
 def test_row_ops_empty(backend, device, shape):
@@ -130,6 +144,8 @@ def test_row_ops_empty(backend, device, shape):
     assert mk.gated_residual(x, v, x).shape == shape
     h, normed = mk.gated_residual_ln_modulate(x, v, x, v, v)
     assert h.shape == normed.shape == shape
+    w = torch.randn(D, device=device)
+    assert mk.layer_norm(x, w, w).shape == mk.layer_norm(x, None, None).shape == shape
 
 
 @pytest.mark.parametrize("M, N, K", [(0, 5, 8), (4, 0, 8), (0, 0, 0)], ids=["M0", "N0", "all0"])
@@ -138,6 +154,8 @@ def test_gemm_ops_empty(backend, device, M, N, K):
     assert mk.linear_gelu(x, w, torch.randn(N, device=device)).shape == (1, M, N)
     out = mk.linear_gated_residual(x, w, None, torch.randn(1, N, device=device), torch.randn(1, M, N, device=device))
     assert out.shape == (1, M, N)
+    w2 = torch.randn(2 * N, K, device=device)  # GEGLU: value and gate rows
+    assert mk.linear_geglu(x, w2, torch.randn(2 * N, device=device)).shape == (1, M, N)
 
 
 @pytest.mark.parametrize("B, L", [(0, 3), (2, 0)], ids=["B0", "L0"])

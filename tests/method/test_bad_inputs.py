@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import mosaicdiff.pruning as prune_mod
-from mosaicdiff import compact
 from mosaicdiff.calibrate import Calibration
+from mosaicdiff.integrations import diffusers_dit as dit
 from mosaicdiff.pruning import plan_stages, prune, prune_stages
 
 FAST = dict(samples_per_stage=2, align=None, progress=False)
@@ -40,7 +40,7 @@ def no_long_work(monkeypatch):
 
     monkeypatch.setattr(prune_mod, "stage_inputs", boom)
     monkeypatch.setattr(prune_mod, "collect_hessians", boom)
-    monkeypatch.setattr(prune_mod.compact, "prune_block", boom)
+    monkeypatch.setattr(prune_mod.compact, "prune_groups", boom)
 
 
 # ----------------------------------------------------------------- calibration data vs the model
@@ -160,8 +160,8 @@ def test_align_not_below_mlp_width_in_prune_block():
     lin = {n: torch.nn.Linear(16, 16) for n in ("q", "k", "v", "proj")}
     lin.update(fc1=torch.nn.Linear(16, 64), fc2=torch.nn.Linear(64, 16))
     with pytest.raises(ValueError, match=r"align=64 is not smaller than the MLP width 64"):
-        compact.prune_block(lin, None, 2, 0.5, 0.5, method="magnitude", align=64)
-    assert compact.prune_block(lin, None, 2, 0.5, 0.0, method="magnitude", align=64).mlp_width == 64
+        dit.prune_block(lin, None, 2, 0.5, 0.5, method="magnitude", align=64)
+    assert dit.prune_block(lin, None, 2, 0.5, 0.0, method="magnitude", align=64).mlp_width == 64
 
 
 @pytest.mark.parametrize("align", [0, -16, True, 2.5, "64"])

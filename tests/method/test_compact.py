@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 from mosaicdiff import compact, obs
 from mosaicdiff.integrations import diffusers_dit as dit
+from mosaicdiff.integrations import schedulers
 
 
 def tiny_dit(heads: int = 4, head_dim: int = 8, layers: int = 2, seed: int = 0):
@@ -74,7 +75,7 @@ def test_align_width_errors():
 @pytest.mark.parametrize("head_sparsity, expected_heads", [(0.0, 4), (0.25, 3), (0.5, 2), (0.6, 2), (0.7, 1)])
 def test_prune_block_keeps_requested_heads(head_sparsity, expected_heads):
     lin, H = _linears(), _hessians()
-    w = compact.prune_block(lin, H, 4, head_sparsity, 0.5, align=None)
+    w = dit.prune_block(lin, H, 4, head_sparsity, 0.5, align=None)
     assert w.num_heads == expected_heads, f"s={head_sparsity}: kept {w.num_heads} heads"
     assert w.qkv_weight.shape == (3 * expected_heads * 6, 24)
     assert w.proj_weight.shape == (24, expected_heads * 6)
@@ -83,7 +84,7 @@ def test_prune_block_keeps_requested_heads(head_sparsity, expected_heads):
 def test_prune_block_slices_and_compensates():
     lin, H = _linears(), _hessians()
     hd = 6
-    w = compact.prune_block(lin, H, 4, 0.5, 0.5, align=8)
+    w = dit.prune_block(lin, H, 4, 0.5, 0.5, align=8)
     # heads: consumer columns equal standalone OBS; producer rows are the kept heads' rows
     proj_ref, cols = obs.prune_columns(lin["proj"].weight, H["proj"], 2, hd)
     assert torch.equal(w.kept_heads, cols.view(-1, hd)[:, 0] // hd)
@@ -104,13 +105,13 @@ def test_prune_block_slices_and_compensates():
 
 def test_prune_block_aligns_mlp_width():
     lin, H = _linears(), _hessians()
-    w = compact.prune_block(lin, H, 4, 0.25, 0.3, align=16)  # 96 * 0.7 = 67.2 -> 67 -> 64
+    w = dit.prune_block(lin, H, 4, 0.25, 0.3, align=16)  # 96 * 0.7 = 67.2 -> 67 -> 64
     assert w.mlp_width == 64 and w.fc1_weight.shape == (64, 24) and w.fc2_weight.shape == (24, 64)
 
 
 def test_prune_block_zero_sparsity_is_dense():
     lin, H = _linears(), _hessians()
-    w = compact.prune_block(lin, H, 4, 0.0, 0.0, align=64)
+    w = dit.prune_block(lin, H, 4, 0.0, 0.0, align=64)
     assert torch.equal(w.qkv_weight, torch.cat([lin[n].weight for n in "qkv"]))
     assert torch.equal(w.proj_weight, lin["proj"].weight) and torch.equal(w.fc2_weight, lin["fc2"].weight)
     assert w.mlp_width == 96 and w.num_heads == 4
@@ -119,7 +120,7 @@ def test_prune_block_zero_sparsity_is_dense():
 @pytest.mark.parametrize("method", ["magnitude", "random"])
 def test_prune_block_baselines_do_not_compensate(method):
     lin = _linears()
-    w = compact.prune_block(lin, None, 4, 0.5, 0.5, method=method, align=None,
+    w = dit.prune_block(lin, None, 4, 0.5, 0.5, method=method, align=None,
                             generator=torch.Generator().manual_seed(0))
     cols = torch.cat([torch.arange(h * 6, (h + 1) * 6) for h in w.kept_heads.tolist()])
     assert torch.equal(w.proj_weight, lin["proj"].weight[:, cols])
@@ -130,19 +131,19 @@ def test_prune_block_baselines_do_not_compensate(method):
 def test_prune_block_errors():
     lin, H = _linears(), _hessians()
     with pytest.raises(ValueError, match="at least one head"):
-        compact.prune_block(lin, H, 4, 0.9, 0.5)  # round(3.6) = 4 heads
+        dit.prune_block(lin, H, 4, 0.9, 0.5)  # round(3.6) = 4 heads
     with pytest.raises(ValueError, match="head_sparsity"):
-        compact.prune_block(lin, H, 4, 1.0, 0.5)
+        dit.prune_block(lin, H, 4, 1.0, 0.5)
     with pytest.raises(ValueError, match="mlp_sparsity"):
-        compact.prune_block(lin, H, 4, 0.5, -0.1)
+        dit.prune_block(lin, H, 4, 0.5, -0.1)
     with pytest.raises(ValueError, match="method"):
-        compact.prune_block(lin, H, 4, 0.5, 0.5, method="taylor")
+        dit.prune_block(lin, H, 4, 0.5, 0.5, method="taylor")
     with pytest.raises(ValueError, match="Hessian"):
-        compact.prune_block(lin, None, 4, 0.5, 0.5)
+        dit.prune_block(lin, None, 4, 0.5, 0.5)
     with pytest.raises(ValueError, match="num_heads"):
-        compact.prune_block(lin, H, 5, 0.5, 0.5)
+        dit.prune_block(lin, H, 5, 0.5, 0.5)
     with pytest.raises(ValueError, match="missing"):
-        compact.prune_block({k: v for k, v in lin.items() if k != "q"}, H, 4, 0.5, 0.5)
+        dit.prune_block({k: v for k, v in lin.items() if k != "q"}, H, 4, 0.5, 0.5)
 
 
 # ----------------------------------------------------------------- diffusers adapter
@@ -172,7 +173,7 @@ def test_prune_block_on_dit_block_matches_mlp_math():
     x = torch.randn(500, 32, generator=g)
     hidden = torch.nn.functional.gelu(lin["fc1"](x), approximate="tanh").double()
     H = {"fc2": hidden.T @ hidden / 500, "proj": torch.eye(32, dtype=torch.float64)}
-    w = compact.prune_block(lin, H, 4, 0.25, 0.5, align=None)
+    w = dit.prune_block(lin, H, 4, 0.25, 0.5, align=None)
     with torch.no_grad():
         h_k = torch.nn.functional.gelu(x @ w.fc1_weight.T + w.fc1_bias, approximate="tanh").double()
         y = h_k @ w.fc2_weight.double().T
@@ -211,17 +212,17 @@ def test_validate_dit_names_the_class():
 def test_sampler_timesteps_default_and_copy():
     from diffusers import DDIMScheduler
 
-    ts = dit.sampler_timesteps(50)
+    ts = schedulers.sampler_timesteps(50)
     assert ts.dtype == torch.int64 and ts[0] == 980 and ts[-1] == 0 and ts.numel() == 50
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
-    ts = dit.sampler_timesteps(20, sched)
+    ts = schedulers.sampler_timesteps(20, sched)
     assert ts.numel() == 20 and sched.num_inference_steps is None, "the caller's scheduler must stay untouched"
-    abar = dit.scheduler_alphas_cumprod(sched)
+    abar = schedulers.scheduler_alphas_cumprod(sched)
     assert abar.dtype == torch.float64 and abar.numel() == 1000
     with pytest.raises(ValueError, match="num_inference_steps"):
-        dit.sampler_timesteps(0)
+        schedulers.sampler_timesteps(0)
     with pytest.raises(TypeError, match="alphas_cumprod"):
-        dit.scheduler_alphas_cumprod(object())
+        schedulers.scheduler_alphas_cumprod(object())
 
 
 def test_heads_are_removed_one_per_step_whatever_groups_per_step():
@@ -234,7 +235,7 @@ def test_heads_are_removed_one_per_step_whatever_groups_per_step():
     greedy_w, greedy_cols = obs.prune_columns(lin["proj"].weight, H["proj"], 4, 6)
     joint_w, joint_cols = obs.prune_columns(lin["proj"].weight, H["proj"], 4, 6, groups_per_step=4)
     assert not torch.equal(greedy_cols, joint_cols), "the problem must tell the two apart"
-    w = compact.prune_block(lin, H, 8, 0.5, 0.5, align=None, groups_per_step=4)
+    w = dit.prune_block(lin, H, 8, 0.5, 0.5, align=None, groups_per_step=4)
     assert w.kept_heads.tolist() == (greedy_cols.view(-1, 6)[:, 0] // 6).tolist()
     assert_close(w.proj_weight, greedy_w, atol=0, rtol=0)
     # ... while the MLP channels do use it (the knob is not dropped altogether)

@@ -31,7 +31,7 @@ def _lstsq_weight(W, H, kept):
 
 
 def _reference_greedy(W, H, n_remove, g):
-    """research/method.md, literally: saliency, update, downdate, one group at a time."""
+    """docs/method.md, literally: saliency, update, downdate, one group at a time."""
     W = W.clone()
     Hinv = torch.linalg.inv(H)
     m = W.shape[1] // g

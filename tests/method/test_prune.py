@@ -10,6 +10,7 @@ import mosaicdiff.pruning as prune_mod
 from mosaicdiff import compact, schedule
 from mosaicdiff.calibrate import Calibration
 from mosaicdiff.integrations import diffusers_dit as dit
+from mosaicdiff.integrations.schedulers import sampler_timesteps
 from mosaicdiff.pruning import plan_stages, prune, prune_stages
 
 
@@ -152,6 +153,10 @@ def test_prune_errors(monkeypatch):
             prune_stages(model, calib, bad, progress=False)
     with pytest.raises(ValueError, match="got Linear"):
         prune_stages(torch.nn.Linear(3, 3), calib, 0.5, progress=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['M', 'lam'\]; the options are "):
+        prune_stages(model, calib, 0.5, M=0.5, lam=0.1)  # renamed speed_threshold / log_snr_weight
+    with pytest.raises(TypeError, match="unexpected keyword argument 'M'"):
+        prune(model, calib, 0.5, M=0.5)
     with pytest.raises(ValueError, match="needs calibration"):
         prune_stages(model, None, 0.5, progress=False)
     with pytest.raises(TypeError, match="Calibration"):
@@ -193,7 +198,7 @@ def test_prune_end_to_end_mosaic():
     for key in ("method", "boundaries", "target_sparsity", "stage_sparsities", "steps_per_stage", "stage_widths"):
         assert key in meta, key
     assert meta["method"] == "mosaic" and meta["target_sparsity"] == 0.4 and meta["boundaries"] == [t_low, t_high]
-    steps = schedule.steps_per_stage(dit.sampler_timesteps(50), schedule.stages_from_boundaries(t_low, t_high))
+    steps = schedule.steps_per_stage(sampler_timesteps(50), schedule.stages_from_boundaries(t_low, t_high))
     assert meta["steps_per_stage"] == steps
     assert [s.sparsity for s in mosaic.stages] == meta["stage_sparsities"]
 
@@ -261,7 +266,7 @@ def test_each_block_is_pruned_with_its_own_stage_statistics(cfg):
     assert all(bool((labels == calib.null_class).any()) == cfg for _, _, labels in inputs)
 
     def pruned(i, h, sp):
-        return compact.prune_block(dit.block_linears(model.transformer_blocks[i]), h, 4, sp, sp, align=None)
+        return dit.prune_block(dit.block_linears(model.transformer_blocks[i]), h, 4, sp, sp, align=None)
 
     def distance(a, b):
         if not (torch.equal(a.kept_heads, b.kept_heads) and torch.equal(a.kept_channels, b.kept_channels)):

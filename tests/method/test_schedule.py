@@ -1,7 +1,7 @@
 """Divide: closed-form curves, stage boundaries, steps per stage, sparsity allocation, plots.
 
 Expected values are computed independently here (plain Python loops over the formulas of
-research/method.md) or by hand, never by calling the code under test.
+docs/method.md) or by hand, never by calling the code under test.
 """
 
 from __future__ import annotations
@@ -96,14 +96,14 @@ def test_expected_mse_matches_monte_carlo():
 
 def test_score_mixing_normalized_terms():
     abar = np.array(_abar_loop("linear"))
-    lam = 0.7
-    got = schedule.score(abar, lam=lam)
+    weight = 0.7
+    got = schedule.score(abar, log_snr_weight=weight)
     grad = np.diff([(1 - math.sqrt(a)) ** 2 + (1 - a) for a in abar], prepend=0.0)
     lsnr = np.log(abar / (1 - abar))
-    ref = (grad - grad.min()) / (grad.max() - grad.min()) + lam * (lsnr - lsnr.min()) / (lsnr.max() - lsnr.min())
+    ref = (grad - grad.min()) / (grad.max() - grad.min()) + weight * (lsnr - lsnr.min()) / (lsnr.max() - lsnr.min())
     diff = np.abs(got - ref).max()
     assert diff < 1e-9, f"max |diff| {diff:.3g}"
-    assert np.abs(schedule.score(abar, lam=0.0) - schedule.normalized_score(abar)).max() < 1e-15
+    assert np.abs(schedule.score(abar, log_snr_weight=0.0) - schedule.normalized_score(abar)).max() < 1e-15
 
 
 # ----------------------------------------------------------------- boundaries
@@ -118,7 +118,7 @@ def test_score_mixing_normalized_terms():
 def test_stage_boundaries_match_loop(kind, M, r, expected):
     abar = _abar_loop(kind)
     ref = _boundaries_loop(abar, M, r)
-    got = schedule.stage_boundaries(np.array(abar), M=M, x0_sq_norm=r)
+    got = schedule.stage_boundaries(np.array(abar), speed_threshold=M, x0_sq_norm=r)
     assert got == ref, f"{kind} M={M} r={r}: got {got}, independent loop {ref}"
     assert got == expected, f"{kind} M={M} r={r}: got {got}, recorded {expected}"
 
@@ -129,7 +129,7 @@ def test_linear_schedule_slow_fast_slow_picture():
     The paper's summaries quote (200, 600]; the closed form with M = 0.55 and r = 1 gives
     [111, 576): same upper end, a lower start (reported in the issue note).
     """
-    t_low, t_high = schedule.stage_boundaries(schedule.linear_alphas_cumprod(), M=0.55)
+    t_low, t_high = schedule.stage_boundaries(schedule.linear_alphas_cumprod(), speed_threshold=0.55)
     assert 50 < t_low < 250 and 500 < t_high <= 650, (t_low, t_high)
     grad = schedule.learning_grad(schedule.linear_alphas_cumprod())
     assert t_low <= int(np.argmax(grad)) < t_high
@@ -138,8 +138,8 @@ def test_linear_schedule_slow_fast_slow_picture():
 def test_stage_boundaries_torch_input_and_errors():
     abar = torch.from_numpy(schedule.linear_alphas_cumprod())
     assert schedule.stage_boundaries(abar) == (111, 576)
-    with pytest.raises(ValueError, match="M must be in"):
-        schedule.stage_boundaries(abar, M=0.0)
+    with pytest.raises(ValueError, match=r"speed_threshold \(the paper's M\) must be in \(0, 1\], got 0.0"):
+        schedule.stage_boundaries(abar, speed_threshold=0.0)
     with pytest.raises(ValueError, match="alphas_cumprod"):
         schedule.stage_boundaries(np.array([0.5, 1.5]))
 

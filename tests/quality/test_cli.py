@@ -130,3 +130,70 @@ def test_sample_labels_and_guidance_reach_the_sampler(tmp_path, monkeypatch):
                  "--nrow", "1", "--no-progress"]) == 0
     assert seen["labels"] == [7, 3] and seen["guidance_scale"] == 2.5 and seen["num_inference_steps"] == 1
     assert png.is_file()
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has seen the call (the long work is not the point)."""
+
+
+@pytest.mark.parametrize("flags", [["--speed-threshold", "0.5", "--log-snr-weight", "0.1"],
+                                   ["--M", "0.5", "--lam", "0.1"]], ids=["new names", "paper symbols"])
+def test_stage_split_flags_reach_prune(flags, tmp_path, monkeypatch, capsys):
+    import mosaicdiff.pruning
+
+    seen = {}
+
+    def spy(model, calibration, sparsity, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(mosaicdiff.pruning, "prune", spy)
+    assert main(["prune", "--out", str(tmp_path / "m"), "--method", "magnitude", *flags, "--no-progress"]) == 1
+    assert "_Stop" in capsys.readouterr().err
+    assert seen["speed_threshold"] == 0.5 and seen["log_snr_weight"] == 0.1, seen
+    assert "M" not in seen and "lam" not in seen, seen
+
+
+def test_stage_split_defaults_and_hidden_aliases():
+    parser = build_parser()
+    args = parser.parse_args(["prune", "--out", "x"])
+    assert (args.speed_threshold, args.log_snr_weight) == (0.55, 0.0)
+    sub = parser._subparsers._group_actions[0].choices
+    for cmd in ("prune", "demo", "eval"):
+        text = sub[cmd].format_help()
+        assert "--speed-threshold" in text and "--log-snr-weight" in text, text
+        assert "--M" not in text and "--lam" not in text, f"{cmd} --help shows the hidden aliases:\n{text}"
+
+
+def test_method_names(tmp_path):
+    """`prune` offers every method of the API; demo and eval compare all but random by default."""
+    parser = build_parser()
+    for method in ("mosaic", "uniform", "magnitude", "random"):
+        assert parser.parse_args(["prune", "--out", "x", "--method", method]).method == method
+    for cmd in ("demo", "eval"):
+        assert parser.parse_args([cmd]).methods == ["mosaic", "uniform", "magnitude"]
+
+
+@pytest.mark.parametrize("cmd,module,function", [("demo", "mosaicdiff.demo", "run_demo"),
+                                                 ("eval", "mosaicdiff.evaluate", "run_eval")])
+def test_experiment_flags_reach_the_run(cmd, module, function, tmp_path, monkeypatch):
+    import importlib
+
+    seen = {}
+
+    def spy(out_dir, **kwargs):
+        seen.update(out_dir=out_dir, **kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(importlib.import_module(module), function, spy)
+    out = tmp_path / "o"
+    argv = [cmd, "--out", str(out), "--seed", "3", "--num-samples", "6", "--steps", "4", "--samples-per-stage", "5",
+            "--methods", "uniform,mosaic", "--boundaries", "100,500", "--speed-threshold", "0.6",
+            "--log-snr-weight", "0.2", "--no-progress"]
+    assert main(argv) == 1
+    assert seen.pop("out_dir") == out
+    assert seen.pop("model") is None  # the embedded model, loaded by the run
+    assert seen == {"seed": 3, "num_samples": 6, "steps": 4, "samples_per_stage": 5, "methods": ("uniform", "mosaic"),
+                    "boundaries": (100, 500), "speed_threshold": 0.6, "log_snr_weight": 0.2, "progress": False,
+                    **({"sparsity": 0.5, "guidance_scale": 1.5} if cmd == "demo" else
+                       {"sparsities": [0.2, 0.3, 0.4, 0.5, 0.6], "guidance_scales": [1.5, 3.0]})}, seen

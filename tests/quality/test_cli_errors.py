@@ -159,6 +159,11 @@ CASES = [
     (["prune", "--out", "{out}/m", "--stage-sparsities", "0.1,0.2"], "--stage-sparsities: --method mosaic takes 3 (early,middle,late), got 2"),
     (["prune", "--out", "{out}/m", "--method", "uniform", "--boundaries", "200,600"], "drop --boundaries"),
     (["prune", "--out", "{out}/m", "--M", "0"], "argument --M: expected a number in (0, 1], got '0'"),
+    (["prune", "--out", "{out}/m", "--speed-threshold", "0"],
+     "argument --speed-threshold: expected a number in (0, 1], got '0'"),
+    (["prune", "--out", "{out}/m", "--log-snr-weight=nan"], "argument --log-snr-weight: expected a finite number, got 'nan'"),
+    (["demo", "--speed-threshold", "1.5"], "argument --speed-threshold: expected a number in (0, 1], got '1.5'"),
+    (["eval", "--lam=inf"], "argument --lam: expected a finite number, got 'inf'"),
     # bug 2: models of another class, folders without a config, invalid configs
     (["prune", "--model", "{in}/unet", "--out", "{out}/m", "--method", "magnitude"],
      "holds a UNet2DModel ({in}/unet/config.json), not a DiTTransformer2DModel"),

@@ -73,3 +73,24 @@ def test_demo_keeps_partial_results_on_failure(tmp_path, monkeypatch):
     assert report["complete"] is False and "pruning exploded" in report["error"]
     assert "fid" in report["methods"]["dense"], "the finished dense result was lost"
     assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
+
+
+def test_report_file_is_valid_json_and_keeps_errors(tmp_path):
+    """NaN/inf become null (JSON has neither), tensors and paths become JSON values; an error is
+    recorded and re-raised; no temporary file is left."""
+    import torch
+
+    from mosaicdiff.app.experiment import ReportFile
+
+    report = ReportFile(tmp_path / "r.json", {"nan": float("nan"), "inf": [float("-inf"), 1.5],
+                                              "tensor": torch.tensor([1, 2]), "path": tmp_path, 3: "int key"})
+    report.save()
+    saved = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert saved["nan"] is None and saved["inf"] == [None, 1.5] and saved["tensor"] == [1, 2]
+    assert saved["path"] == str(tmp_path) and saved["3"] == "int key" and saved["wall_seconds"] >= 0
+    with pytest.raises(KeyboardInterrupt), report.keeping_errors():
+        report.data["step"] = "finished"
+        raise KeyboardInterrupt
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["step"] == "finished" and saved["error"] == "KeyboardInterrupt: "
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"], "temporary files left behind"

@@ -19,7 +19,7 @@ from tests.runtime.dit_helpers import ATOL, RTOL, inputs, tiny_dit, two_stage_sp
 @pytest.fixture(scope="module")
 def models():
     dense = tiny_dit()
-    return dense, MosaicDiT(dense, two_stage_specs(dense))
+    return dense, MosaicDiT.from_dense(dense, two_stage_specs(dense))
 
 
 def _run(model, x, labels, t=900):
@@ -83,7 +83,7 @@ def test_other_multiple_sizes_run_like_diffusers(models):
 
 def test_fp16_model_with_fp32_input_is_a_type_error(models):
     dense16 = tiny_dit().half()
-    mosaic16 = MosaicDiT(dense16, two_stage_specs(dense16))
+    mosaic16 = MosaicDiT.from_dense(dense16, two_stage_specs(dense16))
     x, labels = inputs(batch=2)
     # diffusers does not cast either: it fails in the patch conv (what users of it expect)
     with pytest.raises(RuntimeError, match="Input type"):

@@ -25,7 +25,7 @@ EDGE_PLAN = ([[], [0, 2]], [list(range(0, MLP, 3)), []])
 def _edge_mosaic(dense) -> MosaicDiT:
     heads, channels = EDGE_PLAN
     blocks = [sliced_block(b, h, c) for b, h, c in zip(dense.transformer_blocks, heads, channels)]
-    return MosaicDiT(dense, [StageSpec("all", 0, 1000, 0.5, blocks)])
+    return MosaicDiT.from_dense(dense, [StageSpec("all", 0, 1000, 0.5, blocks)])
 
 
 def _run(model, x, t, labels):

@@ -18,7 +18,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def _mosaic():
     dense = tiny_dit()
-    return MosaicDiT(dense, two_stage_specs(dense))
+    return MosaicDiT.from_dense(dense, two_stage_specs(dense))
 
 
 def _run(model, x, t, labels):
@@ -150,7 +150,7 @@ def test_cuda_graphs_in_pipeline_match_eager():
     from tests.runtime.test_mosaic import _pipe, _sample, _tiny_vae
 
     dense = tiny_dit(num_classes=1000)
-    mosaic = MosaicDiT(dense, two_stage_specs(dense)).to("cuda")
+    mosaic = MosaicDiT.from_dense(dense, two_stage_specs(dense)).to("cuda")
     pipe = _pipe(mosaic, _tiny_vae().to("cuda"))
     want = _sample(pipe, steps=4)
     mosaic.enable_cuda_graphs(True)

@@ -154,7 +154,7 @@ def test_mosaic_fusion_switch_drops_graphs(monkeypatch):
     from tests.runtime.dit_helpers import inputs, tiny_dit, two_stage_specs
 
     dense = tiny_dit()
-    mosaic = MosaicDiT(dense, two_stage_specs(dense)).enable_cuda_graphs(True)
+    mosaic = MosaicDiT.from_dense(dense, two_stage_specs(dense)).enable_cuda_graphs(True)
     r = mosaic._graphs
     monkeypatch.setattr(StageGraphRunner, "_blocker", staticmethod(lambda inputs: None))
 

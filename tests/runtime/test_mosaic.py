@@ -69,7 +69,7 @@ def test_timestep_forms_and_return_tuple():
 
 
 def _two_stage(dense, **kw):
-    return MosaicDiT(dense, two_stage_specs(dense), source="tiny-random-dit",
+    return MosaicDiT.from_dense(dense, two_stage_specs(dense), source="tiny-random-dit",
                      meta={"method": "manual-slice", "boundaries": [400]}, **kw)
 
 
@@ -116,17 +116,17 @@ def test_stage_validation():
     specs = two_stage_specs(dense)
     late, early = specs
     with pytest.raises(ValueError, match="leave a gap"):
-        MosaicDiT(dense, [late, StageSpec("early", 401, 1000, 0.5, early.blocks)])
+        MosaicDiT.from_dense(dense, [late, StageSpec("early", 401, 1000, 0.5, early.blocks)])
     with pytest.raises(ValueError, match="overlap"):
-        MosaicDiT(dense, [late, StageSpec("early", 300, 1000, 0.5, early.blocks)])
+        MosaicDiT.from_dense(dense, [late, StageSpec("early", 300, 1000, 0.5, early.blocks)])
     with pytest.raises(ValueError, match="expected 2 blocks, got 1"):
-        MosaicDiT(dense, [StageSpec("all", 0, 1000, 0.5, late.blocks[:1])])
+        MosaicDiT.from_dense(dense, [StageSpec("all", 0, 1000, 0.5, late.blocks[:1])])
     with pytest.raises(ValueError, match="t_start must be < t_end"):
-        MosaicDiT(dense, [StageSpec("all", 10, 10, 0.5, late.blocks)])
+        MosaicDiT.from_dense(dense, [StageSpec("all", 10, 10, 0.5, late.blocks)])
     with pytest.raises(ValueError, match="at least one stage"):
-        MosaicDiT(dense, [])
+        MosaicDiT.from_dense(dense, [])
     with pytest.raises(TypeError, match="JSON"):
-        MosaicDiT(dense, specs, meta={"bad": object()})
+        MosaicDiT.from_dense(dense, specs, meta={"bad": object()})
 
 
 def test_memory_report_counts(dense):
@@ -169,7 +169,10 @@ def test_to_dtype_and_repr():
                  msg=lambda m: f"float16 mosaic vs float32 reference: {m}")
     text = repr(mosaic)
     assert "late[0,400)" in text and "early[400,1000)" in text and "CompactDiTBlock" in text
-    assert mosaic.config is dense.config and mosaic.meta["source"] == "tiny-random-dit"
+    # the mosaic's diffusers config repeats the dense architecture (what DiTPipeline and sample read)
+    from mosaicdiff.integrations.diffusers_dit import DIT_CONFIG_KEYS
+    assert {k: mosaic.config[k] for k in DIT_CONFIG_KEYS} == {k: dense.config[k] for k in DIT_CONFIG_KEYS}
+    assert mosaic.meta["source"] == "tiny-random-dit"
 
 
 def test_dense_blocks_are_not_kept():
@@ -262,7 +265,7 @@ def test_other_schedulers_match_dense(scheduler_name):
     dense = tiny_dit(num_classes=1000)
     vae = _tiny_vae()
     want = _sample(_pipe(dense, vae, make()))
-    mosaic = MosaicDiT(dense, [StageSpec("all", 0, 1000, 0.0, [
+    mosaic = MosaicDiT.from_dense(dense, [StageSpec("all", 0, 1000, 0.0, [
         sliced_block(b, list(range(4)), list(range(128))) for b in dense.transformer_blocks])])
     got = _sample(_pipe(mosaic, vae, make()))
     assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{scheduler_name}: {m}")

@@ -1,4 +1,4 @@
-"""`compact.prune_block` (OBS) output run through `CompactDiTBlock` at nonzero sparsity.
+"""`diffusers_dit.prune_block` (OBS, `compact.prune_groups`) run through `CompactDiTBlock` at nonzero sparsity.
 
 Reference: diffusers' own block with the pruned heads' and channels' consumer columns removed
 (zeroed) and the kept ones set to the least-squares refit on the calibration activations,
@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff import compact
 from mosaicdiff.blocks import CompactDiTBlock
 from mosaicdiff.integrations import diffusers_dit as dit
 from tests.runtime.dit_helpers import ATOL, HEAD_DIM, HEADS, RTOL, tiny_dit
@@ -62,7 +61,7 @@ def test_obs_pruned_block_matches_refit_dense_block(sparsity):
     h, t, labels = _block_inputs(dense, batch=16)  # 256 tokens > 128 MLP channels: full-rank H
     X = _consumer_inputs(block, h, t, labels)
     hessians = {n: X[n].T @ X[n] / X[n].shape[0] for n in ("proj", "fc2")}
-    w = compact.prune_block(dit.block_linears(block), hessians, HEADS, sparsity, sparsity, align=None)
+    w = dit.prune_block(dit.block_linears(block), hessians, HEADS, sparsity, sparsity, align=None)
     assert 0 < w.num_heads < HEADS and 0 < w.mlp_width < 4 * HEADS * HEAD_DIM
 
     # reference: diffusers' block, removed columns zeroed, kept ones refit by least squares

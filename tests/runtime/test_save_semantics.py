@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mosaicdiff import serialization
+from mosaicdiff import model_folder, serialization
 from mosaicdiff.mosaic import MosaicDiT
 from mosaicdiff.serialization import STAGING_PREFIX, validate_save_directory
 from mosaicdiff.types import StageSpec
@@ -34,7 +34,7 @@ def _mosaic(seed=0):
     with torch.random.fork_rng(devices=[]):  # diffusers' init draws from the global RNG
         torch.manual_seed(seed)
         dense = tiny_dit(seed=seed)
-    return MosaicDiT(dense, two_stage_specs(dense), meta={"method": "manual-slice", "seed": seed})
+    return MosaicDiT.from_dense(dense, two_stage_specs(dense), meta={"method": "manual-slice", "seed": seed})
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_model(tmp_path, monkeypat
             shutil.copytree(target, dst, symlinks=True)
         snaps.append(dst)
 
-    real_save, real_fsync, real_replace = serialization.save_file, serialization._fsync_path, os.replace
+    real_save, real_fsync, real_replace = model_folder.save_file, model_folder.fsync_path, os.replace
 
     def save_file(tensors, path, metadata=None):
         snap("staging-made")
@@ -149,8 +149,8 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_model(tmp_path, monkeypat
         real_replace(src, dst)
         snap(f"replaced-{Path(dst).name}")
 
-    monkeypatch.setattr(serialization, "save_file", save_file)
-    monkeypatch.setattr(serialization, "_fsync_path", fsync)
+    monkeypatch.setattr(model_folder, "save_file", save_file)
+    monkeypatch.setattr(model_folder, "fsync_path", fsync)
     monkeypatch.setattr(os, "replace", replace)
     new.save_pretrained(target)
     monkeypatch.undo()
@@ -186,7 +186,7 @@ def test_a_failing_save_after_a_crash_mid_commit_keeps_the_committed_model(tmp_p
         if dead:  # the process "died" at the commit: no later rename happens
             raise OSError(errno.EIO, "dead")
         real_replace(src, dst)
-        if Path(dst).name == "config.json":
+        if Path(dst) == target / "config.json":  # the commit (the config's own rename stays in staging)
             dead.append(True)
             raise KeyboardInterrupt
     monkeypatch.setattr(os, "replace", crash_after_commit)
@@ -197,26 +197,26 @@ def test_a_failing_save_after_a_crash_mid_commit_keeps_the_committed_model(tmp_p
 
     def disk_full(tensors, path, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(serialization, "save_file", disk_full)
+    monkeypatch.setattr(model_folder, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
         old.save_pretrained(target)
     assert _which(target, old_new) == "new" and _hidden(target) == []
 
 
 def test_a_killed_save_is_cleaned_up_by_the_next_one(tmp_path, old_new):
-    """A real SIGKILL right after the save's first rename (here: between the config and the weights
-    renames, the worst moment)."""
+    """A real SIGKILL right after the save's commit (the rename of config.json into the folder):
+    between the config and the weights renames, the worst moment."""
     target = tmp_path / "m"
     old_new[0].save_pretrained(target)
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(REPO)!r})
-        from mosaicdiff import serialization
         from tests.runtime.test_save_semantics import _mosaic
         real = os.replace
         def replace(src, dst):
             real(src, dst)
-            os.kill(os.getpid(), signal.SIGKILL)
+            if str(dst) == {str(target / "config.json")!r}:  # the commit (earlier renames stay in staging)
+                os.kill(os.getpid(), signal.SIGKILL)
         os.replace = replace
         _mosaic(1).save_pretrained({str(target)!r})
     """)
@@ -260,14 +260,14 @@ def test_concurrent_saves_one_wins_the_other_gets_a_clear_error(tmp_path, monkey
     old, new = old_new
     target = tmp_path / "m"
     in_save, release = threading.Event(), threading.Event()
-    real_save = serialization.save_file
+    real_save = model_folder.save_file
 
     def slow_save(tensors, path, metadata=None):
         in_save.set()
         assert release.wait(60)
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(serialization, "save_file", slow_save)
+    monkeypatch.setattr(model_folder, "save_file", slow_save)
     errors = []
     winner = threading.Thread(target=lambda: new.save_pretrained(target))
     winner.start()
@@ -364,7 +364,7 @@ def unwritable(monkeypatch):
     real_open = os.open
 
     def deny(path, flags, *args, **kwargs):
-        if os.path.basename(path).startswith(serialization._PROBE_PREFIX):
+        if os.path.basename(path).startswith(model_folder.PROBE_PREFIX):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, flags, *args, **kwargs)
 
@@ -410,7 +410,7 @@ def test_disk_full_keeps_the_old_model(tmp_path, monkeypatch, old_new, fails):
         path.write_bytes(b"\x00" * 64)  # a partial file, then the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(serialization, "save_file" if fails == "weights" else "_write_json", full)
+    monkeypatch.setattr(model_folder, "save_file" if fails == "weights" else "write_json_atomic", full)
     name = "model.safetensors" if fails == "weights" else "config.json"
     with pytest.raises(OSError, match=rf"writing {name} into .*m failed \(No space left on device\); "
                                       r"the folder was left as it was") as info:
@@ -426,7 +426,7 @@ def test_disk_full_keeps_the_old_model(tmp_path, monkeypatch, old_new, fails):
 def test_stages_that_leave_timesteps_uncovered_are_not_saved(tmp_path):
     dense = tiny_dit()
     late, early = two_stage_specs(dense)
-    starts_late = MosaicDiT(dense, [StageSpec("late", 100, 400, 0.5, late.blocks), early])
+    starts_late = MosaicDiT.from_dense(dense, [StageSpec("late", 100, 400, 0.5, late.blocks), early])
     with pytest.raises(ValueError, match=r"cannot save this MosaicDiT: stage 'late' starts at t=100, so t in "
                                          r"\[0, 100\) has no stage"):
         starts_late.save_pretrained(tmp_path / "m")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mosaicdiff import serialization
+from mosaicdiff import model_folder, serialization
 from mosaicdiff._version import __version__
 from mosaicdiff.mosaic import MosaicDiT
 from tests.runtime.dit_helpers import inputs, tiny_dit, two_stage_plan, two_stage_specs
@@ -19,7 +19,7 @@ from tests.runtime.dit_helpers import inputs, tiny_dit, two_stage_plan, two_stag
 def _mosaic(identical=True):
     dense = tiny_dit(identical_embedders=identical)
     meta = {"method": "manual-slice", "boundaries": [400], "target_sparsity": 0.5}
-    return MosaicDiT(dense, two_stage_specs(dense), source="tiny-random-dit", meta=meta)
+    return MosaicDiT.from_dense(dense, two_stage_specs(dense), source="tiny-random-dit", meta=meta)
 
 
 def _outputs(mosaic):
@@ -59,7 +59,10 @@ def test_round_trip_is_bitwise(tmp_path, identical):
     assert config["stages"][0]["blocks"][1]["kept_heads"] == plan["late"][2][0][1]
     assert config["stages"][1]["blocks"][0]["kept_channels"] == plan["early"][2][1][0]
     keys = load_file(target / "model.safetensors").keys()
-    assert "shared.conditioning.mod_weight" in keys and "stages.1.blocks.0.fc2_weight" in keys
+    assert "shared.conditioning.mod_weight" in keys and "stage_blocks.1.0.fc2_weight" in keys
+    # a diffusers config: the class, the dense DiT's architecture keys, the stages
+    assert config["_class_name"] == "MosaicDiT" and config["num_attention_heads"] == 4 and config["num_layers"] == 2
+    assert MosaicDiT.from_config(MosaicDiT.load_config(target)).num_stages == 2
 
 
 def test_save_overwrites_previous_mosaic_and_keeps_dtype(tmp_path):
@@ -95,16 +98,16 @@ def test_failure_during_save_leaves_nothing_half_written(tmp_path, monkeypatch):
         Path(path).write_bytes(b"\x00" * 64)  # a partial file, then the disk "fills up"
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(serialization, "save_file", failing_save_file)
+    monkeypatch.setattr(model_folder, "save_file", failing_save_file)
     with pytest.raises(OSError, match="No space left"):
         mosaic.save_pretrained(target)
     assert not target.exists() and _leftovers(tmp_path) == []
 
     # With a previous save in place, a failed save keeps it intact and loadable.
-    monkeypatch.setattr(serialization, "save_file", save_file)
+    monkeypatch.setattr(model_folder, "save_file", save_file)
     mosaic.save_pretrained(target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    monkeypatch.setattr(serialization, "save_file", failing_save_file)
+    monkeypatch.setattr(model_folder, "save_file", failing_save_file)
     with pytest.raises(OSError):
         _mosaic(identical=False).save_pretrained(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before and _leftovers(tmp_path) == []
@@ -150,7 +153,7 @@ def test_config_weights_mismatch_names_the_key(saved):
     # Stage 0 ("late"), block 1 keeps head 2 only; the edited config claims heads 1 and 2.
     assert two_stage_plan()["late"][2][0][1] == [2]
     _edit_config(saved, lambda c: c["stages"][0]["blocks"][1].__setitem__("kept_heads", [1, 2]))
-    with pytest.raises(ValueError, match=r"'stages\.0\.blocks\.1\.qkv_weight' .* shape \(24, 32\), "
+    with pytest.raises(ValueError, match=r"'stage_blocks\.0\.1\.qkv_weight' .* shape \(24, 32\), "
                                          r"the config expects \(48, 32\)"):
         MosaicDiT.from_pretrained(saved)
 
@@ -159,12 +162,12 @@ def test_missing_and_unexpected_keys(saved):
     weights = saved / "model.safetensors"
     tensors = load_file(weights)
     missing = dict(tensors)
-    del missing["stages.1.blocks.0.fc1_bias"]
+    del missing["stage_blocks.1.0.fc1_bias"]
     save_file(missing, weights)
-    with pytest.raises(ValueError, match=r"lacks the tensor 'stages\.1\.blocks\.0\.fc1_bias'"):
+    with pytest.raises(ValueError, match=r"lacks the tensor 'stage_blocks\.1\.0\.fc1_bias'"):
         MosaicDiT.from_pretrained(saved)
-    save_file({**tensors, "stages.2.blocks.0.fc1_bias": torch.zeros(3)}, weights)
-    with pytest.raises(ValueError, match=r"does not describe: \['stages\.2\.blocks\.0\.fc1_bias'\]"):
+    save_file({**tensors, "stage_blocks.2.0.fc1_bias": torch.zeros(3)}, weights)
+    with pytest.raises(ValueError, match=r"does not describe: \['stage_blocks\.2\.0\.fc1_bias'\]"):
         MosaicDiT.from_pretrained(saved)
     shared = dict(tensors)
     shared["shared.proj_out_2.weight"] = torch.zeros(5, 32)
@@ -174,9 +177,9 @@ def test_missing_and_unexpected_keys(saved):
 
 
 def test_format_version_mismatch_names_both_versions(saved):
-    _edit_config(saved, lambda c: c.__setitem__("format_version", "2.0"))
-    with pytest.raises(ValueError, match=rf"format version 2\.0 .* reads format version "
-                                         rf"{re.escape(serialization.FORMAT_VERSION)} \(major 1\)"):
+    _edit_config(saved, lambda c: c.__setitem__("format_version", "3.0"))
+    with pytest.raises(ValueError, match=rf"format version 3\.0 .* reads format versions 1\.x, 2\.x \(writes "
+                                         rf"{re.escape(serialization.FORMAT_VERSION)}\)"):
         MosaicDiT.from_pretrained(saved)
     _edit_config(saved, lambda c: c.__setitem__("format", "something-else"))
     with pytest.raises(ValueError, match="expected 'mosaicdiff.MosaicDiT'"):
@@ -187,7 +190,7 @@ def test_format_version_mismatch_names_both_versions(saved):
 
 
 def test_newer_minor_version_loads_with_warning(saved, caplog):
-    _edit_config(saved, lambda c: c.__setitem__("format_version", "1.99"))
+    _edit_config(saved, lambda c: c.__setitem__("format_version", "2.99"))
     with caplog.at_level("WARNING", logger="mosaicdiff.serialization"):
         MosaicDiT.from_pretrained(saved)
     assert f"newer than {serialization.FORMAT_VERSION}" in caplog.text
@@ -214,26 +217,25 @@ def _set(*keys_and_value):
 @pytest.mark.parametrize("edit, match", [
     (_set("stages", 3), r"stages must be a list, got 3"),
     (_set("stages", []), r"stages must be a non-empty list, got \[\]"),
-    (_set("runtime", "x"), r"runtime must be an object, got 'x'"),
-    (_set("dense_config", None), r"dense_config must be an object, got None"),
+    (_set("dense_reference", "x"), r"dense_reference must be an object, got 'x'"),
     (_set("meta", [1]), r"meta must be an object, got \[1\]"),
     (_set("dtype", "int8"), r"dtype must be a torch float dtype name, got 'int8'"),
     (_set("dtype", "nope"), r"dtype must be a torch float dtype name, got 'nope'"),
     (_set("weights_id", 7), r"weights_id must be a string, got 7"),
-    (_set("runtime", "num_layers", "2"), r"runtime\.num_layers must be a positive integer, got '2'"),
-    (_set("runtime", "width", 0), r"runtime\.width must be a positive integer, got 0"),
-    (_set("runtime", "attn_norm_eps", "1e-5"), r"runtime\.attn_norm_eps must be a number, got '1e-5'"),
-    (_set("runtime", "shared_embedder", "yes"), r"runtime\.shared_embedder must be true or false, got 'yes'"),
+    (_set("num_layers", "2"), r"num_layers must be a positive integer, got '2'"),
+    (_set("attention_head_dim", 0), r"attention_head_dim must be a positive integer, got 0"),
+    (_set("norm_eps", "1e-5"), r"norm_eps must be a number, got '1e-5'"),
+    (_set("shared_embedder", "yes"), r"shared_embedder must be true or false, got 'yes'"),
     (_set("stages", 0, "t_start", "zero"), r"stages\[0\]\.t_start must be an integer, got 'zero'"),
     (_set("stages", 1, "t_end", 999.5), r"stages\[1\]\.t_end must be an integer, got 999\.5"),
     (_set("stages", 0, "name", None), r"stages\[0\]\.name must be a string, got None"),
     (_set("stages", 0, "sparsity", "half"), r"stages\[0\]\.sparsity must be a number, got 'half'"),
-    (_set("stages", 0, "blocks", []), r"stages\[0\]\.blocks must be a list of 2 blocks \(runtime\.num_layers\)"),
+    (_set("stages", 0, "blocks", []), r"stages\[0\]\.blocks must be a list of 2 blocks \(num_layers\)"),
     (_set("stages", 1, "blocks", 0, "kept_heads", ["1"]),
      r"stages\[1\]\.blocks\[0\]\.kept_heads must be a list of integers, got \['1'\]"),
     (_set("stages", 0, "blocks", 1, "kept_heads", [9]),
      r"stage 'late' block 1: kept_heads must lie in \[0, 4\), got \[9, 9\]"),
-    (_set("dense_config", "sample_size", "big"), r"dense_config does not describe a DiT"),
+    (_set("sample_size", "big"), r"the config does not describe a DiT"),
 ])
 def test_invalid_config_is_one_clear_error_naming_the_file(saved, edit, match):
     _edit_config(saved, edit)
@@ -243,7 +245,8 @@ def test_invalid_config_is_one_clear_error_naming_the_file(saved, edit, match):
     assert _listing(saved) == before
 
 
-@pytest.mark.parametrize("key", ["format_version", "dtype", "dense_config", "runtime", "dense_reference", "stages"])
+@pytest.mark.parametrize("key", ["format_version", "dtype", "stages", "shared_embedder", "dense_reference",
+                                 "num_layers", "num_attention_heads", "sample_size"])
 def test_missing_config_key(saved, key):
     _edit_config(saved, lambda c: c.pop(key))
     with pytest.raises(ValueError, match=rf"config\.json lacks the key '{key}'"):
@@ -317,7 +320,7 @@ def test_saved_mosaic_in_dit_pipeline(tmp_path):
     from tests.runtime.test_mosaic import _pipe, _sample, _tiny_vae
 
     dense = tiny_dit(num_classes=1000)  # DiTPipeline's null class is 1000
-    mosaic = MosaicDiT(dense, two_stage_specs(dense))
+    mosaic = MosaicDiT.from_dense(dense, two_stage_specs(dense))
     mosaic.save_pretrained(tmp_path / "m")
     vae = _tiny_vae()
     want = _sample(_pipe(mosaic, vae))
@@ -327,3 +330,61 @@ def test_saved_mosaic_in_dit_pipeline(tmp_path):
     got = _sample(_pipe(loaded, vae))
     assert got.shape == (2, 3, 16, 16) and torch.isfinite(got).all()
     assert torch.equal(got, want) and seen == ["early", "late"]
+
+
+# ------------------------------------------------------------------ folders of earlier versions
+
+LEGACY = Path(__file__).parent / "data" / "mosaic_format_1_1"
+
+
+def test_format_1_1_folder_still_loads(tmp_path):
+    """A folder written by mosaicdiff 0.1 (format 1.1: dense_config/runtime, "stages.i.blocks.j.*"
+    keys) loads and computes what that version computed (its outputs were saved with it)."""
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(LEGACY, folder)
+    assert json.loads((folder / "config.json").read_text())["format_version"] == "1.1"
+    loaded = MosaicDiT.from_pretrained(folder)
+    x, labels = inputs(batch=2)
+    with torch.no_grad():
+        got = torch.cat([loaded(x, timestep=t, class_labels=labels).sample for t in (10, 700)])
+    want = load_file(LEGACY.parent / "mosaic_format_1_1_outputs.safetensors")["out"]
+    assert torch.equal(got, want), f"differs by {(got - want).abs().max()}"
+    assert loaded.meta == {"method": "manual-slice", "seed": 0} and loaded.stage_names == ["late", "early"]
+    # the pairing id of 1.1 is still checked, and a re-save writes the current format
+    other = tmp_path / "other"
+    _mosaic().save_pretrained(other)
+    (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"is not the weights .*config\.json was saved with"):
+        MosaicDiT.from_pretrained(folder)
+    loaded.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["format_version"] == serialization.FORMAT_VERSION
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.pop("runtime"), r"config\.json lacks the key 'runtime'"),
+    (_set("dense_config", None), r"config\.json: dense_config must be an object, got None"),
+    (_set("runtime", "x"), r"config\.json: runtime must be an object, got 'x'"),
+    (_set("dense_config", "sample_size", "big"), r"config\.json: the config does not describe a DiT"),
+])
+def test_format_1_1_config_errors_name_the_legacy_field(tmp_path, edit, match):
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(LEGACY, folder)
+    _edit_config(folder, edit)
+    with pytest.raises(ValueError, match=match):
+        MosaicDiT.from_pretrained(folder)
+
+
+def test_a_diffusers_model(saved):
+    """dtype/device/config come from diffusers' ModelMixin/ConfigMixin; pipeline loading options work."""
+    from diffusers import ConfigMixin, ModelMixin
+
+    loaded = MosaicDiT.from_pretrained(saved.parent, subfolder=saved.name, low_cpu_mem_usage=True, variant=None)
+    assert isinstance(loaded, ModelMixin) and isinstance(loaded, ConfigMixin)
+    assert type(loaded).dtype is ModelMixin.dtype and type(loaded).device is ModelMixin.device
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu" and loaded.num_stages == 2
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['tourch_dtype'\]"):
+        MosaicDiT.from_pretrained(saved, tourch_dtype=torch.float16)

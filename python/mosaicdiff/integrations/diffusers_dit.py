@@ -1,53 +1,65 @@
-r"""Knowledge of diffusers' DiT: where the prunable layers of a block are, and how to call it.
+r"""The DiT adapter: diffusers' ``DiTTransformer2DModel`` as the method and the runtime see it.
 
-This is the only module of the pruner that imports diffusers. It maps a
-``DiTTransformer2DModel`` (blocks are ``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"``)
-onto the six linears OBS pruning works on::
+A DiT block is a ``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"``; its prunable
+units are the heads of ``attn1`` and the channels of the tanh-GELU MLP::
 
     q, k, v = attn1.to_q, attn1.to_k, attn1.to_v      # producers of the heads (sliced)
     proj    = attn1.to_out[0]                          # consumer of the heads (compensated)
     fc1     = ff.net[0].proj                           # producer of the MLP channels (sliced)
     fc2     = ff.net[2]                                # consumer of the MLP channels (compensated)
 
-and provides the sampler facts the pruner needs (training ``alphas_cumprod``, the timesteps a
-scheduler visits), defaulting to DiT's DDIM with the linear schedule.
+`DiTAdapter` hands these to the method as two `PrunableGroup` ("proj": heads, "fc2": channels),
+runs the model on calibration inputs with class labels, assembles `CompactBlockWeights` and
+builds the shared skeleton (`skeleton_from_dense`, `skeleton_from_config`) of `MosaicDiT`.
+diffusers is imported only where a function needs its classes.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
+from mosaicdiff import compact
+from mosaicdiff.blocks import SharedConditioning, SharedSkeleton
+from mosaicdiff.integrations.base import ModelAdapter, PrunableGroup, PrunedGroup, linear_bias, unwrap_model
 from mosaicdiff.types import CompactBlockWeights
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DIT",
+    "DIT_CONFIG_KEYS",
+    "DiTAdapter",
     "LINEAR_NAMES",
     "block_linears",
-    "default_scheduler",
+    "check_block_math",
     "dense_block_weights",
     "embedders_identical",
     "model_head_dim",
     "model_num_heads",
+    "prune_block",
     "run_dit",
-    "sampler_timesteps",
-    "scheduler_alphas_cumprod",
+    "skeleton_from_config",
+    "skeleton_from_dense",
     "transformer_blocks",
     "unwrap_model",
     "validate_dit",
 ]
 
+#: The ``DiTTransformer2DModel`` config keys that describe its architecture (a mosaic repeats them).
+DIT_CONFIG_KEYS = (
+    "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "dropout",
+    "norm_num_groups", "attention_bias", "sample_size", "patch_size", "activation_fn", "num_embeds_ada_norm",
+    "upcast_attention", "norm_type", "norm_elementwise_affine", "norm_eps",
+)
 #: Keys of `block_linears`, in the order producers / consumers appear in a block.
 LINEAR_NAMES = ("q", "k", "v", "proj", "fc1", "fc2")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Looks through ``torch.compile`` wrappers (``_orig_mod``) to the real module."""
-    while hasattr(model, "_orig_mod"):
-        model = model._orig_mod
-    return model
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -108,6 +120,33 @@ def validate_dit(model: nn.Module) -> None:
             )
 
 
+def check_block_math(dense: nn.Module) -> None:
+    """Reject DiT variants whose block math `mosaicdiff.blocks.CompactDiTBlock` does not reproduce.
+
+    Raises:
+        NotImplementedError: naming the block and the unsupported feature.
+    """
+    head_dim = model_head_dim(dense)
+    for i, block in enumerate(transformer_blocks(dense)):
+        attn = block.attn1
+        problems = []
+        if getattr(block.norm3, "weight", None) is not None or getattr(block.norm3, "bias", None) is not None:
+            problems.append("affine norm3 (norm_elementwise_affine=True)")
+        if getattr(block, "pos_embed", None) is not None:
+            problems.append("per-block positional embeddings")
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            problems.append("qk-norm")
+        if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
+            problems.append("attention residual/rescale")
+        if not math.isclose(float(getattr(attn, "scale", head_dim ** -0.5)), head_dim ** -0.5, rel_tol=1e-6):
+            problems.append(f"attention scale {attn.scale} != head_dim**-0.5")
+        if problems:
+            raise NotImplementedError(
+                f"MosaicDiT: transformer_blocks[{i}] uses {', '.join(problems)}, which the compact "
+                f"block does not implement"
+            )
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Returns the six prunable linears of one DiT block.
 
@@ -129,12 +168,6 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def _bias(linear: nn.Linear) -> torch.Tensor:
-    if linear.bias is not None:
-        return linear.bias.detach()
-    return torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)
-
-
 def dense_block_weights(block: nn.Module, num_heads: int) -> CompactBlockWeights:
     """The weights of an unpruned block in the compact layout (nothing removed).
 
@@ -153,14 +186,90 @@ def dense_block_weights(block: nn.Module, num_heads: int) -> CompactBlockWeights
         kept_heads=torch.arange(num_heads, device=device),
         kept_channels=torch.arange(width, device=device),
         qkv_weight=torch.cat([lin[n].weight.detach() for n in "qkv"], 0).clone(),
-        qkv_bias=torch.cat([_bias(lin[n]) for n in "qkv"], 0).clone(),
+        qkv_bias=torch.cat([linear_bias(lin[n]) for n in "qkv"], 0).clone(),
         proj_weight=lin["proj"].weight.detach().clone(),
-        proj_bias=_bias(lin["proj"]).clone(),
+        proj_bias=linear_bias(lin["proj"]).clone(),
         fc1_weight=lin["fc1"].weight.detach().clone(),
-        fc1_bias=_bias(lin["fc1"]).clone(),
+        fc1_bias=linear_bias(lin["fc1"]).clone(),
         fc2_weight=lin["fc2"].weight.detach().clone(),
-        fc2_bias=_bias(lin["fc2"]).clone(),
+        fc2_bias=linear_bias(lin["fc2"]).clone(),
     )
+
+
+def block_groups(lin: Mapping[str, nn.Linear], num_heads: int) -> dict[str, PrunableGroup]:
+    """The two prunable groups of a DiT block: ``"proj"`` (heads) and ``"fc2"`` (MLP channels).
+
+    Raises:
+        ValueError: on missing linears or shapes that do not fit together or `num_heads`.
+    """
+    missing = [k for k in LINEAR_NAMES if k not in lin]
+    if missing:
+        raise ValueError(f"block_linears is missing {missing}")
+    inner = lin["proj"].in_features
+    if int(num_heads) != num_heads or num_heads < 1 or inner % num_heads:
+        raise ValueError(f"num_heads must be a positive divisor of proj.in_features={inner}, got {num_heads}")
+    for n in "qkv":
+        if lin[n].out_features != inner:
+            raise ValueError(f"{n}.out_features={lin[n].out_features} != proj.in_features={inner}")
+    width = lin["fc2"].in_features
+    if lin["fc1"].out_features != width:
+        raise ValueError(f"fc1.out_features={lin['fc1'].out_features} != fc2.in_features={width}")
+    return {
+        "proj": PrunableGroup("heads", lin["proj"], (lin["q"], lin["k"], lin["v"]), inner // int(num_heads)),
+        "fc2": PrunableGroup("channels", lin["fc2"], (lin["fc1"],), 1),
+    }
+
+
+def compact_from_groups(pruned: Mapping[str, PrunedGroup]) -> CompactBlockWeights:
+    """Assemble `CompactBlockWeights` from the pruned ``"proj"`` and ``"fc2"`` groups."""
+    heads, mlp = pruned["proj"], pruned["fc2"]
+    return CompactBlockWeights(
+        kept_heads=heads.kept,
+        kept_channels=mlp.kept,
+        qkv_weight=torch.cat(heads.producer_weights, 0),
+        qkv_bias=torch.cat(heads.producer_biases, 0),
+        proj_weight=heads.consumer_weight,
+        proj_bias=heads.consumer_bias,
+        fc1_weight=mlp.producer_weights[0],
+        fc1_bias=mlp.producer_biases[0],
+        fc2_weight=mlp.consumer_weight,
+        fc2_bias=mlp.consumer_bias,
+    )
+
+
+def prune_block(block_linears: Mapping[str, nn.Linear], hessians: Mapping[str, torch.Tensor] | None,
+                num_heads: int, head_sparsity: float, mlp_sparsity: float, method: str = "obs",
+                align: int | None = 64, generator: torch.Generator | None = None,
+                **obs_kwargs) -> CompactBlockWeights:
+    """Prunes one DiT block's heads and MLP channels into a `CompactBlockWeights`.
+
+    Args:
+        block_linears (`Mapping[str, nn.Linear]`): ``q, k, v, proj, fc1, fc2`` as from `block_linears`.
+        hessians (`Mapping[str, torch.Tensor]`, *optional*): ``proj`` and ``fc2`` input Hessians
+            (as from `mosaicdiff.calibrate.collect_hessians`); needed for ``"obs"``.
+        num_heads (`int`): heads of the block (``proj.in_features`` must be divisible by it).
+        head_sparsity (`float`): fraction of heads to remove, in [0, 1); rounded to the nearest
+            head count; at least one head is always kept.
+        mlp_sparsity (`float`): fraction of MLP channels to remove, in [0, 1); the kept width is
+            rounded to a multiple of `align` (see `mosaicdiff.compact.align_width`).
+        method (`str`, *optional*, defaults to ``"obs"``): see `mosaicdiff.compact.prune_group`.
+        align (`int`, *optional*, defaults to 64): MLP width alignment; None disables it.
+        generator (`torch.Generator`, *optional*): for ``"random"``.
+        **obs_kwargs: passed to `mosaicdiff.obs.prune_columns`.
+
+    Returns:
+        `CompactBlockWeights` in the dtype and device of the block's weights.
+
+    Raises:
+        ValueError: on an unknown method, bad sparsities, a sparsity that removes every head,
+            missing Hessians or inconsistent shapes.
+    """
+    if method not in compact.METHODS:
+        raise ValueError(f"method must be one of {compact.METHODS}, got {method!r}")
+    groups = block_groups(block_linears, num_heads)
+    pruned = compact.prune_groups(groups, hessians, {"proj": head_sparsity, "fc2": mlp_sparsity}, method,
+                                  align, generator, **obs_kwargs)
+    return compact_from_groups(pruned)
 
 
 def model_head_dim(model: nn.Module) -> int:
@@ -196,57 +305,92 @@ def run_dit(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Te
     return model(x, timestep=t, class_labels=labels, return_dict=False)[0]
 
 
-def default_scheduler():
-    """DDIM with DiT's training schedule (linear betas 1e-4..0.02, T = 1000), eta = 0 at `step`.
-
-    ``clip_sample=False``, as in DiT. Clipping the predicted ``x_0`` to [-1, 1] looks natural in
-    pixel space, but diffusers' DDIM then mixes the clipped ``x_0`` with the unclipped noise
-    direction; measured on the embedded digits model (100 samples, g = 1, a mid-training
-    checkpoint) clipping raised digits-FID from 152 to 188 at 20 steps, from 153 to 257 at 50
-    and from 153 to 568 at 200 steps (class accuracy 0.70 -> 0.16), while without clipping FID
-    was flat in the step count. ``timestep_spacing="leading"`` with ``set_alpha_to_one=True``
-    gives DiT's timesteps 980, 960, ..., 0 for 50 steps and a clean final ``x_0``. The final
-    images are clamped to [-1, 1] by `sample`.
-    """
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                         beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
-                         steps_offset=0, timestep_spacing="leading", prediction_type="epsilon")
+def skeleton_from_dense(dense: nn.Module) -> SharedSkeleton:
+    """Copy the un-pruned modules of a dense DiT into a `SharedSkeleton` (one embedder when identical)."""
+    inner = unwrap_model(dense)
+    blocks = list(inner.transformer_blocks)
+    if embedders_identical(inner):
+        embedders: list[nn.Module] = [copy.deepcopy(blocks[0].norm1.emb)]
+    else:
+        embedders = [copy.deepcopy(b.norm1.emb) for b in blocks]
+    conditioning = SharedConditioning.from_blocks(
+        embedders, [b.norm1.linear.weight for b in blocks], [b.norm1.linear.bias for b in blocks],
+    )
+    return SharedSkeleton(copy.deepcopy(inner.pos_embed), conditioning, copy.deepcopy(inner.proj_out_1),
+                          copy.deepcopy(inner.proj_out_2), inner.norm_out.eps)
 
 
-def scheduler_alphas_cumprod(scheduler) -> torch.Tensor:
-    """The training ``alphas_cumprod`` (float64, length T) of a diffusers scheduler.
+def skeleton_from_config(config: Mapping[str, Any], shared_embedder: bool) -> tuple[SharedSkeleton, dict]:
+    """An (uninitialised) skeleton and the block facts of a DiT described by its diffusers config.
 
-    Raises:
-        TypeError: if the scheduler has no ``alphas_cumprod`` (e.g. flow-matching schedulers).
-    """
-    abar = getattr(scheduler, "alphas_cumprod", None)
-    if abar is None:
-        raise TypeError(
-            f"expected a diffusers scheduler with `alphas_cumprod`, got {type(scheduler).__name__}"
-        )
-    return torch.as_tensor(abar).detach().to("cpu", torch.float64)
-
-
-def sampler_timesteps(num_inference_steps: int, scheduler=None) -> torch.Tensor:
-    """The training timesteps (0..T-1) a scheduler visits for `num_inference_steps` steps.
-
-    The scheduler is copied (``from_config``) so the caller's instance is not modified.
-
-    Args:
-        num_inference_steps (`int`): sampling steps.
-        scheduler (*optional*): a diffusers scheduler; defaults to `default_scheduler`.
+    The diffusers model is instantiated with a single block (under a forked RNG, so the caller's
+    random state is untouched) to obtain exactly diffusers' patch embedding and embedder modules
+    and the block's widths and epsilons.
 
     Returns:
-        `torch.LongTensor` of timesteps in sampling order (high to low), on CPU.
-
-    Raises:
-        ValueError: if `num_inference_steps` is not a positive integer.
+        `(skeleton, facts)`: the skeleton in float32 on CPU with an uninitialised adaLN matrix;
+        ``facts`` holds ``num_heads``, ``head_dim``, ``width``, ``mlp_hidden``, ``attn_norm_eps``
+        and ``mlp_norm_eps``.
     """
-    if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    sched = default_scheduler() if scheduler is None else type(scheduler).from_config(scheduler.config)
-    sched.set_timesteps(int(num_inference_steps))
-    return torch.as_tensor(sched.timesteps).detach().to("cpu").round().long()
+    from diffusers import DiTTransformer2DModel
 
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    layers = int(cfg["num_layers"])
+    with torch.random.fork_rng(devices=[]):
+        dit = DiTTransformer2DModel.from_config({**cfg, "num_layers": 1})
+    block = dit.transformer_blocks[0]
+    heads, head_dim = int(cfg["num_attention_heads"]), int(cfg["attention_head_dim"])
+    C = heads * head_dim
+    emb = block.norm1.emb
+    embedders = [emb] if shared_embedder else [copy.deepcopy(emb) for _ in range(layers)]
+    conditioning = SharedConditioning(embedders, torch.empty(layers * 6 * C, C), torch.empty(layers * 6 * C),
+                                      num_layers=layers)
+    facts = {"num_heads": heads, "head_dim": head_dim, "width": C,
+             "mlp_hidden": int(block_linears(block)["fc1"].out_features),
+             "attn_norm_eps": float(block.norm1.norm.eps), "mlp_norm_eps": float(block.norm3.eps)}
+    skeleton = SharedSkeleton(dit.pos_embed, conditioning, dit.proj_out_1, dit.proj_out_2, dit.norm_out.eps)
+    return skeleton, facts
+
+
+class DiTAdapter(ModelAdapter):
+    """diffusers' ``DiTTransformer2DModel`` (class-conditional adaLN-Zero DiT); pruned into `MosaicDiT`."""
+
+    name = "DiT"
+
+    def handles(self, model: nn.Module) -> bool:
+        from diffusers import DiTTransformer2DModel
+
+        return isinstance(model, DiTTransformer2DModel)
+
+    def validate(self, model: nn.Module) -> None:
+        validate_dit(model)
+
+    def blocks(self, model: nn.Module):
+        return transformer_blocks(model)
+
+    def groups(self, block: nn.Module) -> dict[str, PrunableGroup]:
+        return block_groups(block_linears(block), int(block.attn1.heads))
+
+    def run(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return run_dit(model, x_t, t, condition)
+
+    def check_calibration(self, model: nn.Module, calibration) -> None:
+        calibration.check_model(model)
+
+    def dense_block(self, block: nn.Module) -> CompactBlockWeights:
+        return dense_block_weights(block, int(block.attn1.heads))
+
+    def compact_block(self, block: nn.Module, pruned: Mapping[str, PrunedGroup]) -> CompactBlockWeights:
+        return compact_from_groups(pruned)
+
+    def block_widths(self, block: nn.Module, weights: CompactBlockWeights) -> dict[str, float]:
+        heads, mlp = int(block.attn1.heads), block_linears(block)["fc2"].in_features
+        return {"heads": weights.num_heads, "mlp": weights.mlp_width,
+                "head_sparsity": 1.0 - weights.num_heads / heads, "mlp_sparsity": 1.0 - weights.mlp_width / mlp}
+
+    def shared_skeleton(self, model: nn.Module) -> SharedSkeleton:
+        return skeleton_from_dense(model)
+
+
+#: The DiT adapter (stateless: one instance serves every DiT).
+DIT = DiTAdapter()

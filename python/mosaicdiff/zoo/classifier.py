@@ -8,8 +8,7 @@ Recipe (the shipped weights used exactly these defaults, seed 0): the train spli
 `zoo.data.train_test_split` (1617 images; the 180 test images are never seen), random shifts of up
 to 1 pixel and light Gaussian pixel noise as augmentation, AdamW lr 2e-3 with cosine decay,
 batch 64, 30 epochs. The held-out accuracy and training time are written to `config.json`
-(`"training"`). Shipped weights: held-out accuracy 0.994 (179/180), train 0.999, 63 s of
-training on one thread of a shared 2-core CPU (`--threads 1`), 200 KB of weights.
+(`"training"`); the shipped weights' numbers are in docs/results.md ("The embedded models").
 
 The penultimate layer (`feature_dim` = 64 post-ReLU activations) is the feature space of
 `mosaicdiff.quality.fid`, playing the role Inception-v3's pool features play for ImageNet FID.
@@ -165,18 +164,18 @@ def train(epochs: int = 30, batch_size: int = 64, lr: float = 2e-3, seed: int = 
 
 
 def save(model: DigitsClassifier, out: Path, training: dict | None = None) -> None:
-    """Write `config.json` and `model.safetensors` to `out` (created if missing)."""
-    from safetensors.torch import save_file
+    """Write `config.json` and `model.safetensors` to `out` (created if missing), each atomically."""
+    from safetensors.torch import save
+
+    from mosaic_kernels.atomic_io import write_bytes_atomic, write_json_atomic
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / (WEIGHTS_NAME + ".tmp")))
-    (out / (WEIGHTS_NAME + ".tmp")).replace(out / WEIGHTS_NAME)
+    write_bytes_atomic(out / WEIGHTS_NAME, save(state))
     cfg = dict(model.config)
     if training is not None:
         cfg["training"] = training
-    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    write_json_atomic(out / CONFIG_NAME, cfg, indent=2)
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> DigitsClassifier:

@@ -4,15 +4,15 @@ Reproduce the shipped weights with::
 
     OMP_NUM_THREADS=1 python -m mosaicdiff.zoo.train_dit --out python/mosaicdiff/zoo/digits_dit
 
-Recipe (the shipped weights used exactly these defaults, seed 0, OMP_NUM_THREADS=1, 52 min on
-this 2-core CPU while other jobs ran): DDPM epsilon objective, linear beta schedule 1e-4..0.02
-with T = 1000, AdamW lr 5e-4 with cosine decay, 2000 steps of batch 128, 10% label dropout to
-the null class (index 10) for classifier-free guidance.
+Recipe (the shipped weights used exactly these defaults, seed 0, OMP_NUM_THREADS=1): DDPM
+epsilon objective, linear beta schedule 1e-4..0.02 with T = 1000, AdamW lr 5e-4 with cosine
+decay, 2000 steps of batch 128, 10% label dropout to the null class (index 10) for
+classifier-free guidance.
 
 The exported weights are the raw model's (`--export model`, the default), not the EMA's: an
 EMA with decay 0.999 over only 2000 steps still holds 0.999^2000 = 13.5% of the random
-initialisation, and it sampled far worse (digits-FID 331 vs 109 at guidance 1.5, 200 samples,
-DDIM-50). The EMA stays in the checkpoint; `--export ema` writes it instead. The per-block
+initialisation and samples far worse (measured in docs/results.md, "The embedded models"). The
+EMA stays in the checkpoint; `--export ema` writes it instead. The per-block
 timestep/class embedders are tied during training (as in the original DiT, where one embedder
 feeds all blocks) and written out as identical copies, so the model has the same structure as
 the converted DiT-XL/2. A checkpoint is written every `--save-every` steps so nothing is lost if
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mosaic_kernels.atomic_io import atomic_write, write_json_atomic
 from mosaicdiff.zoo.data import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors, train_test_split
 
 MODEL_CONFIG = dict(
@@ -165,19 +166,16 @@ def main(argv=None) -> None:
                 pe.lerp_(pm, 1 - args.ema)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            torch.save(
-                {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                 "rng": torch.get_rng_state(), "data_rng": g.get_state(), "step": step + 1},
-                ckpt.with_suffix(".tmp"),
-            )
-            ckpt.with_suffix(".tmp").replace(ckpt)
+            with atomic_write(ckpt, "wb") as f:
+                torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                            "rng": torch.get_rng_state(), "data_rng": g.get_state(), "step": step + 1}, f)
 
     info = {
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
         "label_dropout": args.label_dropout, "seed": args.seed,
         "train_seconds": round(time.time() - t0, 1), "torch": torch.__version__,
     }
-    (args.out / "training.json").write_text(json.dumps(info, indent=2))
+    write_json_atomic(args.out / "training.json", info, indent=2)
     export(args.out, args.export)
 
 
@@ -195,7 +193,7 @@ def export(out: Path, which: str = "model") -> None:
     _, test_idx = train_test_split(len(images))
     info.update(exported=which, checkpoint_step=state["step"],
                 held_out_eps_mse=held_out_loss(final, images[test_idx], labels[test_idx]))
-    info_path.write_text(json.dumps(info, indent=2))
+    write_json_atomic(info_path, info, indent=2)
     print(json.dumps(info, indent=2))
 
 

@@ -1,0 +1,207 @@
+"""The steps `mosaicdiff demo` and `mosaicdiff eval` share, on the embedded digits DiT.
+
+An `Experiment` holds what every compared model sees: the dense model, its calibration data,
+the stage boundaries, the labels and one initial noise. Its `prune` and `sample` time the work;
+`image_metrics` scores images; a `ReportFile` is the JSON report, rewritten atomically after
+every finished step so that an interrupted run keeps what finished.
+
+The defaults below were chosen by measurements recorded in docs/results.md ("Demo settings").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mosaic_kernels.atomic_io import write_json_atomic
+from mosaicdiff import pruning, quality, sampling, schedule, zoo
+from mosaicdiff.app.inputs import digits_calibration, sample_labels
+from mosaicdiff.calibrate import Calibration
+
+#: Methods compared with the dense model by default: all of `pruning.METHODS` except "random"
+#: (a floor any pruner beats, not a baseline worth a row).
+COMPARED_METHODS = tuple(m for m in pruning.METHODS if m != "random")
+DEFAULT_SPARSITY = 0.5
+#: The FID optimum of the dense model's guidance sweep (docs/results.md, "Demo settings").
+DEFAULT_GUIDANCE = 1.5
+#: Enough samples for the small-sample FID floor to resolve method differences (docs/results.md).
+DEFAULT_NUM_SAMPLES = 200
+DEFAULT_SAMPLES_PER_STAGE = 128
+DEFAULT_STEPS = 50
+#: The sweep of `mosaicdiff eval`.
+DEFAULT_SPARSITIES = (0.2, 0.3, 0.4, 0.5, 0.6)
+DEFAULT_GUIDANCES = (1.5, 3.0)
+SAMPLER = "DDIM eta=0 (linear betas, no x0 clipping)"
+
+
+def check_methods(methods, command: str) -> None:
+    """Raises ValueError naming the entries of `methods` that are not `COMPARED_METHODS`."""
+    unknown = [m for m in methods if m not in COMPARED_METHODS]
+    if unknown:
+        raise ValueError(f"{command}: unknown methods {unknown}; expected a subset of {list(COMPARED_METHODS)}")
+
+
+@dataclass
+class Experiment:
+    """The shared inputs of one demo or eval run; build it with `prepare`."""
+
+    dense: nn.Module
+    calibration: Calibration
+    scheduler: Any  # the sampler's scheduler, set to `steps` timesteps
+    boundaries: tuple[int, int]
+    labels: torch.Tensor
+    noise: torch.Tensor
+    steps: int
+    seed: int
+    samples_per_stage: int
+    speed_threshold: float
+    log_snr_weight: float
+    progress: bool
+
+    @property
+    def stages(self):
+        """(name, t_start, t_end) of the early, middle and late stage."""
+        return schedule.stages_from_boundaries(*self.boundaries, T=len(self.scheduler.alphas_cumprod))
+
+    def prune(self, method: str, sparsity: float) -> tuple[nn.Module, float]:
+        """`pruning.prune` of the dense model at this run's stages; returns (mosaic, seconds)."""
+        t0 = time.perf_counter()
+        pruned = pruning.prune(
+            self.dense, self.calibration, sparsity, method=method, boundaries=self.boundaries,
+            num_inference_steps=self.steps, scheduler=sampling.default_scheduler(),
+            samples_per_stage=self.samples_per_stage, speed_threshold=self.speed_threshold,
+            log_snr_weight=self.log_snr_weight, seed=self.seed, progress=self.progress)
+        return pruned, time.perf_counter() - t0
+
+    def sample(self, model: nn.Module, guidance_scale: float, *, return_trajectory: bool = False):
+        """`sampling.sample` from this run's labels and noise; returns (result, seconds per image)."""
+        warmup(model, int(self.labels[0]))
+        t0 = time.perf_counter()
+        result = sampling.sample(model, self.labels, num_inference_steps=self.steps, guidance_scale=guidance_scale,
+                                 noise=self.noise, progress=self.progress, return_trajectory=return_trajectory)
+        return result, (time.perf_counter() - t0) / len(self.labels)
+
+
+def prepare(model: nn.Module | None, *, steps: int, seed: int, num_samples: int, samples_per_stage: int,
+            boundaries: tuple[int, int] | None, speed_threshold: float, log_snr_weight: float,
+            progress: bool) -> Experiment:
+    """Load the dense model (default: the embedded one), the digits calibration data, the stage
+    boundaries (closed form unless given), balanced labels and the initial noise (from `seed`)."""
+    dense = model if model is not None else zoo.load_digits_dit()
+    null_class = int(dense.config.num_embeds_ada_norm)
+    calibration = digits_calibration(null_class)
+    scheduler = sampling.default_scheduler()
+    scheduler.set_timesteps(steps)
+    if boundaries is None:
+        boundaries = schedule.stage_boundaries(scheduler.alphas_cumprod, speed_threshold=speed_threshold,
+                                               log_snr_weight=log_snr_weight, x0_sq_norm=calibration.x0_sq_norm)
+    return Experiment(
+        dense=dense, calibration=calibration, scheduler=scheduler, boundaries=(int(boundaries[0]), int(boundaries[1])),
+        labels=sample_labels(num_samples, null_class), noise=sampling.make_noise(dense, num_samples, seed=seed),
+        steps=steps, seed=seed, samples_per_stage=samples_per_stage, speed_threshold=speed_threshold,
+        log_snr_weight=log_snr_weight, progress=progress)
+
+
+@torch.no_grad()
+def warmup(model: nn.Module, label: int = 0) -> None:
+    """A few tiny forwards spread over t = 999..0 (so every stage of a mosaic runs once).
+
+    Keeps one-time costs (lazy imports, backend probing, kernel-config selection) out of the
+    timed sampling run.
+    """
+    p = next(model.parameters())
+    c, s = int(model.config.in_channels), int(model.config.sample_size)
+    x = torch.zeros(2, c, s, s, device=p.device, dtype=p.dtype)
+    y = torch.tensor([label, int(model.config.num_embeds_ada_norm)], device=p.device)
+    for t in torch.linspace(999, 0, 11).round().long():
+        model(x, timestep=t.expand(2).to(p.device), class_labels=y)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def image_metrics(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    """FID to the real digits, class accuracy and (when `reference` is given) mean PSNR to it."""
+    out = {"fid": quality.fid_to_real(images), "class_accuracy": quality.class_accuracy(images, labels)}
+    if reference is not None:
+        p = quality.psnr(images, reference)
+        out["psnr_to_dense"] = float(p.clamp(max=100.0).mean())  # identical images count as 100 dB
+    return out
+
+
+def real_reference_fid(num_samples: int, seed: int) -> float:
+    """FID of `num_samples` random real digits against all 1797: the small-sample floor at this N."""
+    from mosaicdiff.zoo.data import load_digits_tensors
+
+    images, _ = load_digits_tensors()
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return quality.fid_to_real(images[idx])
+
+
+def stage_info(mosaic) -> dict:
+    """Stage names, ranges and sparsities of a `MosaicDiT`."""
+    return {s.name: {"t_start": int(s.t_start), "t_end": int(s.t_end), "sparsity": float(s.sparsity)}
+            for s in mosaic.stages}
+
+
+def step_mean_sparsity(mosaic, timesteps) -> float:
+    """Sparsity averaged over the sampler's steps (each step uses its stage's sparsity)."""
+    sp = [mosaic.stages[mosaic.stage_for(int(t))].sparsity for t in timesteps]
+    return float(sum(sp) / len(sp))
+
+
+def environment() -> dict:
+    """Where the numbers were measured."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- the report file
+
+def json_safe(v: Any) -> Any:
+    """`v` with tensors, numpy scalars and paths as JSON values, and NaN/inf as null (JSON has neither)."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return json_safe(v.tolist())
+    if hasattr(v, "item") and callable(v.item):  # numpy scalars
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class ReportFile:
+    """A JSON report (`data`) at `path`; `save` rewrites it atomically with the wall time so far."""
+
+    def __init__(self, path: str | os.PathLike, data: dict):
+        self.path = Path(path)
+        self.data = data
+        self._started = time.perf_counter()
+
+    def save(self) -> None:
+        self.data["wall_seconds"] = round(time.perf_counter() - self._started, 2)
+        write_json_atomic(self.path, json_safe(self.data), indent=2)
+
+    @contextlib.contextmanager
+    def keeping_errors(self) -> Iterator[None]:
+        """On any exception (Ctrl-C too): record it as ``error``, save what finished, re-raise."""
+        try:
+            yield
+        except BaseException as exc:
+            self.data["error"] = f"{type(exc).__name__}: {exc}"
+            self.save()
+            raise
