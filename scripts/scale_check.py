@@ -88,7 +88,7 @@ def full(args) -> dict:
 
     timer = Timer()
     prune_mod.collect_hessians = timer.wrap("collect_hessians (one stage)", prune_mod.collect_hessians)
-    compact.prune_block = timer.wrap("prune_block", compact.prune_block)
+    compact.prune_groups = timer.wrap("prune_groups (one block)", compact.prune_groups)
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from typing import Any
 
 from . import _dispatch
-from ._registry import Choice, TritonCase, gemm_bucket
+from ._registry import Choice, TritonCase, gemm_bucket, random_maker
 
 #: vendor (cuBLAS(Lt) through torch, the default: a plain tiled Triton GEMM loses to it on H100)
 #: or the Triton GEMM with the epilogue fused, measured per shape.
@@ -48,3 +48,21 @@ def gemm_triton_case(epilogue: str, launch) -> TritonCase:
                 for i, cfg in enumerate(gemm_candidate_configs(dtype, epilogue)) for tma in (False, True)]
 
     return TritonCase(family="gemm", configs=configs, launch=launch)
+
+
+def gemm_bias_inputs(shape, dtype, device, generator):
+    """``(x, weight, bias)`` of a ``y = epilogue(x @ weight^T + bias)`` op at ``(M, N, K)``."""
+    M, N, K = shape
+    rnd = random_maker(device, dtype, generator)
+    return rnd(1, M, K), rnd(N, K, scale=K**-0.5), rnd(N, scale=0.1)
+
+
+def gemm_bias_launch(launcher: str):
+    """A :class:`TritonCase` launch that calls the Triton launcher named ``launcher`` on
+    ``(x, weight, bias)`` buffers from ``alloc``."""
+
+    def launch(shape, dtype, config, alloc):
+        M, N, K = shape
+        getattr(_dispatch.triton_package()[0], launcher)(alloc(M, K), alloc(N, K), alloc(N), config=config)
+
+    return launch

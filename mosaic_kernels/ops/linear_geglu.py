@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 from . import _checks, _dispatch
-from ._gemm import GEMM_CHOICE, gemm_flops, gemm_providers, gemm_triton_case
+from ._gemm import GEMM_CHOICE, gemm_bias_inputs, gemm_bias_launch, gemm_flops, gemm_providers, gemm_triton_case
 from ._registry import BenchCase, random_maker, register
 
 OP = "linear_geglu"
@@ -80,20 +80,9 @@ def linear_geglu_eager(x, weight, bias):
     return h * F.gelu(gate)
 
 
-def _inputs(shape, dtype, device, generator):
-    M, N, K = shape
-    rnd = random_maker(device, dtype, generator)
-    return rnd(1, M, K), rnd(N, K, scale=K**-0.5), rnd(N, scale=0.1)
-
-
-def _launch_triton(shape, dtype, config, alloc):
-    M, N, K = shape
-    _dispatch.triton_package()[0].linear_geglu_triton(alloc(M, K), alloc(N, K), alloc(N), config=config)
-
-
 register(BenchCase(
     op=OP,
-    make_inputs=_inputs,
+    make_inputs=gemm_bias_inputs,
     # x and the weight read, the (M, N / 2) output written
     bytes_moved=lambda s, e: e * (s[0] * s[2] + s[1] * s[2] + s[1] + s[0] * s[1] // 2),
     flops=gemm_flops,
@@ -104,5 +93,5 @@ register(BenchCase(
     tiny_shape=(32, 64, 72),
     eager=linear_geglu_eager,
     choice=GEMM_CHOICE,
-    triton=gemm_triton_case("geglu", _launch_triton),
+    triton=gemm_triton_case("geglu", gemm_bias_launch("linear_geglu_triton")),
 ))

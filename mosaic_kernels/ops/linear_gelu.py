@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from .. import reference as ref
 from . import _checks, _dispatch
-from ._gemm import DIT_MLP_WIDTHS, DIT_WIDTH, GEMM_CHOICE, gemm_flops, gemm_providers, gemm_triton_case
-from ._registry import BenchCase, random_maker, register
+from ._gemm import DIT_MLP_WIDTHS, DIT_WIDTH, GEMM_CHOICE, gemm_bias_inputs, gemm_bias_launch, gemm_flops, gemm_providers, gemm_triton_case
+from ._registry import BenchCase, register
 
 OP = "linear_gelu"
 
@@ -99,20 +99,9 @@ def linear_gelu_eager(x, weight, bias):
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
 
-def _inputs(shape, dtype, device, generator):
-    M, N, K = shape
-    rnd = random_maker(device, dtype, generator)
-    return rnd(1, M, K), rnd(N, K, scale=K**-0.5), rnd(N, scale=0.1)
-
-
-def _launch_triton(shape, dtype, config, alloc):
-    M, N, K = shape
-    _dispatch.triton_package()[0].linear_gelu_triton(alloc(M, K), alloc(N, K), alloc(N), config=config)
-
-
 register(BenchCase(
     op=OP,
-    make_inputs=_inputs,
+    make_inputs=gemm_bias_inputs,
     bytes_moved=lambda shape, e: e * (shape[0] * shape[2] + shape[1] * shape[2] + shape[1] + shape[0] * shape[1]),
     flops=gemm_flops,
     reference=ref.linear_gelu_ref,
@@ -121,5 +110,5 @@ register(BenchCase(
     tiny_shape=(32, 64, 72),
     eager=linear_gelu_eager,
     choice=GEMM_CHOICE,
-    triton=gemm_triton_case("gelu_tanh", _launch_triton),
+    triton=gemm_triton_case("gelu_tanh", gemm_bias_launch("linear_gelu_triton")),
 ))
