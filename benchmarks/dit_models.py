@@ -4,7 +4,7 @@
   and a tiny one for ``--dry-run`` on the CPU);
 - `build_dense`: a randomly initialised model (speed does not depend on weight values) with 28
   identical embedders, as converted DiT-XL/2 checkpoints have;
-- `timing_mosaic`: a `MosaicDiT` with the real divide + allocate shapes (stage boundaries from
+- `timing_mosaic`: a `MosaicDiT` (shared producers, or copies per stage) with the real divide + allocate shapes (stage boundaries from
   the linear schedule, per-stage sparsity from the target mean, aligned widths); the kept heads
   are magnitude-selected, because timing does not depend on which are kept and OBS over
   28 x 3 blocks would spend the GPU lease on calibration;
@@ -41,14 +41,22 @@ def build_dense(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
     return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
-def timing_mosaic(dense, target: float, num_steps: int = NUM_STEPS):
-    """A mosaic with the real divide/allocate shapes and magnitude-selected weights (timing only)."""
-    from mosaicdiff.mosaic import MosaicDiT
+def timing_stages(dense, target: float, num_steps: int = NUM_STEPS):
+    """The real divide/allocate shapes with magnitude-selected, nested kept sets (timing only)."""
     from mosaicdiff.pruning import prune_stages
 
-    stages = prune_stages(dense, None, target, method="mosaic", pruner="magnitude",
-                          num_inference_steps=num_steps, progress=False)
-    return MosaicDiT.from_dense(dense, stages, meta={"method": "timing-only magnitude", "target_sparsity": target})
+    return prune_stages(dense, None, target, method="mosaic", pruner="magnitude", num_inference_steps=num_steps,
+                        progress=False)
+
+
+def timing_mosaic(dense, target: float, num_steps: int = NUM_STEPS, share_producers: bool = True, stages=None):
+    """A mosaic of `timing_stages`: with shared producer storage (the default layout) or with a copy
+    of the producers per stage (the same kept sets: only the memory layout differs)."""
+    from mosaicdiff.mosaic import MosaicDiT
+
+    stages = timing_stages(dense, target, num_steps) if stages is None else stages
+    return MosaicDiT.from_dense(dense, stages, share_producers=share_producers,
+                                meta={"method": "timing-only magnitude", "target_sparsity": target})
 
 
 # ------------------------------------------------------------------ plain torch, input dtype

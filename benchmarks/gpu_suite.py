@@ -84,7 +84,7 @@ class Suite:
         self.env = env_info(self.device)
         self._models: dict[str, torch.nn.Module] = {}
         self._dense = None
-        self._mosaics: dict[float, torch.nn.Module] = {}
+        self._mosaics: dict[tuple[float, bool], torch.nn.Module] = {}  # (target, copies) -> mosaic
 
     @property
     def cuda(self) -> bool:
@@ -95,11 +95,14 @@ class Suite:
             self._dense = build_dense(self.cfg, self.device, self.dtype)
         return self._dense
 
-    def mosaic(self, target: float):
-        """The timing mosaic at ``target`` (built without CUDA graphs; e2e enables them)."""
-        if target not in self._mosaics:
-            self._mosaics[target] = timing_mosaic(self.dense(), target)
-        return self._mosaics[target]
+    def mosaic(self, target: float, copies: bool = False):
+        """The timing mosaic at ``target`` (built without CUDA graphs; e2e enables them); `copies`:
+        the same stages with a copy of the producers per stage instead of the shared storage."""
+        if (target, copies) not in self._mosaics:
+            stages = self._mosaics[(target, False)].stages if (target, False) in self._mosaics else None
+            self._mosaics[(target, copies)] = timing_mosaic(self.dense(), target, share_producers=not copies,
+                                                            stages=stages)
+        return self._mosaics[(target, copies)]
 
     def model(self, name: str):
         """The e2e config ``name``, built on first use."""
@@ -118,7 +121,8 @@ class Suite:
             engine = MosaicDiT.from_dense_unpruned(self.dense()).enable_cuda_graphs(self.cuda)
             return engine.set_block_boundary_fusion(name == "engine_dense")
         if name.startswith("engine_mosaic_"):
-            return self.mosaic(float(name.rsplit("_", 1)[1])).enable_cuda_graphs(self.cuda)
+            target = float(name.split("_")[2])
+            return self.mosaic(target, copies=name.endswith("_copies")).enable_cuda_graphs(self.cuda)
         if name == "compile_pruned_0.5":
             pruned = copy.deepcopy(self.mosaic(0.5))
             pruned.forward_stage = torch.compile(pruned.forward_stage, mode="reduce-overhead", dynamic=False)

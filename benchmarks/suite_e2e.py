@@ -94,7 +94,8 @@ def ratios(records: list[dict], batches: list[int]) -> dict:
         for num, den in (("diffusers_eager_dense", "engine_dense"), ("diffusers_compile_dense", "engine_dense"),
                          ("engine_dense", "engine_mosaic_0.5"), ("engine_dense", "engine_mosaic_0.3"),
                          ("diffusers_compile_dense", "engine_mosaic_0.5"), ("compile_pruned_0.5", "engine_mosaic_0.5"),
-                         ("diffusers_compile_dense", "compile_pruned_0.5"), ("engine_dense_unfused", "engine_dense")):
+                         ("diffusers_compile_dense", "compile_pruned_0.5"), ("engine_dense_unfused", "engine_dense"),
+                         ("engine_mosaic_0.5_copies", "engine_mosaic_0.5")):
             a, b = by.get((num, batch)), by.get((den, batch))
             if a and b:
                 for kind in ("ms_per_forward", "ms_per_sample_run"):
@@ -114,7 +115,7 @@ def e2e_plan(suite: Suite) -> list[tuple[str, int]]:
     first, *rest = suite.batches
     plan = [(name, first) for name in ("diffusers_eager_dense", "engine_dense", "engine_mosaic_0.5",
                                        "engine_mosaic_0.3", "diffusers_compile_dense", "compile_pruned_0.5",
-                                       "engine_dense_unfused")]
+                                       "engine_dense_unfused", "engine_mosaic_0.5_copies")]
     for batch in rest:
         plan += [(name, batch) for name in ("diffusers_eager_dense", "engine_dense", "engine_mosaic_0.5",
                                             "engine_mosaic_0.3", "diffusers_compile_dense")]

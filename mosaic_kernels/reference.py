@@ -215,22 +215,28 @@ def linear_gated_residual_ref(
     return out.to(res.dtype)
 
 
-def attention_ref(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def attention_ref(qkv: torch.Tensor, num_heads: int, layout: str = "qkv") -> torch.Tensor:
     """``out = softmax(q @ k^T / sqrt(hd)) @ v`` per head, heads concatenated.
 
-    ``qkv`` is laid out ``[q | k | v]`` along the last dim, each part ``H * hd`` wide with
-    heads contiguous (head ``i`` is columns ``i*hd:(i+1)*hd`` of its part). Non-causal, no mask.
+    ``layout="qkv"``: ``qkv`` is ``[q | k | v]`` along the last dim, each part ``H * hd`` wide
+    with heads contiguous (head ``i`` is columns ``i*hd:(i+1)*hd`` of its part).
+    ``layout="heads"``: head-major, head ``i``'s q, k, v are columns ``(3i + p)*hd : (3i + p + 1)*hd``
+    for p = 0, 1, 2. Non-causal, no mask.
 
     Args:
         qkv: (B, L, 3 * H * hd) fused projections.
         num_heads: H.
+        layout: ``"qkv"`` or ``"heads"``.
 
     Returns:
         (B, L, H * hd) tensor of ``qkv.dtype``.
     """
     B, L, three_hd = qkv.shape
     hd = three_hd // (3 * num_heads)
-    q, k, v = qkv.float().view(B, L, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    parts = (3, num_heads, hd) if layout == "qkv" else (num_heads, 3, hd)
+    x = qkv.float().view(B, L, *parts)
+    x = x if layout == "qkv" else x.transpose(2, 3)  # -> (B, L, 3, H, hd)
+    q, k, v = x.permute(2, 0, 3, 1, 4).unbind(0)
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))
     out = scores.softmax(dim=-1) @ v  # (B, H, L, hd)
     return out.transpose(1, 2).reshape(B, L, num_heads * hd).to(qkv.dtype)

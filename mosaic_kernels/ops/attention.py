@@ -25,6 +25,12 @@ SDPA_CHOICES = ("auto", "flash", "efficient", "cudnn")
 #: SDPA kernels `attention` can be pinned to: the chosen ones and "math", the unfused exact fallback.
 SDPA_BACKENDS = (*SDPA_CHOICES, "math")
 
+#: How the fused projections are laid out along the last dim: "qkv" = ``[q | k | v]`` (each part
+#: H * hd wide, heads contiguous: diffusers' and timm's order); "heads" = ``[q k v of head 0 | q k v
+#: of head 1 | ...]`` (head-major: a contiguous run of heads is a contiguous run of qkv weight
+#: rows, which is what lets pruned stages share one qkv weight as row-range views).
+QKV_LAYOUTS = ("qkv", "heads")
+
 #: Devices on which ``attention`` restores the reference's NaN rows (see its docstring). torch's
 #: SDPA kernels treat a softmax row with no finite score as fully masked and write 0 ("safe
 #: softmax": the math kernel since torch 2.5; the CPU flash kernel also for a NaN query row).
@@ -67,7 +73,15 @@ def _nan_rows_without_finite_score(out: torch.Tensor, q: torch.Tensor, k: torch.
     return out.masked_fill(no_finite_score.unsqueeze(-1), float("nan"))
 
 
-def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> torch.Tensor:
+def split_qkv(qkv: torch.Tensor, num_heads: int, layout: str = "qkv") -> tuple[torch.Tensor, ...]:
+    """``(q, k, v)``, each ``(B, H, L, hd)``: strided views of ``qkv`` laid out as `layout`."""
+    hd = qkv.shape[-1] // (3 * num_heads)
+    if layout == "qkv":  # (B, L, 3, H, hd)
+        return qkv.unflatten(-1, (3, num_heads, hd)).permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv.unflatten(-1, (num_heads, 3, hd)).permute(3, 0, 2, 1, 4).unbind(0)  # (B, L, H, 3, hd)
+
+
+def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None, layout: str = "qkv") -> torch.Tensor:
     """``out = softmax(q @ k^T / sqrt(hd)) @ v`` over ``num_heads`` heads (non-causal). Forward-only.
 
     ``q``, ``k`` and ``v`` are strided views of ``qkv`` (no copies) handed to
@@ -77,10 +91,11 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> 
     measured otherwise, see ``configs.measure("attention", ...)``).
 
     Args:
-        qkv: (B, L, 3 * H * hd) fused projections laid out ``[q | k | v]``, heads contiguous
-            within each part; unit stride in the last dim.
+        qkv: (B, L, 3 * H * hd) fused projections laid out as `layout`; unit stride in the
+            last dim.
         num_heads: H > 0: an int or NumPy integer (anything with ``__index__``), not a bool.
         backend: one of :data:`SDPA_BACKENDS` to pin the SDPA kernel; None: the chosen one.
+        layout: one of :data:`QKV_LAYOUTS` (default ``"qkv"``: ``[q | k | v]``).
 
     Returns:
         (B, L, H * hd) contiguous tensor of ``qkv.dtype``. Non-finite inputs: on CPU the NaN/inf
@@ -93,7 +108,7 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> 
         TypeError: for a non-tensor, an unsupported dtype, or a ``num_heads`` that is not an
             integer (or is a bool).
         ValueError: for a wrong rank, ``num_heads <= 0``, a width not divisible by
-            ``3 * num_heads``, a non-unit last-dim stride or an unknown backend.
+            ``3 * num_heads``, a non-unit last-dim stride, an unknown backend or layout.
         RuntimeError: if the pinned SDPA backend cannot run these inputs (torch's message).
     """
     _checks.check_tensor(OP, "qkv", qkv, 3)
@@ -105,6 +120,8 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> 
     if qkv.stride(2) != 1:
         raise ValueError(f"attention: qkv must have unit stride in its last dim, got strides {qkv.stride()}")
     hd = width // (3 * num_heads)
+    if layout not in QKV_LAYOUTS:
+        raise ValueError(f"attention: layout must be one of {QKV_LAYOUTS}, got {layout!r}")
     if backend is None:
         # Under torch.compile the SDPA kernel is the compiler's choice (and the config lookup,
         # a locked dict, is not traceable with fullgraph=True).
@@ -113,8 +130,7 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> 
     if backend not in SDPA_BACKENDS:
         raise ValueError(f"attention: backend must be one of {SDPA_BACKENDS}, got {backend!r}")
     _dispatch.dispatched(OP, f"sdpa_{backend}")
-    # (B, L, 3, H, hd) -> three (B, H, L, hd) strided views.
-    q, k, v = qkv.unflatten(-1, (3, num_heads, hd)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = split_qkv(qkv, num_heads, layout)  # three (B, H, L, hd) strided views
     if backend == "auto":
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, hd)
     else:
@@ -127,10 +143,10 @@ def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None) -> 
     return out.transpose(1, 2).reshape(B, L, num_heads * hd)
 
 
-def attention_eager(qkv, num_heads):
+def attention_eager(qkv, num_heads, layout: str = "qkv"):
     """Plain SDPA over the fused projections (torch's kernel choice, no NaN-row guard)."""
     B, L, width = qkv.shape
-    q, k, v = qkv.unflatten(-1, (3, num_heads, width // (3 * num_heads))).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = split_qkv(qkv, num_heads, layout)
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1)
 
 

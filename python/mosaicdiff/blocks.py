@@ -107,6 +107,17 @@ class CompactDiTBlock(nn.Module):
         """Model width C."""
         return int(self.proj_bias.shape[0])
 
+    #: How the qkv GEMM's output is laid out for `mosaic_kernels.ops.attention` (``[q | k | v]``).
+    qkv_layout = "qkv"
+
+    def qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (weight, bias) of the qkv GEMM, rows laid out as `qkv_layout`."""
+        return self.qkv_weight, self.qkv_bias
+
+    def fc1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (weight, bias) of fc1, one row per kept channel in `kept_channels` order."""
+        return self.fc1_weight, self.fc1_bias
+
     def weights(self) -> CompactBlockWeights:
         """The block's current tensors as a `CompactBlockWeights` (no copy).
 
@@ -162,15 +173,15 @@ class CompactDiTBlock(nn.Module):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         # 1. Attention branch on the kept heads.
         if self.num_heads > 0:
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
-            a = ops.attention(qkv, self.num_heads)
+            qkv = F.linear(x, *self.qkv_params())
+            a = ops.attention(qkv, self.num_heads, layout=self.qkv_layout)
             y = F.linear(a, self.proj_weight, self.proj_bias)
         else:  # every head pruned: the branch is its (compensated) bias
             y = self._bias_rows(self.proj_bias, h)
         # 2. Gated residual fused with the MLP's norm + modulate.
         h, x2 = ops.gated_residual_ln_modulate(h, gate_msa, y, shift_mlp, scale_mlp, self.mlp_eps)
         # 3. MLP on the kept channels.
-        f = ops.linear_gelu(x2, self.fc1_weight, self.fc1_bias) if self.mlp_width > 0 else None
+        f = ops.linear_gelu(x2, *self.fc1_params()) if self.mlp_width > 0 else None
         if next_norm is not None:  # fc2, then its gated residual fused with the next norm
             y = F.linear(f, self.fc2_weight, self.fc2_bias) if f is not None else self._bias_rows(self.fc2_bias, h)
             shift, scale, eps = next_norm

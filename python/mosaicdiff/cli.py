@@ -140,6 +140,9 @@ def _add_prune_parser(sub) -> None:
     pr.add_argument("--samples-per-stage", type=t.positive_int, default=ex.DEFAULT_SAMPLES_PER_STAGE)
     _add_stage_split_options(pr)
     pr.add_argument("--align", type=t.positive_int, default=64, help="round kept MLP widths to this multiple")
+    pr.add_argument("--independent-stages", action="store_true",
+                    help="let every stage choose its heads/channels freely and store its own q/k/v and fc1 rows "
+                         "(default: the stages share one producer storage; docs/results.md compares both)")
     pr.add_argument("--seed", type=t.integer, default=0)
     pr.add_argument("--device", type=t.device, default="cpu")
     pr.add_argument("--no-progress", action="store_true")

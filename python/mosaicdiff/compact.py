@@ -104,14 +104,26 @@ def _check_sparsity(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
-def _remove_columns(weight, hessian, n_remove, group_size, method, generator, name, obs_kwargs):
+def _remove_columns(weight, hessian, n_remove, group_size, method, generator, name, forced, obs_kwargs):
     if method == "obs":
         if hessian is None:
             raise ValueError(f"method='obs' needs the Hessian of {name!r}, got None")
-        return obs.prune_columns(weight, hessian, n_remove, group_size, **obs_kwargs)
+        return obs.prune_columns(weight, hessian, n_remove, group_size, must_remove=forced, **obs_kwargs)
     if method == "magnitude":
-        return obs.magnitude_prune_columns(weight, n_remove, group_size)
-    return obs.random_prune_columns(weight, n_remove, group_size, generator=generator)
+        return obs.magnitude_prune_columns(weight, n_remove, group_size, must_remove=forced)
+    return obs.random_prune_columns(weight, n_remove, group_size, generator=generator, must_remove=forced)
+
+
+def _outside(group: PrunableGroup, keep_within, n_keep: int, name: str) -> torch.Tensor | None:
+    """The units not in `keep_within` (removed first), or None without a constraint."""
+    if keep_within is None:
+        return None
+    within = torch.as_tensor(keep_within).reshape(-1).to("cpu", torch.int64)
+    if within.numel() < n_keep:
+        raise ValueError(f"{name}: keep_within has {within.numel()} units, fewer than the {n_keep} to keep")
+    mask = torch.ones(group.num_units, dtype=torch.bool)
+    mask[within] = False
+    return mask.nonzero().reshape(-1)
 
 
 def units_to_remove(group: PrunableGroup, sparsity: float, align: int | None = 64) -> int:
@@ -123,7 +135,7 @@ def units_to_remove(group: PrunableGroup, sparsity: float, align: int | None = 6
 
 def prune_group(group: PrunableGroup, hessian: torch.Tensor | None, sparsity: float, method: str = "obs",
                 align: int | None = 64, generator: torch.Generator | None = None, name: str = "consumer",
-                **obs_kwargs) -> PrunedGroup:
+                keep_within: torch.Tensor | None = None, **obs_kwargs) -> PrunedGroup:
     """Removes a fraction of one group's units: the consumer's columns (compensated), the producers' rows.
 
     Args:
@@ -137,6 +149,9 @@ def prune_group(group: PrunableGroup, hessian: torch.Tensor | None, sparsity: fl
         align (`int`, *optional*, defaults to 64): width alignment of ``"channels"`` groups.
         generator (`torch.Generator`, *optional*): for ``"random"``.
         name (`str`, *optional*): the group's name, for error messages.
+        keep_within (`torch.Tensor`, *optional*): unit indices the kept units must be chosen
+            from (the others are removed first); how a more pruned stage keeps a subset of a
+            less pruned one's units, so that both can share one producer storage.
         **obs_kwargs: passed to `mosaicdiff.obs.prune_columns` (``damp``, ``groups_per_step``
             (used for single-column units only), ``block``).
 
@@ -147,8 +162,10 @@ def prune_group(group: PrunableGroup, hessian: torch.Tensor | None, sparsity: fl
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     consumer, size = group.consumer, int(group.unit_size)
     n_remove = units_to_remove(group, sparsity, align)
+    forced = _outside(group, keep_within, group.num_units - n_remove, name)
     kwargs = obs_kwargs if size == 1 else {k: v for k, v in obs_kwargs.items() if k != "groups_per_step"}
-    weight, cols = _remove_columns(consumer.weight, hessian, n_remove, size, method, generator, name, kwargs)
+    weight, cols = _remove_columns(consumer.weight, hessian, n_remove, size, method, generator, name, forced,
+                                   kwargs)
     kept = (cols.view(-1, size)[:, 0] // size).long()
     weights, biases = [], []
     for producer in group.producers:
@@ -162,8 +179,10 @@ def prune_group(group: PrunableGroup, hessian: torch.Tensor | None, sparsity: fl
 
 def prune_groups(groups: Mapping[str, PrunableGroup], hessians: Mapping[str, torch.Tensor] | None,
                  sparsities: float | Mapping[str, float], method: str = "obs", align: int | None = 64,
-                 generator: torch.Generator | None = None, **obs_kwargs: Any) -> dict[str, PrunedGroup]:
-    """`prune_group` on every group of a block, in order (one sparsity for all, or one per group name).
+                 generator: torch.Generator | None = None, keep_within: Mapping[str, torch.Tensor] | None = None,
+                 **obs_kwargs: Any) -> dict[str, PrunedGroup]:
+    """`prune_group` on every group of a block, in order (one sparsity for all, or one per group name;
+    `keep_within` per group name, see `prune_group`).
 
     Raises:
         ValueError: on an unknown method, bad sparsities, a sparsity that removes every head, a
@@ -175,6 +194,8 @@ def prune_groups(groups: Mapping[str, PrunableGroup], hessians: Mapping[str, tor
     out = {}
     for name, group in groups.items():
         sp = sparsities[name] if isinstance(sparsities, Mapping) else sparsities
-        out[name] = prune_group(group, hessians.get(name), sp, method, align, generator, name=name, **obs_kwargs)
+        within = keep_within.get(name) if keep_within is not None else None
+        out[name] = prune_group(group, hessians.get(name), sp, method, align, generator, name=name,
+                                keep_within=within, **obs_kwargs)
         logger.debug("pruned %s (%s): %d -> %d units", name, method, group.num_units, out[name].kept.numel())
     return out

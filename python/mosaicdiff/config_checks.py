@@ -73,3 +73,11 @@ def check_config_fields(config: dict, cfg_path: Path) -> None:
                 v = b.get(key) if isinstance(b, dict) else None
                 need(isinstance(v, list) and all(_is_int(x) for x in v), f"stages[{i}].blocks[{j}].{key}",
                      "a list of integers", v)
+    shared = config.get("shared_producers")
+    need(shared is None or (isinstance(shared, list) and len(shared) == layers), "shared_producers",
+         f"null or a list of {layers} entries (num_layers)", shared)
+    for j, p in enumerate(shared or []):
+        for key in ("heads", "channels"):
+            v = p.get(key) if isinstance(p, dict) else None
+            need(isinstance(v, list) and all(_is_int(x) for x in v), f"shared_producers[{j}].{key}",
+                 "a list of integers", v)

@@ -25,13 +25,12 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from mosaicdiff import mosaic_inputs
-from mosaicdiff.blocks import CompactDiTBlock, empty_block_weights
+from mosaicdiff import mosaic_build, mosaic_inputs
 from mosaicdiff.mosaic_runtime import StageRuntimeMixin, memory_report
 from mosaicdiff.integrations import diffusers_dit as dit
 from mosaicdiff.integrations.diffusers_dit import DIT_CONFIG_KEYS
-from mosaicdiff.stage_layout import NUM_TRAIN_TIMESTEPS, check_stage_layout, stage_config
-from mosaicdiff.types import CompactBlockWeights, StageSpec
+from mosaicdiff.stage_layout import NUM_TRAIN_TIMESTEPS, check_stage_layout
+from mosaicdiff.types import StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +48,10 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
             ``sparsity`` and ``blocks``: one ``{"kept_heads": [...], "kept_channels": [...]}``
             per block. Ranges are contiguous and non-overlapping.
         shared_embedder (`bool`): one timestep/class embedder for all blocks (they were identical).
+        shared_producers (`list[dict]`, *optional*): per block position the ``heads`` and
+            ``channels`` whose producer rows (qkv, fc1) are stored once for every stage, in
+            storage order; each stage's kept lists are then a contiguous run of them
+            (`mosaicdiff.shared_producers`). None: every stage stores its own producers.
         dense_reference (`dict`): ``params``, ``bytes`` and ``dtype`` of the dense model (`memory_report`).
         meta (`dict`): JSON-serialisable information about how the mosaic was made (method,
             boundaries, target sparsity, source, ...).
@@ -91,6 +94,7 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
         shared_embedder: bool = True,
         dense_reference: dict | None = None,
         meta: dict | None = None,
+        shared_producers: list[dict] | None = None,
     ):
         super().__init__()
         try:
@@ -102,18 +106,11 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
         check_stage_layout(stages, int(num_layers), facts["num_heads"], facts["mlp_hidden"])
         self._facts = {"num_layers": int(num_layers), **facts, "shared_embedder": bool(shared_embedder)}
         self.shared = skeleton
-        self.stage_blocks = nn.ModuleList(
-            nn.ModuleList(self._block(empty_block_weights(b["kept_heads"], b["kept_channels"], facts["head_dim"],
-                                                          facts["width"])) for b in s["blocks"])
-            for s in stages
-        )
+        self.producer_storage, self.stage_blocks = mosaic_build.empty_stage_blocks(self._facts, stages,
+                                                                               shared_producers)
         self._ranges = [(s["name"], int(s["t_start"]), int(s["t_end"]), float(s["sparsity"])) for s in stages]
         self._init_stage_runtime()
         self.eval()
-
-    def _block(self, weights: CompactBlockWeights) -> CompactDiTBlock:
-        f = self._facts
-        return CompactDiTBlock(weights, f["head_dim"], f["attn_norm_eps"], f["mlp_norm_eps"])
 
     # ------------------------------------------------------------------ conversion
 
@@ -127,7 +124,7 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
 
     @classmethod
     def from_dense(cls, dense: nn.Module, stages: Sequence[StageSpec], *, source: str | None = None,
-                   meta: dict[str, Any] | None = None) -> MosaicDiT:
+                   meta: dict[str, Any] | None = None, share_producers: bool | None = None) -> MosaicDiT:
         """A mosaic of a dense DiT and its pruned stages.
 
         Args:
@@ -138,10 +135,16 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
                 device and dtype (no copy when they already match).
             source (`str`, *optional*): identifier of the source model, saved in ``meta["source"]``.
             meta (`dict`, *optional*): JSON-serialisable information saved with the model.
+            share_producers (`bool`, *optional*): store every block position's producer rows
+                (qkv, fc1) once for all stages (`mosaicdiff.shared_producers`): True requires it,
+                False stores a copy per stage, None (default) shares when the stages' kept sets
+                allow it (`mosaicdiff.producer_layout.interval_order`; `mosaicdiff.prune` chooses
+                them so that they do). Outputs are the same either way.
 
         Raises:
             ValueError: if ``dense`` is not an adaLN-Zero DiT, or the stages are empty, overlap,
-                leave a gap, or their blocks do not fit the dense model.
+                leave a gap, or their blocks do not fit the dense model; ``share_producers=True``
+                with kept sets that cannot share one storage.
             NotImplementedError: a DiT variant the compact block does not compute.
             TypeError: if ``meta`` is not JSON-serialisable or a stage is not a `StageSpec`.
         """
@@ -151,23 +154,13 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
         meta = dict(meta or {})
         if source is not None:
             meta["source"] = source
-        params = list(inner.parameters())
         skeleton = dit.skeleton_from_dense(inner)
+        plan = mosaic_build.plan_from_dense(inner, skeleton, stages, share_producers)
         config = {k: inner.config[k] for k in DIT_CONFIG_KEYS if k in inner.config}
-        mosaic = cls(**config, stages=[stage_config(s) for s in stages],
-                     shared_embedder=skeleton.conditioning.shared_embedder, meta=meta,
-                     dense_reference={"params": int(sum(p.numel() for p in params)),
-                                      "bytes": int(sum(p.numel() * p.element_size() for p in params)),
-                                      "dtype": str(params[0].dtype).removeprefix("torch.")})
+        mosaic = cls(**config, stages=plan.stage_configs, shared_embedder=skeleton.conditioning.shared_embedder,
+                     meta=meta, dense_reference=plan.dense_reference, shared_producers=plan.shared_producers)
         mosaic.shared = skeleton
-        ref = skeleton.conditioning.mod_weight
-        width = mosaic._facts["width"]
-        for i, spec in enumerate(stages):
-            for j, w in enumerate(spec.blocks):
-                if int(w.proj_bias.shape[0]) != width:
-                    raise ValueError(f"stage {spec.name!r} block {j}: width must be {width}, "
-                                     f"got {int(w.proj_bias.shape[0])}")
-                mosaic.stage_blocks[i][j] = mosaic._block(_to_like(w, ref))
+        mosaic.producer_storage, mosaic.stage_blocks = mosaic_build.filled_stage_blocks(mosaic._facts, plan)
         mosaic.eval()
         logger.debug("MosaicDiT from %s: %d blocks, %d stages, shared embedder=%s", type(inner).__name__,
                      len(inner.transformer_blocks), mosaic.num_stages, skeleton.conditioning.shared_embedder)
@@ -404,10 +397,3 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
 _IGNORED_LOAD_KWARGS = {"cache_dir", "force_download", "proxies", "local_files_only", "token", "revision",
                         "variant", "use_safetensors", "low_cpu_mem_usage", "output_loading_info",
                         "max_memory", "offload_folder", "offload_state_dict", "disable_mmap"}
-
-
-def _to_like(w: CompactBlockWeights, ref: torch.Tensor) -> CompactBlockWeights:
-    """Convert the float tensors of ``w`` to ``ref``'s device and dtype (no copy when equal)."""
-    kw = {k: (v if k.startswith("kept_") else v.detach().to(device=ref.device, dtype=ref.dtype))
-          for k, v in w.tensors().items()}
-    return CompactBlockWeights(**kw)

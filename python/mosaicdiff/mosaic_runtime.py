@@ -135,20 +135,25 @@ class StageRuntimeMixin:
 def memory_report(model) -> dict[str, Any]:
         """Parameter counts and bytes of the mosaic against the dense model it came from.
 
-        Tensors sharing storage are counted once. Non-persistent buffers (the sin-cos positions)
-        are excluded on both sides.
+        Tensors sharing storage are counted once (a shared-producer mosaic's stages hold views of
+        one storage per block: `mosaicdiff.shared_producers`). Non-persistent buffers (the
+        sin-cos positions) are excluded on both sides.
 
         Returns:
-            `dict` with ``shared_params``, ``shared_bytes``, ``stages`` (name -> params, bytes,
-            sparsity), ``mosaic_params``, ``mosaic_bytes``, ``dense_params``, ``dense_bytes``
-            (dtype at construction), ``dense_bytes_same_dtype`` (dense params at the mosaic's
-            element size) and ``ratio`` (``mosaic_bytes / dense_bytes_same_dtype``).
+            `dict` with ``shared_params``, ``shared_bytes`` (the skeleton), ``producer_params``,
+            ``producer_bytes`` (the shared producer storage, 0 without one), ``stages`` (name ->
+            params, bytes, sparsity: what the stage stores on its own), ``mosaic_params``,
+            ``mosaic_bytes``, ``dense_params``, ``dense_bytes`` (dtype at construction),
+            ``dense_bytes_same_dtype`` (dense params at the mosaic's element size), ``ratio``
+            (``mosaic_bytes / dense_bytes_same_dtype``: against the dense model as loaded),
+            ``dense_params_dedup`` (the dense model with one timestep/class embedder instead of
+            one per block, as diffusers' DiT stores them) and ``ratio_dedup`` (against that).
         """
         seen: set[tuple[int, int]] = set()
 
-        def count(module: nn.Module) -> tuple[int, int]:
+        def count(module: nn.Module | None) -> tuple[int, int]:
             n = b = 0
-            for p in module.parameters():
+            for p in module.parameters() if module is not None else ():
                 key = (id(p), 0) if p.device.type == "meta" else (p.untyped_storage().data_ptr(), p.storage_offset())
                 if key not in seen:
                     seen.add(key)
@@ -156,17 +161,24 @@ def memory_report(model) -> dict[str, Any]:
             return n, b
 
         shared_n, shared_b = count(model.shared)
-        stages, total_n, total_b = {}, shared_n, shared_b
+        prod_n, prod_b = count(model.producer_storage)
+        stages, total_n, total_b = {}, shared_n + prod_n, shared_b + prod_b
         for (name, _, _, sp), blocks in zip(model.stage_ranges, model.stage_blocks):
             n, b = count(blocks)
             stages[name] = {"params": n, "bytes": b, "sparsity": sp}
             total_n, total_b = total_n + n, total_b + b
         dense = model.config.dense_reference or {"params": 0, "bytes": 0, "dtype": None}
-        dense_same = dense["params"] * model.shared.conditioning.mod_weight.element_size()
+        element = model.shared.conditioning.mod_weight.element_size()
+        dense_same = dense["params"] * element
+        embedder = dense.get("embedder_params")
+        if embedder is None:  # saved before the field existed: the skeleton's own embedder
+            embedder = sum(p.numel() for p in model.shared.conditioning.embedders[0].parameters())
+        copies = model.runtime_info["num_layers"] - 1 if model.shared.conditioning.shared_embedder else 0
+        dedup = dense["params"] - copies * embedder if dense["params"] else 0
         return {
-            "shared_params": shared_n, "shared_bytes": shared_b, "stages": stages,
-            "mosaic_params": total_n, "mosaic_bytes": total_b,
+            "shared_params": shared_n, "shared_bytes": shared_b, "producer_params": prod_n, "producer_bytes": prod_b,
+            "stages": stages, "mosaic_params": total_n, "mosaic_bytes": total_b,
             "dense_params": dense["params"], "dense_bytes": dense["bytes"], "dense_dtype": dense["dtype"],
             "dense_bytes_same_dtype": dense_same, "ratio": total_b / dense_same if dense_same else math.nan,
+            "dense_params_dedup": dedup, "ratio_dedup": total_b / (dedup * element) if dedup else math.nan,
         }
-

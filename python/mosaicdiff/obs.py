@@ -55,6 +55,25 @@ def _check(weight: torch.Tensor, n_remove_groups: int, group_size: int) -> tuple
     return out, n, m
 
 
+def _check_forced(must_remove, n_remove_groups: int, m: int, device) -> torch.Tensor:
+    """`must_remove` as sorted unique int64 group indices on `device` (empty when None).
+
+    Raises:
+        ValueError: indices outside [0, m), repeated, or more of them than `n_remove_groups`.
+    """
+    if must_remove is None:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    forced = torch.as_tensor(must_remove).reshape(-1).to(device=device, dtype=torch.int64)
+    if forced.numel() and (int(forced.min()) < 0 or int(forced.max()) >= m):
+        raise ValueError(f"must_remove holds group indices outside [0, {m})")
+    if forced.unique().numel() != forced.numel():
+        raise ValueError("must_remove holds a group index twice")
+    if forced.numel() > int(n_remove_groups):
+        raise ValueError(f"must_remove names {forced.numel()} groups, more than the {int(n_remove_groups)} "
+                         f"to remove")
+    return forced.sort().values
+
+
 def _group_cols(groups: torch.Tensor, group_size: int) -> torch.Tensor:
     """Column indices of the given group indices, ascending within each group."""
     offs = torch.arange(group_size, device=groups.device)
@@ -190,14 +209,16 @@ class _LazyOBS:
         self.gd = _block_diag(self.Gb, self.g)
         self.alive = torch.ones(nb // self.g, dtype=torch.bool, device=dev)
 
-    def step(self, k: int):
-        """Removes the k lowest-saliency alive groups jointly (k = 1: exact greedy)."""
+    def step(self, k: int, pick: torch.Tensor | None = None):
+        """Removes the k lowest-saliency alive groups jointly (k = 1: exact greedy), or the
+        alive groups `pick` (base group indices) when given."""
         g, r = self.g, self.r
-        sal = _saliency_from_blocks(self.hd, self.gd).masked_fill(~self.alive, math.inf)
-        if k == 1:
-            pick = sal.argmin().reshape(1)
-        else:
-            pick = torch.topk(sal, k, largest=False).indices.sort().values
+        if pick is None:
+            sal = _saliency_from_blocks(self.hd, self.gd).masked_fill(~self.alive, math.inf)
+            if k == 1:
+                pick = sal.argmin().reshape(1)
+            else:
+                pick = torch.topk(sal, k, largest=False).indices.sort().values
         S = _group_cols(pick, g)
         Ut, Pt, Gct, Rt, At = (t[:r] for t in (self.Ut, self.Pt, self.Gct, self.Rt, self.At))
         PS = Pt.index_select(1, S).T  # (s, r) = P[S]
@@ -276,8 +297,8 @@ def _cpu_threads(n: int | None):
 
 
 def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, n_remove_groups: int, group_size: int,
-                  damp: float = 0.01, groups_per_step: int = 1,
-                  block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  damp: float = 0.01, groups_per_step: int = 1, block: int | None = None,
+                  must_remove: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy structured OBS: removes `n_remove_groups` groups of input columns, compensating the rest.
 
     Args:
@@ -293,6 +314,10 @@ def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, n_remove_groups: 
             exact OBS update for that set (fewer iterations, slightly different choices).
         block (`int`, *optional*): lazy-update interval in removed columns (default: 128, at
             least one step). A performance knob only; results agree to rounding.
+        must_remove (`torch.Tensor`, *optional*): group indices that are removed whatever their
+            saliency (first, jointly, with the exact update); the greedy picks the remaining
+            ``n_remove_groups - len(must_remove)`` among the others. Used to keep a stage's
+            units a subset of another stage's (shared producer storage).
 
     Returns:
         `(weight_kept, kept_idx)`: the compensated weight restricted to the kept columns
@@ -307,6 +332,7 @@ def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, n_remove_groups: 
     if int(groups_per_step) != groups_per_step or groups_per_step < 1:
         raise ValueError(f"groups_per_step must be a positive integer, got {groups_per_step}")
     n_remove_groups, g = int(n_remove_groups), int(group_size)
+    forced = _check_forced(must_remove, n_remove_groups, m, weight.device)
     if n_remove_groups == 0:
         return weight.detach().clone(), torch.arange(n, device=weight.device)
     W = weight.detach().to(torch.float64).clone()
@@ -314,7 +340,17 @@ def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, n_remove_groups: 
     step_cols = int(groups_per_step) * g
     block = max(int(block) if block is not None else 128, step_cols)
     engine = _LazyOBS(W, Hinv, g, block=block, cap=block + step_cols)
+    # 1. The forced groups, in chunks that fit the accumulators (no flush has run: the base
+    # group indices are still the original ones).
     removed = 0
+    with _cpu_threads(1 if W.device.type == "cpu" else None):
+        while removed < forced.numel():
+            if engine.r >= block:
+                engine.flush(compact=False)
+            k = min(forced.numel() - removed, max(int(groups_per_step), (block - engine.r) // g))
+            engine.step(k, pick=forced[removed:removed + k])
+            removed += k
+    # 2. The greedy removals.
     while removed < n_remove_groups:
         # The steps are many small O(n * block) ops: on a CPU, intra-op threading only adds
         # synchronization latency to them (severe on a loaded machine), so they run on one
@@ -329,28 +365,38 @@ def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, n_remove_groups: 
     return kept_weight.to(weight.dtype).contiguous(), kept_idx.clone()
 
 
-def magnitude_prune_columns(weight: torch.Tensor, n_remove_groups: int,
-                            group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def magnitude_prune_columns(weight: torch.Tensor, n_remove_groups: int, group_size: int,
+                            must_remove: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Drops the column groups of least L2 norm, without compensation (magnitude baseline).
+
+    `must_remove` groups are dropped first (as in `prune_columns`), the rest by norm.
 
     Returns:
         `(weight_kept, kept_idx)` as in `prune_columns`.
     """
     out, n, m = _check(weight, n_remove_groups, group_size)
+    forced = _check_forced(must_remove, n_remove_groups, m, weight.device)
     norms = weight.detach().to(torch.float64).view(out, m, int(group_size)).pow(2).sum((0, 2))
+    norms[forced] = -math.inf  # least of all: always in the dropped set
     drop = torch.topk(norms, int(n_remove_groups), largest=False).indices
     return _keep_all_but(weight, drop, m, int(group_size))
 
 
 def random_prune_columns(weight: torch.Tensor, n_remove_groups: int, group_size: int,
-                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: torch.Generator | None = None,
+                         must_remove: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Drops uniformly random column groups, without compensation (random baseline).
+
+    `must_remove` groups are dropped first (as in `prune_columns`), the rest at random.
 
     Returns:
         `(weight_kept, kept_idx)` as in `prune_columns`.
     """
     out, n, m = _check(weight, n_remove_groups, group_size)
-    drop = torch.randperm(m, generator=generator)[: int(n_remove_groups)].to(weight.device)
+    forced = _check_forced(must_remove, n_remove_groups, m, "cpu")
+    order = torch.randperm(m, generator=generator)
+    free = order[~torch.isin(order, forced)]  # the random order of the groups not forced out
+    drop = torch.cat([forced, free[: int(n_remove_groups) - forced.numel()]]).to(weight.device)
     return _keep_all_but(weight, drop, m, int(group_size))
 
 

@@ -87,11 +87,17 @@ def _check_widths(planned, groups, align, stage_sparsities) -> None:
                 f"below {n} (a small divisor of it, e.g. 8 or 16) or align=None")
 
 
+def stage_generator(seed: int, stage_index: int) -> torch.Generator:
+    """The generator of stage `stage_index`'s calibration draws (and random pruning): one per stage,
+    so a stage's draws do not depend on which stages were pruned before it."""
+    return torch.Generator().manual_seed(int(seed) * 1009 + int(stage_index))
+
+
 def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: float, *, pruner: str | None,
            method: str, boundaries, stage_sparsities, num_inference_steps: int, scheduler,
            samples_per_stage: int, speed_threshold: float, log_snr_weight: float, align: int | None, cfg: bool,
            batch_size: int, seed: int, progress: bool, s_max: float | None,
-           groups_per_step: int) -> tuple[type, list[StageSpec], dict[str, Any]]:
+           groups_per_step: int, share_producers: bool) -> tuple[type, list[StageSpec], dict[str, Any]]:
     # 1. Validate.
     family = family_for(model)
     adapter = family.adapter
@@ -129,12 +135,20 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
     if needs_data and calibration is None:
         raise ValueError(f"method={method!r} with pruner='obs' needs calibration data, got None")
 
-    # 3. Calibrate and prune each stage.
+    # 3. Calibrate and prune each stage; with shared producers the least pruned stage first, the
+    # others keeping subsets of its units (so that one storage serves all: producer_layout).
     obs_kwargs = {"groups_per_step": int(groups_per_step)} if pruner == "obs" else {}
-    generator = torch.Generator().manual_seed(int(seed))
-    stages: list[StageSpec] = []
+    by_sparsity = sorted(range(len(planned)), key=lambda i: planned[i][3])
+    order = by_sparsity if share_producers else list(range(len(planned)))
+    kept_sets: dict[int, list[dict[str, torch.Tensor]]] = {}
+    stages: list[StageSpec | None] = [None] * len(planned)
     widths = {}
-    for name, t0, t1, sp in planned:
+    for rank, k in enumerate(order):
+        name, t0, t1, sp = planned[k]
+        generator = stage_generator(seed, k)
+        parent = None
+        if share_producers and rank > 0:
+            parent = kept_sets[by_sparsity[0] if len(planned) <= 3 else order[rank - 1]]
         hessians = None
         if sp > 0 and pruner == "obs":
             x_t, t, condition = stage_inputs(calibration, t0, t1, int(samples_per_stage), cfg=cfg,
@@ -143,22 +157,27 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
             hessians = collect_hessians(model, x_t, t, condition, batch_size=batch_size, progress=progress,
                                         adapter=adapter)
             del x_t, t, condition
-        compact_blocks = []
+        compact_blocks, kept = [], []
         for i, block in enumerate(tqdm(blocks, desc=f"pruning {name} (s={sp:.2f})", disable=not progress,
                                        leave=False)):
             if sp == 0:
                 compact_blocks.append(adapter.dense_block(block))
+                kept.append(None)
                 continue
             h = hessians[i] if hessians is not None else None
+            within = parent[i] if parent is not None else None
             pruned = compact.prune_groups(adapter.groups(block), h, sp, method=pruner, align=align,
-                                          generator=generator, **obs_kwargs)
+                                          generator=generator, keep_within=within, **obs_kwargs)
             compact_blocks.append(adapter.compact_block(block, pruned))
+            kept.append({g: p.kept for g, p in pruned.items()})
             if hessians is not None:
                 hessians[i] = None  # free the float64 matrices as we go
         del hessians
-        stages.append(StageSpec(name, t0, t1, sp, compact_blocks))
+        kept_sets[k] = kept if sp > 0 else [None] * len(blocks)
+        stages[k] = StageSpec(name, t0, t1, sp, compact_blocks)
         widths[name] = adapter.block_widths(blocks[0], compact_blocks[0])
         logger.info("stage %s [%d, %d): sparsity %.3f -> widths %s", name, t0, t1, sp, widths[name])
+    widths = {planned[k][0]: widths[planned[k][0]] for k in range(len(planned))}  # sampling order
 
     steps = info["steps_per_stage"]
     n_steps = sum(steps.values())
@@ -173,7 +192,8 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
         "speed_threshold": float(speed_threshold), "log_snr_weight": float(log_snr_weight),
         "x0_sq_norm": float(r), "s_max": float(default_s_max(target) if s_max is None else s_max),
         "align": None if align is None else int(align), "cfg": bool(cfg), "seed": int(seed),
-        "groups_per_step": int(groups_per_step), "mosaicdiff_version": __version__,
+        "groups_per_step": int(groups_per_step), "share_producers": bool(share_producers),
+        "mosaicdiff_version": __version__,
     }
     return family.mosaic_class, stages, meta
 
@@ -210,7 +230,7 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
           speed_threshold: float = schedule.DEFAULT_SPEED_THRESHOLD,
           log_snr_weight: float = schedule.DEFAULT_LOG_SNR_WEIGHT, align: int | None = 64, cfg: bool = True,
           batch_size: int = 64, seed: int = 0, progress: bool = True, s_max: float | None = None,
-          groups_per_step: int = 1):
+          groups_per_step: int = 1, share_producers: bool = True):
     r"""Prunes a DiT into a stage-switching `MosaicDiT`, without training.
 
     Sparsity is the fraction of attention heads and of MLP channels removed (the same ratio in
@@ -258,6 +278,12 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
             above 0.9 needs an explicit `s_max` (or `stage_sparsities`).
         groups_per_step (`int`, *optional*, defaults to 1): MLP channels removed per OBS
             iteration (1 = exact greedy; see `mosaicdiff.obs.prune_columns`).
+        share_producers (`bool`, *optional*, defaults to True): the least pruned stage is pruned
+            first and every other stage keeps a subset of its heads and channels, so that each
+            block position stores its q/k/v and fc1 rows once for all stages (views, no copies:
+            `mosaicdiff.shared_producers`); only the compensated consumers are per stage. False:
+            every stage selects freely and stores its own producers (more memory; quality of both
+            in ``docs/results.md``).
 
     Returns:
         The family's mosaic (`MosaicDiT` for a DiT) with the stages and ``meta`` (method,
@@ -290,6 +316,7 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
         stage_sparsities=stage_sparsities, num_inference_steps=num_inference_steps, scheduler=scheduler,
         samples_per_stage=samples_per_stage, speed_threshold=speed_threshold, log_snr_weight=log_snr_weight,
         align=align, cfg=cfg, batch_size=batch_size, seed=seed, progress=progress, s_max=s_max,
-        groups_per_step=groups_per_step)
+        groups_per_step=groups_per_step, share_producers=share_producers)
     adapter = family_for(model).adapter
-    return mosaic_class.from_dense(model, stages, source=adapter.source_name(model), meta=meta)
+    return mosaic_class.from_dense(model, stages, source=adapter.source_name(model), meta=meta,
+                                   share_producers=bool(share_producers))

@@ -157,8 +157,11 @@ def fid_to_real(images: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def class_accuracy(images: torch.Tensor, labels, classifier=None) -> float:
-    """Fraction of `images` the shipped digits classifier assigns to `labels` (the requested class).
+def correct_classes(images: torch.Tensor, labels, classifier=None) -> torch.Tensor:
+    """Per image: whether the shipped digits classifier assigns it to its label (the requested class).
+
+    Returns:
+        `(N,)` bool tensor on CPU.
 
     Raises:
         ValueError: if the number of labels differs from the number of images.
@@ -169,7 +172,18 @@ def class_accuracy(images: torch.Tensor, labels, classifier=None) -> float:
         raise ValueError(f"class_accuracy: {len(x)} images but {len(labels)} labels")
     clf = classifier if classifier is not None else _default_classifier()
     pred = torch.cat([clf(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]) if len(x) else labels
-    return float((pred == labels).float().mean()) if len(x) else float("nan")
+    return pred == labels
+
+
+def class_accuracy(images: torch.Tensor, labels, classifier=None) -> float:
+    """Fraction of `images` the shipped digits classifier assigns to `labels` (see `correct_classes`)."""
+    correct = correct_classes(images, labels, classifier)
+    return float(correct.float().mean()) if len(correct) else float("nan")
+
+
+def real_stats() -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the classifier features of all 1797 real digits (cached)."""
+    return _real_stats()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = DATA_RANGE) -> torch.Tensor:
@@ -192,4 +206,4 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = DATA_RANGE) -> to
 
 
 __all__ = ["fid", "frechet_distance", "gaussian_stats", "classifier_features", "real_features",
-           "fid_to_real", "class_accuracy", "psnr", "DATA_RANGE"]
+           "fid_to_real", "class_accuracy", "correct_classes", "real_stats", "psnr", "DATA_RANGE"]

@@ -1,13 +1,15 @@
 """Saving and loading a `MosaicDiT` as a folder: ``config.json`` + ``model.safetensors``.
 
-Layout (format 2.x)::
+Layout (format 3.x; 2.x is the same without ``shared_producers``)::
 
     <dir>/config.json         the model's diffusers config (``_class_name``, the dense DiT's
                               architecture keys, ``stages`` with their kept heads and channels
-                              per block, ``shared_embedder``, ``dense_reference``, ``meta``) plus
+                              per block, ``shared_embedder``, ``shared_producers``,
+                              ``dense_reference``, ``meta``) plus
                               ``format``, ``format_version``, ``package_version``, ``dtype`` and
                               ``weights_id``: the id of the save that wrote the weights
-    <dir>/model.safetensors   the model's state dict ("shared.*", "stage_blocks.<i>.<j>.<field>");
+    <dir>/model.safetensors   the model's state dict ("shared.*", "producer_storage.<j>.<field>",
+                              "stage_blocks.<i>.<j>.<field>": each tensor once);
                               its header repeats ``mosaicdiff_weights_id``
 
 Folders of format 1.x (mosaicdiff 0.1: the DiT config under ``dense_config``, shapes under
@@ -51,9 +53,11 @@ __all__ = [
 ]
 
 #: "major.minor": majors in `READABLE_MAJORS` are read (a newer minor with a warning).
-#: 2.0: a diffusers config (ModelMixin/ConfigMixin); 1.1 added ``weights_id``; 1.0 the first.
-FORMAT_VERSION = "2.0"
-READABLE_MAJORS = (1, 2)
+#: 3.0: ``shared_producers`` (qkv/fc1 rows stored once per block position, under
+#: "producer_storage.<j>.*"; readers of 2.x would miss those tensors); 2.0: a diffusers config
+#: (ModelMixin/ConfigMixin); 1.1 added ``weights_id``; 1.0 the first.
+FORMAT_VERSION = "3.0"
+READABLE_MAJORS = (1, 2, 3)
 #: Keys of config.json that describe the file, not the model (not passed to ``from_config``).
 ENVELOPE_KEYS = ("format", "format_version", "package_version", "dtype", "weights_id")
 #: torch_dtype names accepted by `load_model`.

@@ -49,8 +49,8 @@ def check_stage_layout(stages: Sequence[dict], num_layers: int, num_heads: int, 
                 if idx and (min(idx) < 0 or max(idx) >= limit):
                     raise ValueError(f"stage {name!r} block {j}: {key} must lie in [0, {limit}), got "
                                      f"[{min(idx)}, {max(idx)}]")
-                if any(b <= a for a, b in zip(idx, idx[1:])):
-                    raise ValueError(f"stage {name!r} block {j}: {key} must be sorted and unique")
+                if len(set(idx)) != len(idx):
+                    raise ValueError(f"stage {name!r} block {j}: {key} must not repeat an index")
     ordered = sorted(stages, key=lambda s: s["t_start"])  # the caller's order is kept for indexing
     for a, b in zip(ordered, ordered[1:]):
         if a["t_end"] != b["t_start"]:

@@ -18,12 +18,13 @@ class CompactBlockWeights:
 
     Shapes (see `compact_block_shapes`) use C = model width, hd = head_dim, h = kept heads,
     F = kept MLP channels. The qkv rows are laid out [q of kept heads | k of kept heads | v of
-    kept heads], each head a contiguous run of hd rows, heads in ascending original order.
+    kept heads], each head a contiguous run of hd rows, heads in `kept_heads` order (ascending
+    as the pruner writes them; a shared-producer mosaic's stage lists them in its storage order).
     Everything else of the block (adaLN modulation linear, norms) is shared, not stored here.
     """
 
-    kept_heads: torch.Tensor  # (h,) int64, sorted indices of the kept dense heads
-    kept_channels: torch.Tensor  # (F,) int64, sorted indices of the kept dense MLP channels
+    kept_heads: torch.Tensor  # (h,) int64, unique indices of the kept dense heads, in row order
+    kept_channels: torch.Tensor  # (F,) int64, unique indices of the kept dense MLP channels, in row order
     qkv_weight: torch.Tensor  # (3*h*hd, C)
     qkv_bias: torch.Tensor  # (3*h*hd,)
     proj_weight: torch.Tensor  # (C, h*hd) compensated

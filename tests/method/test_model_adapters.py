@@ -169,8 +169,8 @@ def test_prune_dispatches_through_the_registered_family(monkeypatch):
 
     class _Mosaic:
         @classmethod
-        def from_dense(cls, dense, stages, *, source, meta):
-            built.update(stages=stages, source=source, meta=meta)
+        def from_dense(cls, dense, stages, *, source, meta, share_producers):
+            built.update(stages=stages, source=source, meta=meta, share_producers=share_producers)
             return "mosaic"
 
     family = models.ModelFamily(_GegluAdapter(), _Mosaic, "the test GEGLU model")

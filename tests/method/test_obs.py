@@ -30,16 +30,17 @@ def _lstsq_weight(W, H, kept):
     return torch.linalg.solve(H[kept][:, kept], (W @ H[:, kept]).T).T
 
 
-def _reference_greedy(W, H, n_remove, g):
-    """docs/method.md, literally: saliency, update, downdate, one group at a time."""
+def _reference_greedy(W, H, n_remove, g, forced=()):
+    """docs/method.md, literally: saliency, update, downdate, one group at a time (the `forced`
+    groups first, in the given order, whatever their saliency)."""
     W = W.clone()
     Hinv = torch.linalg.inv(H)
     m = W.shape[1] // g
     alive = [True] * m
-    for _ in range(n_remove):
-        best, best_sal = None, None
+    for step in range(n_remove):
+        best, best_sal = (forced[step], 0) if step < len(forced) else (None, None)
         for G in range(m):
-            if not alive[G]:
+            if not alive[G] or step < len(forced):
                 continue
             idx = torch.arange(G * g, (G + 1) * g)
             sal = sum(W[i, idx] @ torch.linalg.inv(Hinv[idx][:, idx]) @ W[i, idx] for i in range(W.shape[0]))
@@ -82,6 +83,66 @@ def test_greedy_matches_literal_reference(out, n, g, n_remove, block):
     assert torch.equal(kept, kr), f"greedy choice differs: {kept.tolist()} vs reference {kr.tolist()}"
     assert_close(Wk, Wr, atol=1e-8, rtol=1e-8,
                  msg=lambda m: f"weights differ from the reference updates (max {(Wk - Wr).abs().max():.3g})\n{m}")
+
+
+@pytest.mark.parametrize("out, n, g, n_remove, forced, block, per_step", [
+    (5, 12, 1, 7, [3, 0, 11], None, 1),
+    (5, 12, 1, 7, [3, 0, 11], 2, 1),      # forced chunks across lazy flushes
+    (6, 24, 4, 4, [5, 1], 4, 1),          # head-like groups
+    (7, 30, 1, 22, list(range(0, 30, 3)), 3, 1),
+    (4, 20, 1, 12, [2, 7, 9, 19], None, 3),
+    (4, 20, 1, 4, [2, 7, 9, 19], None, 1),  # everything removed is forced
+])
+def test_forced_removals_then_greedy_match_literal_reference(out, n, g, n_remove, forced, block, per_step):
+    """must_remove: those groups go first (jointly: order does not matter for an exact update),
+    then the greedy picks among the rest, exactly as the literal reference does."""
+    W, H, _ = _problem(out, n, seed=11 * n + g)
+    Wk, kept = obs.prune_columns(W, H, n_remove, g, block=block, groups_per_step=per_step,
+                                 must_remove=torch.tensor(forced))
+    assert not set((kept // g).tolist()) & set(forced), "a forced group was kept"
+    assert kept.numel() == n - n_remove * g
+    assert_close(Wk, _lstsq_weight(W, H, kept), atol=1e-8, rtol=1e-8)
+    if per_step == 1:
+        Wr, kr = _reference_greedy(W, H, n_remove, g, forced=sorted(forced))
+        assert torch.equal(kept, kr), f"choice differs: {kept.tolist()} vs reference {kr.tolist()}"
+        assert_close(Wk, Wr, atol=1e-8, rtol=1e-8)
+
+
+def test_forced_removals_change_the_choice():
+    """The constraint is real: forcing out a group the free greedy keeps changes the kept set."""
+    W, H, _ = _problem(5, 12, seed=3)
+    _, free = obs.prune_columns(W, H, 4, 1)
+    must = int(free[0])
+    _, kept = obs.prune_columns(W, H, 4, 1, must_remove=torch.tensor([must]))
+    assert must in free.tolist() and must not in kept.tolist()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_baselines_honour_must_remove(method):
+    W = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    forced = torch.tensor([0, 5, 6])
+    for n_remove in (3, 7):
+        if method == "magnitude":
+            Wk, kept = obs.magnitude_prune_columns(W, n_remove, 2, must_remove=forced)
+        else:
+            Wk, kept = obs.random_prune_columns(W, n_remove, 2, generator=torch.Generator().manual_seed(0),
+                                                must_remove=forced)
+        groups = set((kept // 2).tolist())
+        assert len(groups) == 8 - n_remove and not groups & set(forced.tolist())
+        assert torch.equal(Wk, W[:, kept])
+    if method == "magnitude":  # the free removals are still the least-norm ones among the others
+        norms = W.view(3, 8, 2).pow(2).sum((0, 2))
+        _, kept = obs.magnitude_prune_columns(W, 5, 2, must_remove=forced)
+        free_dropped = set(range(8)) - set((kept // 2).tolist()) - set(forced.tolist())
+        others = [G for G in range(8) if G not in forced.tolist()]
+        assert free_dropped == set(sorted(others, key=lambda G: float(norms[G]))[:2])
+
+
+@pytest.mark.parametrize("must, match", [([12], "outside"), ([1, 1], "twice"), ([0, 1, 2, 3, 4], "more than")])
+def test_bad_must_remove(must, match):
+    W, H, _ = _problem(4, 12)
+    with pytest.raises(ValueError, match=match):
+        obs.prune_columns(W, H, 4, 1, must_remove=torch.tensor(must))
 
 
 @pytest.mark.parametrize("g", [1, 3])

@@ -90,12 +90,16 @@ def test_plan_single_stage_and_explicit():
 # ----------------------------------------------------------------- pruning the tiny DiT
 
 
-def test_prune_stages_mosaic_widths_and_calibration_ranges(record_stage_inputs):
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "independent"])
+def test_prune_stages_mosaic_widths_and_calibration_ranges(record_stage_inputs, share):
     model, calib = tiny_dit(), tiny_calibration()
-    stages = prune_stages(model, calib, 0.4, boundaries=(200, 600), samples_per_stage=6, align=16, progress=False)
+    stages = prune_stages(model, calib, 0.4, boundaries=(200, 600), samples_per_stage=6, align=16, progress=False,
+                          share_producers=share)
     planned, _ = plan_stages(0.4, method="mosaic", boundaries=(200, 600), x0_sq_norm=calib.x0_sq_norm)
-    assert [(s.name, s.t_start, s.t_end) for s in stages] == [p[:3] for p in planned]
-    assert record_stage_inputs == [(600, 1000, 6), (200, 600, 6), (0, 200, 6)]
+    assert [(s.name, s.t_start, s.t_end) for s in stages] == [p[:3] for p in planned]  # sampling order
+    # shared producers: the least pruned (middle) stage is calibrated and pruned first
+    first = [(200, 600, 6), (600, 1000, 6)] if share else [(600, 1000, 6), (200, 600, 6)]
+    assert record_stage_inputs == [*first, (0, 200, 6)]
     for spec, (_, _, _, sp) in zip(stages, planned):
         assert spec.sparsity == sp
         heads = 4 - compact.heads_to_remove(4, sp)
@@ -252,13 +256,13 @@ def test_each_block_is_pruned_with_its_own_stage_statistics(cfg):
     weights by far more than the tolerance (checked below on the reference itself).
     """
     model, calib = tiny_dit(), tiny_calibration(8)
-    kw = dict(samples_per_stage=6, batch_size=4, align=None, seed=3, progress=False)
+    kw = dict(samples_per_stage=6, batch_size=4, align=None, seed=3, progress=False, share_producers=False)
     stages = prune_stages(model, calib, 0.5, boundaries=(200, 600), cfg=cfg, **kw)
 
-    def draws(flip_cfg=False):  # the stages' inputs, drawn as prune draws them: in stage order
-        g = torch.Generator().manual_seed(3)
-        out = [prune_mod.stage_inputs(calib, s.t_start, s.t_end, 6, cfg=cfg != flip_cfg, generator=g)
-               for s in stages]
+    def draws(flip_cfg=False):  # the stages' inputs, drawn as prune draws them: one generator per stage
+        out = [prune_mod.stage_inputs(calib, s.t_start, s.t_end, 6, cfg=cfg != flip_cfg,
+                                      generator=prune_mod.stage_generator(3, k))
+               for k, s in enumerate(stages)]
         return [_direct_hessians(model, *d, batch_size=4) for d in out], out
 
     hessians, inputs = draws()
@@ -281,3 +285,36 @@ def test_each_block_is_pruned_with_its_own_stage_statistics(cfg):
                 assert distance(pruned(i, hessians[s][1], spec.sparsity), want) > 1e-3
                 assert distance(pruned(i, hessians[1][i], spec.sparsity), want) > 1e-3
                 assert distance(pruned(i, other_cfg[s][i], spec.sparsity), want) > 1e-3
+
+
+def test_shared_producers_prune_the_least_pruned_stage_first_and_nest_the_others():
+    """share_producers=True: the middle stage is the free OBS choice on its own Hessians; early and
+    late are OBS on their own Hessians restricted to the middle stage's units (a real constraint:
+    their free choice differs)."""
+    model, calib = tiny_dit(), tiny_calibration(8)
+    kw = dict(samples_per_stage=6, batch_size=4, align=None, seed=3, progress=False)
+    stages = prune_stages(model, calib, 0.5, boundaries=(200, 600), **kw)
+    assert [s.name for s in stages] == ["early", "middle", "late"]
+    assert stages[1].sparsity < min(stages[0].sparsity, stages[2].sparsity)
+    hessians = [_direct_hessians(model, *prune_mod.stage_inputs(calib, s.t_start, s.t_end, 6, cfg=True,
+                                                               generator=prune_mod.stage_generator(3, k)),
+                                 batch_size=4) for k, s in enumerate(stages)]
+    constrained = False
+    for i in range(2):
+        linears = dit.block_linears(model.transformer_blocks[i])
+        middle = stages[1].blocks[i]
+        free_middle = dit.prune_block(linears, hessians[1][i], 4, stages[1].sparsity, stages[1].sparsity, align=None)
+        assert torch.equal(middle.kept_heads, free_middle.kept_heads)
+        assert torch.equal(middle.kept_channels, free_middle.kept_channels)
+        within = {"proj": middle.kept_heads, "fc2": middle.kept_channels}
+        for s in (0, 2):
+            got, sp = stages[s].blocks[i], stages[s].sparsity
+            assert set(got.kept_heads.tolist()) <= set(middle.kept_heads.tolist())
+            assert set(got.kept_channels.tolist()) <= set(middle.kept_channels.tolist())
+            want = dit.prune_block(linears, hessians[s][i], 4, sp, sp, align=None, keep_within=within)
+            assert torch.equal(got.kept_heads, want.kept_heads) and torch.equal(got.kept_channels, want.kept_channels)
+            assert_close(got.fc2_weight, want.fc2_weight, atol=1e-5, rtol=1e-5)
+            assert_close(got.proj_weight, want.proj_weight, atol=1e-5, rtol=1e-5)
+            free = dit.prune_block(linears, hessians[s][i], 4, sp, sp, align=None)
+            constrained |= not set(free.kept_channels.tolist()) <= set(middle.kept_channels.tolist())
+    assert constrained, "the test never exercises the constraint (every free choice already nests)"

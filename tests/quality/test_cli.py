@@ -152,6 +152,22 @@ def test_stage_split_flags_reach_prune(flags, tmp_path, monkeypatch, capsys):
     assert "_Stop" in capsys.readouterr().err
     assert seen["speed_threshold"] == 0.5 and seen["log_snr_weight"] == 0.1, seen
     assert "M" not in seen and "lam" not in seen, seen
+    assert seen["share_producers"] is True
+
+
+def test_independent_stages_flag_reaches_prune(tmp_path, monkeypatch, capsys):
+    import mosaicdiff.pruning
+
+    seen = {}
+
+    def spy(model, calibration, sparsity, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(mosaicdiff.pruning, "prune", spy)
+    assert main(["prune", "--out", str(tmp_path / "m"), "--method", "magnitude", "--independent-stages",
+                 "--no-progress"]) == 1
+    assert seen["share_producers"] is False
 
 
 def test_stage_split_defaults_and_hidden_aliases():

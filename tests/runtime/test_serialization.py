@@ -177,8 +177,8 @@ def test_missing_and_unexpected_keys(saved):
 
 
 def test_format_version_mismatch_names_both_versions(saved):
-    _edit_config(saved, lambda c: c.__setitem__("format_version", "3.0"))
-    with pytest.raises(ValueError, match=rf"format version 3\.0 .* reads format versions 1\.x, 2\.x \(writes "
+    _edit_config(saved, lambda c: c.__setitem__("format_version", "4.0"))
+    with pytest.raises(ValueError, match=rf"format version 4\.0 .* reads format versions 1\.x, 2\.x, 3\.x \(writes "
                                          rf"{re.escape(serialization.FORMAT_VERSION)}\)"):
         MosaicDiT.from_pretrained(saved)
     _edit_config(saved, lambda c: c.__setitem__("format", "something-else"))
@@ -190,7 +190,7 @@ def test_format_version_mismatch_names_both_versions(saved):
 
 
 def test_newer_minor_version_loads_with_warning(saved, caplog):
-    _edit_config(saved, lambda c: c.__setitem__("format_version", "2.99"))
+    _edit_config(saved, lambda c: c.__setitem__("format_version", "3.99"))
     with caplog.at_level("WARNING", logger="mosaicdiff.serialization"):
         MosaicDiT.from_pretrained(saved)
     assert f"newer than {serialization.FORMAT_VERSION}" in caplog.text

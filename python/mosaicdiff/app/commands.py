@@ -144,13 +144,13 @@ def cmd_prune(args) -> int:
         stage_sparsities=args.stage_sparsities, num_inference_steps=args.steps, scheduler=scheduler,
         samples_per_stage=args.samples_per_stage, speed_threshold=args.speed_threshold,
         log_snr_weight=args.log_snr_weight, align=args.align, seed=args.seed, progress=not args.no_progress,
-        s_max=args.max_stage_sparsity)
+        s_max=args.max_stage_sparsity, share_producers=not args.independent_stages)
     mosaic.save_pretrained(str(out))
     rep = mosaic.memory_report()
-    stages = ", ".join(f"{s.name}[{s.t_start},{s.t_end}) sparsity {s.sparsity:.2f}" for s in mosaic.stages)
+    stages = ", ".join(f"{name}[{t0},{t1}) sparsity {sp:.2f}" for name, t0, t1, sp in mosaic.stage_ranges)
     print(f"saved {args.method} mosaic to {args.out}: {stages}")
     print(f"memory: {rep['mosaic_bytes'] / 2**20:.2f} MiB vs dense {rep['dense_bytes_same_dtype'] / 2**20:.2f} MiB "
-          f"(ratio {rep['ratio']:.2f})")
+          f"(ratio {rep['ratio']:.2f}; {rep['ratio_dedup']:.2f} against one embedder instead of one per block)")
     return 0
 
 

@@ -149,13 +149,13 @@ def real_reference_fid(num_samples: int, seed: int) -> float:
 
 def stage_info(mosaic) -> dict:
     """Stage names, ranges and sparsities of a `MosaicDiT`."""
-    return {s.name: {"t_start": int(s.t_start), "t_end": int(s.t_end), "sparsity": float(s.sparsity)}
-            for s in mosaic.stages}
+    return {name: {"t_start": int(t0), "t_end": int(t1), "sparsity": float(sp)}
+            for name, t0, t1, sp in mosaic.stage_ranges}
 
 
 def step_mean_sparsity(mosaic, timesteps) -> float:
     """Sparsity averaged over the sampler's steps (each step uses its stage's sparsity)."""
-    sp = [mosaic.stages[mosaic.stage_for(int(t))].sparsity for t in timesteps]
+    sp = [mosaic.stage_ranges[mosaic.stage_for(int(t))][3] for t in timesteps]
     return float(sum(sp) / len(sp))
 
 

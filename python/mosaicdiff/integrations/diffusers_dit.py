@@ -240,7 +240,7 @@ def compact_from_groups(pruned: Mapping[str, PrunedGroup]) -> CompactBlockWeight
 def prune_block(block_linears: Mapping[str, nn.Linear], hessians: Mapping[str, torch.Tensor] | None,
                 num_heads: int, head_sparsity: float, mlp_sparsity: float, method: str = "obs",
                 align: int | None = 64, generator: torch.Generator | None = None,
-                **obs_kwargs) -> CompactBlockWeights:
+                keep_within: Mapping[str, torch.Tensor] | None = None, **obs_kwargs) -> CompactBlockWeights:
     """Prunes one DiT block's heads and MLP channels into a `CompactBlockWeights`.
 
     Args:
@@ -255,6 +255,8 @@ def prune_block(block_linears: Mapping[str, nn.Linear], hessians: Mapping[str, t
         method (`str`, *optional*, defaults to ``"obs"``): see `mosaicdiff.compact.prune_group`.
         align (`int`, *optional*, defaults to 64): MLP width alignment; None disables it.
         generator (`torch.Generator`, *optional*): for ``"random"``.
+        keep_within (`Mapping[str, torch.Tensor]`, *optional*): ``proj`` (heads) and ``fc2``
+            (channels) unit sets the kept units are chosen from (`mosaicdiff.compact.prune_group`).
         **obs_kwargs: passed to `mosaicdiff.obs.prune_columns`.
 
     Returns:
@@ -268,7 +270,7 @@ def prune_block(block_linears: Mapping[str, nn.Linear], hessians: Mapping[str, t
         raise ValueError(f"method must be one of {compact.METHODS}, got {method!r}")
     groups = block_groups(block_linears, num_heads)
     pruned = compact.prune_groups(groups, hessians, {"proj": head_sparsity, "fc2": mlp_sparsity}, method,
-                                  align, generator, **obs_kwargs)
+                                  align, generator, keep_within=keep_within, **obs_kwargs)
     return compact_from_groups(pruned)
 
 
