@@ -318,3 +318,27 @@ def test_shared_producers_prune_the_least_pruned_stage_first_and_nest_the_others
             free = dit.prune_block(linears, hessians[s][i], 4, sp, sp, align=None)
             constrained |= not set(free.kept_channels.tolist()) <= set(middle.kept_channels.tolist())
     assert constrained, "the test never exercises the constraint (every free choice already nests)"
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "random"])
+def test_every_pruner_nests_the_stages_for_shared_producers(pruner):
+    """The uncompensated pruners honour the constraint too. Random's free choice would not nest;
+    magnitude ranks the units the same way in every stage, so its free choice nests by itself and
+    the constraint changes nothing."""
+    model = tiny_dit()
+    kw = dict(method="mosaic", pruner=pruner, boundaries=(200, 600), align=None, progress=False, seed=1)
+    nested = prune_stages(model, None, 0.5, **kw)
+    free = prune_stages(model, None, 0.5, share_producers=False, **kw)
+    crossing = False
+    for i in range(2):
+        middle = nested[1].blocks[i]
+        for s in (0, 2):
+            assert set(nested[s].blocks[i].kept_heads.tolist()) <= set(middle.kept_heads.tolist())
+            assert set(nested[s].blocks[i].kept_channels.tolist()) <= set(middle.kept_channels.tolist())
+            crossing |= not set(free[s].blocks[i].kept_channels.tolist()) <= set(free[1].blocks[i].kept_channels.tolist())
+    if pruner == "random":
+        assert crossing, "the free choice already nests: the test would not see a missing constraint"
+    else:
+        assert not crossing
+        for a, b in zip(nested, free):
+            assert all(torch.equal(x.kept_channels, y.kept_channels) for x, y in zip(a.blocks, b.blocks))
