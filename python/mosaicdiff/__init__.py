@@ -21,7 +21,9 @@ from mosaicdiff._version import __version__
 _LAZY = {
     "prune": ("mosaicdiff.pruning", "prune"),
     "MosaicDiT": ("mosaicdiff.mosaic", "MosaicDiT"),
+    "MosaicUNet": ("mosaicdiff.mosaic_unet", "MosaicUNet"),
     "Calibration": ("mosaicdiff.calibrate", "Calibration"),
+    "TextCalibration": ("mosaicdiff.calibrate", "TextCalibration"),
     "sample": ("mosaicdiff.sampling", "sample"),
     "stage_boundaries": ("mosaicdiff.schedule", "stage_boundaries"),
 }

@@ -7,6 +7,16 @@ condition, so both branches enter the statistics. The Hessians ``H = X^T X / n_t
 inputs of every prunable group's consumer (for a DiT: each block's ``proj`` and ``fc2``) are
 accumulated in float64 by forward pre-hooks during one pass of the dense model.
 
+Under ``torchrun`` (an initialised torch.distributed process group) every rank draws the same
+inputs, runs its contiguous share of the model batches (`mosaicdiff.distributed.batch_shard`)
+and the float64 sums ``X^T X`` and token counts are all-reduced before the division, so each
+rank ends with the Hessians of all the inputs: those of one process up to the order of the
+float64 additions (the forward passes are the very same batches). Every rank then prunes
+(`mosaicdiff.pruning.prune`): the Hessians are the same bits on all ranks and OBS is
+deterministic, so they compute the same model with no broadcast, and `prune` returns it on
+every rank as in one process; `mosaicdiff prune` saves it from rank 0 only. Pruning on rank 0
+alone would not be faster (the other ranks would wait) and would need the model broadcast.
+
 The loop knows a model only through its adapter (`mosaicdiff.integrations.base.ModelAdapter`:
 blocks, groups, how to run it) and a calibration set only through `x0`, `condition_rows` and
 `null_condition`; a condition is a batch-first tensor or a dict/tuple of them (text embeddings).
@@ -23,13 +33,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mosaicdiff import schedule
+from mosaicdiff import distributed, schedule
 from mosaicdiff.integrations.base import ModelAdapter, unwrap_model
 from mosaicdiff.integrations.schedulers import scheduler_alphas_cumprod
+from mosaicdiff.text_calibration import TextCalibration  # the text-conditioned counterpart (U-Nets)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Calibration", "cat_rows", "collect_hessians", "resolve_alphas_cumprod", "stage_inputs", "take_rows"]
+__all__ = ["Calibration", "TextCalibration", "cat_rows", "collect_hessians", "resolve_alphas_cumprod", "stage_inputs",
+           "take_rows"]
 
 _CHUNK_ELEMENTS = 1 << 24  # float64 temporaries of at most 128 MiB while accumulating X^T X
 
@@ -277,9 +289,14 @@ def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condi
         `list[dict]`, one per block: group name -> float64 (in, in) matrix ``X^T X / n_tokens`` of
         the group's consumer input (for a DiT ``{"proj": H, "fc2": H}``), on the model's device.
 
+    Under a torch.distributed process group this is a collective: every rank passes the same
+    inputs (checked), runs its share of the batches, and gets the Hessians of all of them (the
+    float64 sums all-reduced, then normalised); the progress bar shows on rank 0 only. Without
+    a process group one process runs every batch, as before.
+
     Raises:
-        ValueError: on mismatched batch sizes, an empty batch, a bad `batch_size` or a model the
-            adapter does not accept.
+        ValueError: on mismatched batch sizes, an empty batch, a bad `batch_size`, a model the
+            adapter does not accept, or (under a process group) ranks with different inputs.
     """
     if adapter is None:
         from mosaicdiff.models import adapter_for
@@ -302,11 +319,15 @@ def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condi
             handles.append(group.consumer.register_forward_pre_hook(hook))
             entry[name] = hook
         hooks.append(entry)
+    # every rank must sum over the same rows: a different seed or data on one rank is an error
+    distributed.check_same_tensor(_fingerprint(x_t, t, condition, param.device),
+                                  "the calibration inputs (x_t, t, condition)")
     was_training = model.training
     model.eval()
     try:
-        starts = range(0, B, int(batch_size))
-        for s in tqdm(starts, desc="calibrating", disable=not progress, leave=False):
+        starts = distributed.batch_shard(B, int(batch_size))  # all batches in one process
+        show = progress and distributed.is_main_process()
+        for s in tqdm(starts, desc="calibrating", disable=not show, leave=False):
             sl = slice(s, s + int(batch_size))
             adapter.run(model, x_t[sl].to(param.device, param.dtype), t[sl].to(param.device),
                         _to(take_rows(condition, sl), param.device))
@@ -314,8 +335,37 @@ def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condi
         for h in handles:
             h.remove()
         model.train(was_training)
+    if distributed.is_distributed():
+        _all_reduce_hooks(hooks, param.device)
     out = []
     for entry in hooks:
         out.append({name: hook.H.div_(max(hook.tokens, 1)) for name, hook in entry.items()})
     logger.debug("collected Hessians of %d blocks from %d samples", len(out), B)
     return out
+
+
+def _all_reduce_hooks(hooks: list[dict[str, _HessianHook]], device: torch.device) -> None:
+    """Sum the hooks' ``X^T X`` and token counts over the ranks (before the division by the tokens)."""
+    sums = {f"{i}.{name}": hook.H for i, entry in enumerate(hooks) for name, hook in entry.items()}
+    tokens = torch.tensor([float(hook.tokens) for entry in hooks for hook in entry.values()],
+                          dtype=torch.float64, device=device)  # exact: counts far below 2**53
+    distributed.all_reduce_sums({**sums, "tokens": tokens})
+    for hook, count in zip((h for entry in hooks for h in entry.values()), tokens.tolist()):
+        hook.tokens = int(count)
+
+
+def _fingerprint(x_t: torch.Tensor, t: torch.Tensor, condition: Any, device: torch.device) -> torch.Tensor:
+    """A few float64 sums that differ when the ranks' calibration inputs differ."""
+    if not distributed.is_distributed():
+        return torch.zeros(0)
+    parts = [x_t.detach().to(torch.float64), t.detach().to(torch.float64)]
+    parts += [c.detach().to(torch.float64) for c in _tensors(condition)]
+    values = [float(x_t.shape[0])] + [v for p in parts for v in (float(p.sum()), float(p.abs().sum()))]
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _tensors(condition: Any) -> list[torch.Tensor]:
+    if isinstance(condition, torch.Tensor):
+        return [condition]
+    values = condition.values() if isinstance(condition, dict) else condition
+    return [t for v in values for t in _tensors(v)]

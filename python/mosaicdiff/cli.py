@@ -118,7 +118,11 @@ def _add_prune_parser(sub) -> None:
     from mosaicdiff.app import commands, experiment as ex
     from mosaicdiff.app.inputs import DIT_CLASS_NAME
 
-    pr = sub.add_parser("prune", help="prune a DiT and save the mosaic folder")
+    pr = sub.add_parser("prune", help="prune a DiT and save the mosaic folder",
+                        description="Prune a DiT and save the mosaic folder. Under torchrun (e.g. torchrun "
+                                    "--nproc-per-node 8 -m mosaicdiff prune ... --device cuda) each rank calibrates "
+                                    "on its share of the batches, the Hessian sums are all-reduced, every rank prunes "
+                                    "the same model and rank 0 saves it.")
     _add_global_options(pr, sub=True)
     pr.add_argument("--model", default=None, help=f"diffusers {DIT_CLASS_NAME} (or DiTPipeline) folder "
                     "(default: the embedded digits DiT)")
@@ -143,27 +147,59 @@ def _add_prune_parser(sub) -> None:
     pr.add_argument("--independent-stages", action="store_true",
                     help="let every stage choose its heads/channels freely and store its own q/k/v and fc1 rows "
                          "(default: the stages share one producer storage; docs/results.md compares both)")
+    pr.add_argument("--batch-size", type=t.positive_int, default=64,
+                    help="calibration batch size (under torchrun the batches are split across the ranks)")
     pr.add_argument("--seed", type=t.integer, default=0)
-    pr.add_argument("--device", type=t.device, default="cpu")
+    pr.add_argument("--device", type=t.device, default="cpu",
+                    help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU)")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=commands.cmd_prune)
 
 
+_SAMPLE_DESCRIPTION = """\
+Two modes, chosen by --num-images:
+
+  grid (default): --out FILE.png, a grid of --num-samples images (1-channel models).
+  folder: --num-images N --out DIR, N images for FID: DIR/samples.npz with arr_0, uint8
+    (N, H, W, 3), the layout of the ADM evaluation suite (gray images get 3 equal channels).
+    Image i depends only on --seed and i. Shards of --shard-size images are written to
+    DIR/shards/ as they finish; the same command again resumes, sampling only missing shards.
+    Latent models need a VAE (--vae, or the vae/ of a DiTPipeline --model folder).
+    Under torchrun the shards are split across the ranks (the same N images for any number of
+    processes), e.g. torchrun --nproc-per-node 8 -m mosaicdiff sample --model M --vae V
+    --num-images 50000 --out DIR --device cuda.
+"""
+
+
 def _add_sample_parser(sub) -> None:
+    from mosaicdiff import sharded_sampling as ss
     from mosaicdiff.app import commands, experiment as ex
 
-    s = sub.add_parser("sample", help="sample a dense or mosaic model to a PNG grid")
+    s = sub.add_parser("sample", help="sample a dense or mosaic model to a PNG grid, or N images to an .npz (FID)",
+                       description=_SAMPLE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_global_options(s, sub=True)
     s.add_argument("--model", default=None, help="mosaic or diffusers DiT folder (default: the embedded one)")
-    s.add_argument("--out", type=Path, default=Path("samples.png"), help="image file (default samples.png)")
-    s.add_argument("--num-samples", type=t.positive_int, default=20)
+    s.add_argument("--out", type=Path, default=None,
+                   help="grid: image file (default samples.png); with --num-images: the output folder")
+    s.add_argument("--num-samples", type=t.positive_int, default=None, help="grid: images in the grid (default 20)")
+    s.add_argument("--num-images", type=t.positive_int, default=None,
+                   help="folder mode: sample this many images into --out DIR/samples.npz (e.g. 50000)")
     s.add_argument("--labels", type=t.comma_list(t.int_at_least(0), what="class ids"), default=None,
-                   help="comma-separated class ids, e.g. 1,2,3 (default: --num-samples ids cycling 0..9)")
+                   help="comma-separated class ids, e.g. 1,2,3, cycled over the images (default: 0, 1, 2, ... "
+                        "cycling over the classes; the grid cycles 0..9)")
     s.add_argument("--steps", type=t.positive_int, default=ex.DEFAULT_STEPS)
     s.add_argument("--guidance-scale", type=t.finite_float, default=ex.DEFAULT_GUIDANCE)
     s.add_argument("--seed", type=t.integer, default=0)
-    s.add_argument("--nrow", type=t.positive_int, default=10, help="images per row of the grid")
-    s.add_argument("--device", type=t.device, default="cpu")
+    s.add_argument("--nrow", type=t.positive_int, default=None, help="grid: images per row (default 10)")
+    s.add_argument("--vae", default=None, help="folder mode: diffusers AutoencoderKL folder decoding the latents "
+                   "(default: the vae/ of a pipeline --model folder)")
+    s.add_argument("--shard-size", type=t.positive_int, default=None,
+                   help=f"folder mode: images per shard file (default {ss.DEFAULT_SHARD_SIZE}; part of the settings "
+                        f"a resumed run must repeat)")
+    s.add_argument("--batch-size", type=t.positive_int, default=None,
+                   help=f"folder mode: images per sampling batch (default {ss.DEFAULT_BATCH_SIZE})")
+    s.add_argument("--device", type=t.device, default="cpu",
+                   help="cpu, cuda or cuda:N (under torchrun, cuda is each rank's LOCAL_RANK GPU)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=commands.cmd_sample)
 

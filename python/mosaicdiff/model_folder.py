@@ -88,7 +88,7 @@ def staged_weights(folder: Path, want: str) -> Path | None:
 # ------------------------------------------------------------------ where a save may go
 
 
-def _other_model(folder: Path) -> str | None:
+def _other_model(folder: Path, format_name: str = FORMAT_NAME) -> str | None:
     """What other kind of model `folder` holds (saving would clobber or confuse it), or None."""
     cfg = folder / CONFIG_NAME
     if cfg.exists():
@@ -96,14 +96,14 @@ def _other_model(folder: Path) -> str | None:
             data = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return f"a {CONFIG_NAME} that is not valid JSON"
-        if isinstance(data, dict) and data.get("format") == FORMAT_NAME:
+        if isinstance(data, dict) and data.get("format") == format_name:
             return None
         kind = data.get("_class_name") if isinstance(data, dict) else None
         return f"the {CONFIG_NAME} of another model ({kind})" if kind else f"a {CONFIG_NAME} of another kind"
     if (folder / "model_index.json").exists():
         return "a diffusers pipeline (model_index.json)"
     if (folder / WEIGHTS_NAME).exists():
-        return f"a {WEIGHTS_NAME} without a MosaicDiT {CONFIG_NAME}"
+        return f"a {WEIGHTS_NAME} without a {format_name.rsplit('.', 1)[-1]} {CONFIG_NAME}"
     return None
 
 
@@ -130,8 +130,9 @@ def _probe_writable(folder: Path, target: Path) -> None:
         raise OSError(f"save_pretrained: cannot write into {folder} ({exc.strerror or exc})") from None
 
 
-def validate_save_directory(path: str | os.PathLike) -> Path:
-    """Check that a mosaic can be saved to `path`, before any long work; writes nothing.
+def validate_save_directory(path: str | os.PathLike, format_name: str = FORMAT_NAME) -> Path:
+    """Check that a mosaic (of ``config["format"] == format_name``) can be saved to `path`, before
+    any long work; writes nothing.
 
     Accepted: a missing folder (it and its missing parents are created by the save, like
     ``mkdir -p``), an empty folder, a previously saved mosaic, or a folder of unrelated files (the
@@ -157,11 +158,11 @@ def validate_save_directory(path: str | os.PathLike) -> Path:
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"save_pretrained: {target} exists and is a file, not a folder; choose a folder path")
-        other = _other_model(target)
+        other = _other_model(target, format_name)
         if other:
             raise FileExistsError(
-                f"save_pretrained: {target} holds {other}; saving a MosaicDiT there would overwrite or "
-                f"mix with it; choose an empty or new folder"
+                f"save_pretrained: {target} holds {other}; saving a {format_name.rsplit('.', 1)[-1]} there "
+                f"would overwrite or mix with it; choose an empty or new folder"
             )
         _probe_writable(target, target)
         return target
@@ -271,12 +272,12 @@ def _commit(target: Path, config: dict, tensors: dict[str, torch.Tensor], header
 
 
 def save_folder(save_directory: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
-                header: dict[str, str]) -> Path:
+                header: dict[str, str], format_name: str = FORMAT_NAME) -> Path:
     """Write `config` (gets a fresh ``weights_id``) and `tensors` into the folder, crash-safely.
 
     Args:
         save_directory: the folder; created if missing. Only its two files are replaced.
-        config: the JSON config (``format`` must be `FORMAT_NAME`).
+        config: the JSON config (``format`` must be `format_name`).
         tensors: contiguous CPU tensors not sharing memory (the safetensors rule).
         header: extra safetensors header metadata.
 
@@ -288,12 +289,12 @@ def save_folder(save_directory: str | os.PathLike, config: dict, tensors: dict[s
         BlockingIOError: another save into the same folder is in progress.
         OSError: writing failed (e.g. disk full); the folder is left as it was.
     """
-    target = validate_save_directory(save_directory)
+    target = validate_save_directory(save_directory, format_name)
     created = [p for p in (target, *target.parents) if not (p.exists() or p.is_symlink())]  # deepest first
     target.mkdir(parents=True, exist_ok=True)  # modes from the umask
     try:
         with _folder_lock(target):
-            validate_save_directory(target)  # again under the lock: the folder may have changed
+            validate_save_directory(target, format_name)  # again under the lock: the folder may have changed
             _finish_interrupted_save(target)
             _commit(target, config, tensors, header)
     except BaseException:

@@ -13,7 +13,9 @@ from torch import nn
 
 from mosaicdiff.integrations.base import ModelAdapter, unwrap_model
 from mosaicdiff.integrations.diffusers_dit import DIT
+from mosaicdiff.integrations.diffusers_unet import UNET
 from mosaicdiff.mosaic import MosaicDiT
+from mosaicdiff.mosaic_unet import MosaicUNet
 
 __all__ = ["FAMILIES", "ModelFamily", "adapter_for", "family_for"]
 
@@ -30,6 +32,7 @@ class ModelFamily:
 
 FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily(DIT, MosaicDiT, "diffusers DiTTransformer2DModel"),
+    ModelFamily(UNET, MosaicUNet, "diffusers UNet2DConditionModel (SD 1.x/2.x, SDXL)"),
 )
 
 

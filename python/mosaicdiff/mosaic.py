@@ -68,6 +68,8 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+    #: `mosaicdiff.prune` stores the stages' producers once by default (`mosaicdiff.shared_producers`).
+    shares_producers = True
     #: `mosaicdiff.sample` hands this model its timesteps as CPU tensors (see `mosaic_inputs.select_stage`).
     accepts_host_timestep = True
 

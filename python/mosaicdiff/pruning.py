@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mosaicdiff import compact, schedule
+from mosaicdiff import compact, distributed, schedule
 from mosaicdiff._version import __version__
-from mosaicdiff.calibrate import Calibration, collect_hessians, resolve_alphas_cumprod, stage_inputs
+from mosaicdiff.calibrate import Calibration, TextCalibration, collect_hessians, resolve_alphas_cumprod, stage_inputs
 from mosaicdiff.integrations.schedulers import sampler_timesteps
 from mosaicdiff.models import family_for
 from mosaicdiff.stage_plan import METHODS, check_fraction, default_s_max, plan_stages
@@ -97,11 +97,13 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
            method: str, boundaries, stage_sparsities, num_inference_steps: int, scheduler,
            samples_per_stage: int, speed_threshold: float, log_snr_weight: float, align: int | None, cfg: bool,
            batch_size: int, seed: int, progress: bool, s_max: float | None,
-           groups_per_step: int, share_producers: bool) -> tuple[type, list[StageSpec], dict[str, Any]]:
+           groups_per_step: int, share_producers: bool | None) -> tuple[type, list[StageSpec], dict[str, Any]]:
     # 1. Validate.
     family = family_for(model)
     adapter = family.adapter
     adapter.validate(model)
+    if share_producers is None:
+        share_producers = bool(getattr(family.mosaic_class, "shares_producers", False))
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     pruner = _DEFAULT_PRUNER[method] if pruner is None else pruner
@@ -112,8 +114,9 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
         raise ValueError(f"samples_per_stage must be a positive integer, got {samples_per_stage!r}")
     param = next(model.parameters())
     if calibration is not None:
-        if not isinstance(calibration, Calibration):
-            raise TypeError(f"calibration must be a mosaicdiff.calibrate.Calibration, got {type(calibration).__name__}")
+        if not isinstance(calibration, (Calibration, TextCalibration)):
+            raise TypeError(f"calibration must be a mosaicdiff.calibrate.Calibration (class-conditional DiT) or "
+                            f"TextCalibration (text-conditioned U-Net), got {type(calibration).__name__}")
         if len(calibration) == 0:
             raise ValueError("calibration is empty")
         if calibration.device != param.device:
@@ -122,7 +125,8 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
         adapter.check_calibration(model, calibration)  # shape, null class, labels, NaN: before long work
     align = _check_align(align)
 
-    # 2. Divide: stages, step counts, sparsities.
+    # 2. Divide: stages, step counts, sparsities (on the family's own schedule unless one is given).
+    scheduler = adapter.default_scheduler() if scheduler is None else scheduler
     abar = resolve_alphas_cumprod(scheduler)
     timesteps = sampler_timesteps(num_inference_steps, scheduler)
     r = calibration.x0_sq_norm if calibration is not None else 1.0
@@ -158,8 +162,8 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
                                         adapter=adapter)
             del x_t, t, condition
         compact_blocks, kept = [], []
-        for i, block in enumerate(tqdm(blocks, desc=f"pruning {name} (s={sp:.2f})", disable=not progress,
-                                       leave=False)):
+        show = progress and distributed.is_main_process()
+        for i, block in enumerate(tqdm(blocks, desc=f"pruning {name} (s={sp:.2f})", disable=not show, leave=False)):
             if sp == 0:
                 compact_blocks.append(adapter.dense_block(block))
                 kept.append(None)
@@ -187,7 +191,7 @@ def _prune(model: nn.Module, calibration: Calibration | None, target_sparsity: f
         "method": method, "pruner": pruner, "target_sparsity": target, **info,
         "stage_widths": widths, "realized_mean_sparsity": realized,
         "num_inference_steps": int(num_inference_steps),
-        "scheduler": type(scheduler).__name__ if scheduler is not None else "DDIMScheduler",
+        "scheduler": type(scheduler).__name__,
         "samples_per_stage": int(samples_per_stage) if needs_data else 0,
         "speed_threshold": float(speed_threshold), "log_snr_weight": float(log_snr_weight),
         "x0_sq_norm": float(r), "s_max": float(default_s_max(target) if s_max is None else s_max),
@@ -230,7 +234,7 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
           speed_threshold: float = schedule.DEFAULT_SPEED_THRESHOLD,
           log_snr_weight: float = schedule.DEFAULT_LOG_SNR_WEIGHT, align: int | None = 64, cfg: bool = True,
           batch_size: int = 64, seed: int = 0, progress: bool = True, s_max: float | None = None,
-          groups_per_step: int = 1, share_producers: bool = True):
+          groups_per_step: int = 1, share_producers: bool | None = None):
     r"""Prunes a DiT into a stage-switching `MosaicDiT`, without training.
 
     Sparsity is the fraction of attention heads and of MLP channels removed (the same ratio in
@@ -271,19 +275,22 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
         cfg (`bool`, *optional*, defaults to True): calibrate both CFG branches.
         batch_size (`int`, *optional*, defaults to 64): calibration batch size.
         seed (`int`, *optional*, defaults to 0): seeds calibration draws (and random pruning).
-        progress (`bool`, *optional*, defaults to True): tqdm progress bars.
+        progress (`bool`, *optional*, defaults to True): tqdm progress bars (on rank 0 only under a
+            torch.distributed process group, where calibration is data parallel: see
+            `mosaicdiff.calibrate`).
         s_max (`float`, *optional*): largest sparsity the allocation may assign, in (0, 1) and
             at least `target_sparsity`; default ``min(0.9, target_sparsity + 0.1)``
             (`default_s_max`: the uncapped allocation over-prunes the early stage). A target
             above 0.9 needs an explicit `s_max` (or `stage_sparsities`).
         groups_per_step (`int`, *optional*, defaults to 1): MLP channels removed per OBS
             iteration (1 = exact greedy; see `mosaicdiff.obs.prune_columns`).
-        share_producers (`bool`, *optional*, defaults to True): the least pruned stage is pruned
-            first and every other stage keeps a subset of its heads and channels, so that each
-            block position stores its q/k/v and fc1 rows once for all stages (views, no copies:
+        share_producers (`bool`, *optional*): True: the least pruned stage is pruned first and
+            every other stage keeps a subset of its heads and channels, so that each block
+            position stores its q/k/v and fc1 rows once for all stages (views, no copies:
             `mosaicdiff.shared_producers`); only the compensated consumers are per stage. False:
             every stage selects freely and stores its own producers (more memory; quality of both
-            in ``docs/results.md``).
+            in ``docs/results.md``). None (default): True where the family's mosaic class
+            supports it (``shares_producers``: DiT), else False (the U-Net, for now).
 
     Returns:
         The family's mosaic (`MosaicDiT` for a DiT) with the stages and ``meta`` (method,
@@ -319,4 +326,4 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
         groups_per_step=groups_per_step, share_producers=share_producers)
     adapter = family_for(model).adapter
     return mosaic_class.from_dense(model, stages, source=adapter.source_name(model), meta=meta,
-                                   share_producers=bool(share_producers))
+                                   share_producers=meta["share_producers"])

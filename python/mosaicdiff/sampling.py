@@ -84,6 +84,7 @@ def sample(
     return_trajectory: bool = False,
     progress: bool = True,
     batch_size: int | None = None,
+    clamp: bool = True,
 ):
     """Sample class-conditional images with classifier-free guidance.
 
@@ -109,10 +110,12 @@ def sample(
         return_trajectory: also return the `Trajectory` of model inputs.
         progress: show a tqdm bar over the sampling steps.
         batch_size: images per sampling run (default all at once).
+        clamp: clamp the result to [-1, 1] (pixels). False for latents, which a VAE decodes
+            (`mosaicdiff.sharded_sampling`): their range is wider.
 
     Returns:
-        `(B, C, H, W)` float32 CPU images clamped to [-1, 1]; with `return_trajectory`, the tuple
-        ``(images, Trajectory)``.
+        `(B, C, H, W)` float32 CPU images clamped to [-1, 1] (unclamped with ``clamp=False``); with
+        `return_trajectory`, the tuple ``(images, Trajectory)``.
 
     Raises:
         ValueError: on bad labels, noise shape, step count, batch size or a NaN/inf guidance scale.
@@ -179,7 +182,7 @@ def sample(
                 eps = eps_u + g * (eps_c - eps_u)
             x = sched.step(eps, t, x, return_dict=False, **step_kwargs)[0]
             bar.update(1)
-        outputs.append(x.float().clamp(-1, 1).cpu())
+        outputs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
         traj_chunks.append(xs)
         step_ts = sched.timesteps.detach().cpu().long()
     bar.close()

@@ -68,12 +68,12 @@ DTYPE_NAMES = {
 }
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Convert a config value to plain JSON types (tuples -> lists)."""
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
@@ -82,7 +82,7 @@ def _json_safe(value: Any) -> Any:
 # ------------------------------------------------------------------ save
 
 
-def _state_tensors(model) -> dict[str, torch.Tensor]:
+def state_tensors(model) -> dict[str, torch.Tensor]:
     """Flat name -> contiguous CPU tensor; tensors sharing memory are cloned (safetensors rule)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -110,12 +110,12 @@ def save_model(model, save_directory: str | os.PathLike) -> Path:
     body = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     config = {"_class_name": type(model).__name__, "_diffusers_version": diffusers_version,
               "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "package_version": __version__,
-              "dtype": str(model.dtype).removeprefix("torch."), **_json_safe(body)}
+              "dtype": str(model.dtype).removeprefix("torch."), **json_safe(body)}
     problem = coverage_problem(config["stages"], config["meta"])
     if problem:
         raise ValueError(f"save_pretrained: cannot save this MosaicDiT: {problem}")
     header = {"format": "pt", "mosaicdiff_format_version": FORMAT_VERSION}
-    target = model_folder.save_folder(save_directory, config, _state_tensors(model), header)
+    target = model_folder.save_folder(save_directory, config, state_tensors(model), header)
     logger.info("saved MosaicDiT (%d stages) to %s", len(config["stages"]), target)
     return target
 

@@ -140,5 +140,6 @@ def test_collect_hessians_errors():
     with pytest.raises(ValueError, match="batch_size"):
         collect_hessians(model, x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), batch_size=0)
     with pytest.raises(ValueError, match=r"^mosaicdiff.prune: no model adapter for this model; supported: diffusers "
-                                         r"DiTTransformer2DModel; got Linear"):
+                                         r"DiTTransformer2DModel, diffusers UNet2DConditionModel \(SD 1.x/2.x, SDXL\); "
+                                         r"got Linear"):
         collect_hessians(torch.nn.Linear(2, 2), x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))

@@ -39,7 +39,7 @@ def test_the_dit_family_is_picked_by_class_also_through_a_compile_wrapper():
         assert family.adapter is DIT and family.mosaic_class is MosaicDiT
 
 
-class UNet2DConditionModel(nn.Module):  # named like the next family, but no adapter handles it yet
+class UNet2DConditionModel(nn.Module):  # named like a supported class, but not diffusers' (adapters check the class)
     pass
 
 
@@ -50,7 +50,8 @@ def test_an_unknown_model_is_refused_in_one_line(model, name):
         mosaicdiff.prune(model, calib, 0.3, progress=False)
     message = str(info.value)
     assert message == (f"mosaicdiff.prune: no model adapter for this model; supported: diffusers "
-                       f"DiTTransformer2DModel; got {name} (see docs/adding_a_model.md to add one)")
+                       f"DiTTransformer2DModel, diffusers UNet2DConditionModel (SD 1.x/2.x, SDXL); got {name} "
+                       f"(see docs/adding_a_model.md to add one)")
     assert "\n" not in message
 
 

@@ -213,3 +213,24 @@ def test_experiment_flags_reach_the_run(cmd, module, function, tmp_path, monkeyp
                     "boundaries": (100, 500), "speed_threshold": 0.6, "log_snr_weight": 0.2, "progress": False,
                     **({"sparsity": 0.5, "guidance_scale": 1.5} if cmd == "demo" else
                        {"sparsities": [0.2, 0.3, 0.4, 0.5, 0.6], "guidance_scales": [1.5, 3.0]})}, seen
+
+
+def test_sample_num_images_writes_the_npz_and_keeps_the_grid_mode(tmp_path, capsys):
+    """`sample --num-images N --out DIR` writes DIR/samples.npz; without it --out is still a PNG grid."""
+    import numpy as np
+
+    out = tmp_path / "fid"
+    assert main(["sample", "--num-images", "3", "--out", str(out), "--steps", "1", "--no-progress"]) == 0
+    with np.load(out / "samples.npz") as data:
+        assert data.files == ["arr_0"] and data["arr_0"].shape == (3, 16, 16, 3) and data["arr_0"].dtype == np.uint8
+    assert "wrote 3 images" in capsys.readouterr().out
+    args = build_parser().parse_args(["sample"])
+    assert (args.out, args.num_images, args.num_samples, args.nrow) == (None, None, None, None)  # grid defaults later
+
+
+def test_prune_and_sample_help_describe_torchrun():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert "torchrun" in sub["prune"].format_help() and "--batch-size" in sub["prune"].format_help()
+    text = sub["sample"].format_help()
+    for words in ("--num-images", "samples.npz", "arr_0", "torchrun", "resumes", "--vae"):
+        assert words in text, words

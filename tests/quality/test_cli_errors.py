@@ -197,7 +197,8 @@ CASES = [
     (["prune", "--out", "{in}/unet", "--method", "magnitude"], "holds the config.json of another model (UNet2DModel)"),
     (["prune", "--out", "{in}/afile/sub"], "{in}/afile is a file, not a folder"),
     (["sample", "--out", "{in}/afile/s.png"], "--out {in}/afile/s.png: {in}/afile is a file, but it must be a folder"),
-    (["sample", "--out", "{in}/folder"], "--out {in}/folder is a folder; give an image file name"),
+    (["sample", "--out", "{in}/folder"], "--out {in}/folder is a folder: add --num-images N to sample N images "
+                                         "into {in}/folder/samples.npz, or give an image file name for a grid"),
     (["sample", "--out", "{out}/s.txt"], "unknown image type '.txt'"),
     (["demo", "--out", "{in}/afile"], "--out {in}/afile is a file, but it must be a folder"),
     (["eval", "--out", "{in}/afile/e"], "{in}/afile is a file, not a folder"),

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from mosaicdiff.app.errors import EXIT_FAILURE, UsageError
+from mosaicdiff.app.errors import EXIT_FAILURE, UsageError, one_line
 from mosaicdiff.app.inputs import load_calibration, load_digits_shaped_model, load_model, sample_labels
 from mosaicdiff.app.outputs import check_model_folder, check_output_folder, check_output_image
 
@@ -128,24 +128,40 @@ def check_boundaries(bounds, num_train_timesteps: int) -> None:
 
 
 def cmd_prune(args) -> int:
-    from mosaicdiff import pruning
+    """Prune and save; under ``torchrun`` calibration is data parallel and rank 0 saves.
+
+    Every rank prunes: after the all-reduce each holds the same float64 Hessians, and OBS is
+    deterministic, so all ranks compute the same model (checked: a digest per rank) while rank 0
+    alone writes it. Rank 0 pruning alone would gain nothing (the others would wait idle) and
+    would need the pruned model broadcast; this way `mosaicdiff.prune` returns the model on
+    every rank, as without a process group.
+    """
+    from mosaicdiff import distributed, pruning
     from mosaicdiff.sampling import default_scheduler
 
     check_prune_flags(args)
     scheduler = default_scheduler()
     check_boundaries(args.boundaries, len(scheduler.alphas_cumprod))
     out = check_model_folder(args.out)
-    model = load_model(args.model, args.device, allow_mosaic=False)
-    check_heads_kept(model, args)
-    needs_data = args.method in ("mosaic", "uniform") or args.calibration is not None
-    calib = load_calibration(args.calibration, model) if needs_data else None
-    mosaic = pruning.prune(
-        model, calib, args.sparsity, method=args.method, boundaries=args.boundaries,
-        stage_sparsities=args.stage_sparsities, num_inference_steps=args.steps, scheduler=scheduler,
-        samples_per_stage=args.samples_per_stage, speed_threshold=args.speed_threshold,
-        log_snr_weight=args.log_snr_weight, align=args.align, seed=args.seed, progress=not args.no_progress,
-        s_max=args.max_stage_sparsity, share_producers=not args.independent_stages)
-    mosaic.save_pretrained(str(out))
+    with distributed.launched_process_group(args.device) as device:
+        quiet_other_ranks()
+        check_same_command_line(args)
+        main = distributed.is_main_process()
+        model = load_model(args.model, device, allow_mosaic=False)
+        check_heads_kept(model, args)
+        needs_data = args.method in ("mosaic", "uniform") or args.calibration is not None
+        calib = load_calibration(args.calibration, model) if needs_data else None
+        mosaic = pruning.prune(
+            model, calib, args.sparsity, method=args.method, boundaries=args.boundaries,
+            stage_sparsities=args.stage_sparsities, num_inference_steps=args.steps, scheduler=scheduler,
+            samples_per_stage=args.samples_per_stage, speed_threshold=args.speed_threshold,
+            log_snr_weight=args.log_snr_weight, align=args.align, batch_size=args.batch_size, seed=args.seed,
+            progress=main and not args.no_progress, s_max=args.max_stage_sparsity,
+            share_producers=not args.independent_stages)
+        _warn_if_ranks_pruned_differently(mosaic)
+        if not main:
+            return 0
+        mosaic.save_pretrained(str(out))
     rep = mosaic.memory_report()
     stages = ", ".join(f"{name}[{t0},{t1}) sparsity {sp:.2f}" for name, t0, t1, sp in mosaic.stage_ranges)
     print(f"saved {args.method} mosaic to {args.out}: {stages}")
@@ -154,14 +170,49 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def quiet_other_ranks() -> None:
+    """Under a process group, INFO records on rank 0 only (warnings and errors from every rank)."""
+    import logging
+
+    from mosaicdiff import distributed
+
+    if not distributed.is_main_process():
+        logging.getLogger("mosaicdiff").setLevel(logging.WARNING)
+
+
+def check_same_command_line(args) -> None:
+    """Under a process group: every rank was given the same flags (a per-rank seed is an error)."""
+    from mosaicdiff import distributed
+
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k != "func"}
+    try:
+        distributed.check_same_across_ranks(settings, "command-line settings")
+    except ValueError as exc:
+        raise UsageError(str(exc), f"mosaicdiff {args.command}") from None
+
+
+def _warn_if_ranks_pruned_differently(mosaic) -> None:
+    import logging
+
+    from mosaicdiff import distributed
+
+    if not distributed.is_distributed():
+        return
+    try:
+        distributed.check_same_across_ranks({"pruned model sha256": distributed.state_digest(mosaic)},
+                                            "pruned models")
+    except ValueError as exc:  # rank 0's model is still a correct prune: save it, but say so
+        logging.getLogger(__name__).warning("%s; rank 0 saves its own", exc)
+
+
 # ----------------------------------------------------------------------------- sample, bench
 
-def sample_labels_for(args, num_classes: int):
-    """The class ids to sample: --labels (each in [0, num_classes)) or --num-samples cycling 0..9."""
+def sample_labels_for(args, num_classes: int, num_samples: int):
+    """The class ids to sample: --labels (each in [0, num_classes)) or `num_samples` cycling 0..9."""
     import torch
 
     if args.labels is None:
-        return sample_labels(args.num_samples, num_classes)
+        return sample_labels(num_samples, num_classes)
     bad = [v for v in args.labels if not 0 <= v < num_classes]
     if bad:
         raise UsageError(f"--labels {bad} out of range: this model has classes 0..{num_classes - 1}",
@@ -170,21 +221,123 @@ def sample_labels_for(args, num_classes: int):
 
 
 def cmd_sample(args) -> int:
+    """A PNG grid (``--out FILE``), or with ``--num-images N`` N images in ``--out DIR/samples.npz``."""
+    if sample_mode(args) == "folder":
+        return _sample_to_folder(args)
     from mosaicdiff import sampling
     from mosaicdiff.plots import save_image_grid
 
-    check_output_image(args.out)
+    out = Path("samples.png") if args.out is None else args.out
+    check_output_image(out)
     model = load_model(args.model, args.device)
     if int(model.config.in_channels) != 1:
         raise ValueError(f"`mosaicdiff sample` writes pixel grids for 1-channel models; this model has "
-                         f"in_channels={model.config.in_channels} (latents need a VAE: use diffusers' DiTPipeline)")
-    labels = sample_labels_for(args, int(model.config.num_embeds_ada_norm))
+                         f"in_channels={model.config.in_channels} (latents need a VAE: `mosaicdiff sample "
+                         f"--num-images N --vae PATH --out DIR`)")
+    num_samples = 20 if args.num_samples is None else args.num_samples
+    labels = sample_labels_for(args, int(model.config.num_embeds_ada_norm), num_samples)
     noise = sampling.make_noise(model, len(labels), seed=args.seed)
     images = sampling.sample(model, labels, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                              noise=noise, progress=not args.no_progress)
-    save_image_grid(images, args.out, nrow=args.nrow)
-    print(f"wrote {len(images)} samples to {args.out}")
+    save_image_grid(images, out, nrow=10 if args.nrow is None else args.nrow)
+    print(f"wrote {len(images)} samples to {out}")
     return 0
+
+
+#: Flags of one mode of `sample` only: (grid, folder).
+_GRID_FLAGS = {"num_samples": "--num-samples", "nrow": "--nrow"}
+_FOLDER_FLAGS = {"vae": "--vae", "shard_size": "--shard-size", "batch_size": "--batch-size"}
+
+
+def sample_mode(args) -> str:
+    """``"folder"`` with --num-images, else ``"grid"``; flags of the other mode are refused.
+
+    Raises:
+        UsageError: --out is a folder without --num-images, an image file name with it, or a
+            flag of the other mode.
+    """
+    prog = "mosaicdiff sample"
+    folder = args.num_images is not None
+    if not folder and args.out is not None and args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a folder: add --num-images N to sample N images into "
+                         f"{args.out / 'samples.npz'}, or give an image file name for a grid", prog)
+    if folder and args.out is None:
+        raise UsageError("--num-images N needs --out DIR (the folder for the shards and samples.npz)", prog)
+    if folder and args.out.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npz"):
+        raise UsageError(f"--num-images writes a folder (shards/ and samples.npz), but --out {args.out} names a "
+                         f"file; give a folder such as --out {args.out.with_suffix('')}", prog)
+    other, mode = (_GRID_FLAGS, "--num-images") if folder else (_FOLDER_FLAGS, "a grid")
+    given = [flag for key, flag in other.items() if getattr(args, key) is not None]
+    if given:
+        hint = "they set the PNG grid" if folder else "they need --num-images N and --out DIR"
+        raise UsageError(f"{', '.join(given)} cannot be used with {mode} ({hint})", prog)
+    return "folder" if folder else "grid"
+
+
+def _sample_to_folder(args) -> int:
+    from mosaicdiff import distributed, sharded_sampling
+
+    check_output_folder(args.out)
+    # an hour: ranks wait at the end for the slowest one's last shard and for rank 0's assembly
+    with distributed.launched_process_group(args.device, timeout_s=3600) as device:
+        quiet_other_ranks()
+        check_same_command_line(args)
+        world = distributed.world_size()
+        if world > args.num_images:
+            raise UsageError(f"{world} ranks for --num-images {args.num_images}: every rank needs at least one "
+                             f"image; launch at most {args.num_images} processes (torchrun --nproc-per-node)",
+                             "mosaicdiff sample")
+        model = load_model(args.model, device)
+        vae_path = args.vae if args.vae is not None else _pipeline_vae(args.model)
+        vae = None if vae_path is None else load_vae(vae_path, device)
+        if args.labels is not None:
+            sample_labels_for(args, int(model.config.num_embeds_ada_norm), len(args.labels))  # range check
+        path = sharded_sampling.sample_to_npz(
+            model, args.out, args.num_images, seed=args.seed, labels=args.labels, num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale, vae=vae,
+            shard_size=args.shard_size or sharded_sampling.DEFAULT_SHARD_SIZE,
+            batch_size=args.batch_size or sharded_sampling.DEFAULT_BATCH_SIZE, progress=not args.no_progress)
+        if distributed.is_main_process():
+            print(f"wrote {args.num_images} images to {path} (arr_0: uint8 NHWC) from {world} process(es)")
+    return 0
+
+
+def _pipeline_vae(model: str | None) -> Path | None:
+    """The ``vae/`` of a DiTPipeline folder given as --model (None when there is none)."""
+    if model is None:
+        return None
+    vae = Path(model) / "vae"
+    return vae if (vae / "config.json").is_file() else None
+
+
+def load_vae(path, device: str):
+    """A diffusers ``AutoencoderKL`` folder (or a pipeline folder with ``vae/``), in eval mode.
+
+    Raises:
+        FileNotFoundError: no such folder or no config.json. ValueError: another class or
+            weights diffusers cannot load.
+    """
+    import json
+
+    from diffusers import AutoencoderKL
+
+    p = Path(path)
+    subfolder = "vae" if (p / "vae" / "config.json").is_file() else None
+    config = p / (subfolder or "") / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--vae {p}: no config.json (nor vae/config.json) there; pass a diffusers "
+                                f"AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema saved locally")
+    try:
+        found = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+    except ValueError as exc:
+        raise ValueError(f"--vae {config} is not valid JSON ({exc})") from None
+    if found != "AutoencoderKL":
+        raise ValueError(f"--vae {p} holds a {found or 'model without a _class_name'}, not an AutoencoderKL")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(p), subfolder=subfolder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"cannot load the AutoencoderKL in {p}: {one_line(exc)}") from None
+    return vae.to(device).eval()
 
 
 #: The GPU benchmark suite `mosaicdiff bench` runs (in a source checkout).

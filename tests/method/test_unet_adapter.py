@@ -1,0 +1,193 @@
+"""The U-Net adapter, TextCalibration and the stage-switching MosaicUNet on a tiny SDXL-style U-Net.
+
+Oracle: pruning without compensation (magnitude) must equal the dense U-Net with the dropped
+heads' and channels' consumer columns zeroed; at sparsity 0 the mosaic equals the dense U-Net.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mosaicdiff import compact
+from mosaicdiff.calibrate import collect_hessians, stage_inputs
+from mosaicdiff.integrations.diffusers_unet import UNET, transformer_blocks
+from mosaicdiff.mosaic_unet import MosaicUNet
+from mosaicdiff.text_calibration import TextCalibration
+from mosaicdiff.types import StageSpec
+
+TIME_IDS = torch.tensor([[16.0, 16, 0, 0, 16, 16]])
+
+
+def tiny_unet(sdxl: bool = True, seed: int = 0):
+    """A random SDXL-layout U-Net (text_time added conditioning, 2 resolutions, 1 + 2 transformer layers)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=80) if sdxl else {}
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        norm_num_groups=8, **extra)
+    with torch.no_grad():
+        for p in unet.parameters():  # no trivially zero bias / norm
+            p.add_(0.02 * torch.randn_like(p))
+    return unet.eval()
+
+
+def calibration(n: int = 6, sdxl: bool = True, seed: int = 0) -> TextCalibration:
+    g = torch.Generator().manual_seed(seed)
+    pooled = torch.randn(n, 32, generator=g) if sdxl else None
+    return TextCalibration(torch.randn(n, 4, 16, 16, generator=g), torch.randn(n, 7, 24, generator=g), pooled,
+                           TIME_IDS if sdxl else None)
+
+
+def unet_inputs(batch: int = 2, sdxl: bool = True, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x, text = torch.randn(batch, 4, 16, 16, generator=g), torch.randn(batch, 7, 24, generator=g)
+    added = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": TIME_IDS.expand(batch, 6)} if sdxl else None
+    return x, text, added
+
+
+def test_groups_are_the_blocks_heads_and_geglu_channels():
+    unet = tiny_unet()
+    blocks = transformer_blocks(unet)
+    from diffusers.models.attention import BasicTransformerBlock
+
+    every = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    assert len(blocks) == len(every) > 6 and {id(b) for b in blocks} == {id(b) for b in every}
+    for b in blocks:
+        g = UNET.groups(b)
+        assert g["attn1"].num_units == b.attn1.heads and g["attn2"].num_units == b.attn2.heads
+        assert g["attn2"].producers[1].in_features == 24  # k/v read the text states
+        inner = b.ff.net[2].in_features
+        assert g["ff"].num_units == inner and b.ff.net[0].proj.out_features == 2 * inner
+        assert g["ff"].producer_rows(torch.tensor([0, 3])).tolist() == [0, 3, inner, inner + 3]
+
+
+def test_sparsity_zero_mosaic_equals_the_dense_unet():
+    unet = tiny_unet()
+    stage = StageSpec("all", 0, 1000, 0.0, [UNET.dense_block(b) for b in transformer_blocks(unet)])
+    mosaic = MosaicUNet.from_dense(unet, [stage])
+    x, text, added = unet_inputs()
+    for t in (999, 400, 0):
+        tt = torch.full((2,), t)
+        with torch.no_grad():
+            assert_close(mosaic(x, tt, text, added_cond_kwargs=added).sample,
+                         unet(x, tt, text, added_cond_kwargs=added).sample, atol=2e-5, rtol=1e-5)
+    assert len(transformer_blocks(unet)) == len(stage.blocks), "the dense U-Net keeps its blocks"
+    assert sum(p.numel() for p in mosaic.unet.parameters()) < sum(p.numel() for p in unet.parameters())
+
+
+def _zeroed(unet, kept):
+    """The dense U-Net with every dropped unit's consumer columns zeroed (kept: per block, per group)."""
+    ref = copy.deepcopy(unet)
+    with torch.no_grad():
+        for b, k in zip(transformer_blocks(ref), kept):
+            for name, attn in (("attn1", b.attn1), ("attn2", b.attn2)):
+                hd = attn.inner_dim // attn.heads
+                mask = torch.zeros(attn.inner_dim, dtype=torch.bool)
+                for h in k[name].tolist():
+                    mask[h * hd:(h + 1) * hd] = True
+                attn.to_out[0].weight[:, ~mask] = 0
+            mask = torch.zeros(b.ff.net[2].in_features, dtype=torch.bool)
+            mask[k["ff"]] = True
+            b.ff.net[2].weight[:, ~mask] = 0
+    return ref
+
+
+def test_uncompensated_stages_equal_the_zeroed_dense_unet():
+    """Two stages with different magnitude/random selections; each equals its zeroed reference."""
+    unet = tiny_unet()
+    blocks = transformer_blocks(unet)
+    specs, kept = [], {}
+    for name, (t0, t1), method in (("late", (0, 500), "magnitude"), ("early", (500, 1000), "random")):
+        pruned = [compact.prune_groups(UNET.groups(b), None, 0.5, method=method, align=None,
+                                       generator=torch.Generator().manual_seed(3)) for b in blocks]
+        kept[name] = [{g: p.kept for g, p in pr.items()} for pr in pruned]
+        specs.append(StageSpec(name, t0, t1, 0.5, [UNET.compact_block(b, p) for b, p in zip(blocks, pruned)]))
+    mosaic = MosaicUNet.from_dense(unet, specs)
+    x, text, added = unet_inputs()
+    for name, t in (("late", 100), ("early", 800)):
+        tt = torch.full((2,), t)
+        with torch.no_grad():
+            want = _zeroed(unet, kept[name])(x, tt, text, added_cond_kwargs=added).sample
+            got = mosaic(x, tt, text, added_cond_kwargs=added).sample
+        assert_close(got, want, atol=2e-5, rtol=1e-5, msg=lambda m: f"stage {name}\n{m}")
+    with pytest.raises(ValueError, match="one stage"):
+        mosaic(x, torch.tensor([100, 800]), text, added_cond_kwargs=added)
+
+
+def test_obs_on_text_conditioned_hessians_beats_magnitude():
+    unet, cal = tiny_unet(), calibration(8)
+    x_t, t, cond = stage_inputs(cal, 0, 1000, 8, generator=torch.Generator().manual_seed(0))
+    assert x_t.shape[0] == 16 and torch.equal(cond["prompt_embeds"][8:], torch.zeros(8, 7, 24))  # CFG: zeros
+    hessians = collect_hessians(unet, x_t, t, cond, batch_size=8, progress=False, adapter=UNET)
+    blocks = transformer_blocks(unet)
+    assert set(hessians[0]) == {"attn1", "attn2", "ff"}
+    assert hessians[0]["ff"].shape == (blocks[0].ff.net[2].in_features,) * 2
+    x, text, added = unet_inputs(4, seed=5)
+    tt = torch.full((4,), 500)
+    with torch.no_grad():
+        ref = unet(x, tt, text, added_cond_kwargs=added).sample
+    errs = {}
+    for method in ("obs", "magnitude"):
+        pruned = [compact.prune_groups(UNET.groups(b), hessians[i], 0.5, method=method, align=None)
+                  for i, b in enumerate(blocks)]
+        stage = StageSpec("all", 0, 1000, 0.5, [UNET.compact_block(b, p) for b, p in zip(blocks, pruned)])
+        with torch.no_grad():
+            out = MosaicUNet.from_dense(unet, [stage])(x, tt, text, added_cond_kwargs=added).sample
+        errs[method] = float((out - ref).norm() / ref.norm())
+    assert errs["obs"] < errs["magnitude"], errs
+
+
+def test_text_calibration_refuses_bad_input():
+    x, e = torch.randn(3, 4, 16, 16), torch.randn(3, 7, 24)
+    with pytest.raises(ValueError, match="prompt_embeds must be a 3-D tensor with 3 rows"):
+        TextCalibration(x, torch.randn(2, 7, 24))
+    with pytest.raises(ValueError, match="needs both pooled_prompt_embeds and add_time_ids"):
+        TextCalibration(x, e, torch.randn(3, 32))
+    with pytest.raises(ValueError, match="6 columns"):
+        TextCalibration(x, e, torch.randn(3, 32), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="latents must be a non-empty"):
+        TextCalibration(torch.randn(0, 4, 16, 16), e[:0])
+    with pytest.raises(ValueError, match="NaN"):
+        TextCalibration(torch.full((3, 4, 16, 16), float("nan")), e)
+    with pytest.raises(ValueError, match="shaped like prompt_embeds"):
+        TextCalibration(x, e, negative_prompt_embeds=torch.randn(1, 5, 24))
+    neg = torch.randn(1, 7, 24)
+    cal = TextCalibration(x, e, negative_prompt_embeds=neg)
+    cond = cal.condition_rows(torch.tensor([2, 0]))
+    null = cal.null_condition(cond)
+    assert torch.equal(cond["prompt_embeds"], e[[2, 0]]) and torch.equal(null["prompt_embeds"], neg.expand(2, 7, 24))
+
+
+def test_calibration_that_does_not_fit_the_unet_is_refused():
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="needs pooled_prompt_embeds and add_time_ids"):
+        UNET.check_calibration(unet, calibration(sdxl=False))
+    with pytest.raises(ValueError, match="cross_attention_dim is 24"):
+        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 16, 16), torch.randn(2, 7, 16),
+                                                     torch.randn(2, 32), TIME_IDS))
+    with pytest.raises(ValueError, match="expects 32"):
+        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 16, 16), torch.randn(2, 7, 24),
+                                                     torch.randn(2, 30), TIME_IDS))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 15, 16), torch.randn(2, 7, 24),
+                                                     torch.randn(2, 32), TIME_IDS))
+    with pytest.raises(TypeError, match="TextCalibration"):
+        UNET.check_calibration(unet, object())
+    UNET.check_calibration(tiny_unet(sdxl=False), calibration(sdxl=False))  # SD 1.x/2.x layout
+
+
+def test_unsupported_blocks_are_named():
+    unet = tiny_unet()
+    transformer_blocks(unet)[3].norm_type = "ada_norm"
+    with pytest.raises(ValueError, match="transformer block 3 is norm_type 'ada_norm'"):
+        UNET.validate(unet)
