@@ -26,6 +26,7 @@ __all__ = [
     "linear_gated_residual_ref",
     "linear_gelu_ref",
     "ln_modulate_ref",
+    "residual_layer_norm_ref",
 ]
 
 
@@ -123,6 +124,34 @@ def gated_residual_ln_modulate_ref(
     """
     h = res.float() + gate.float()[:, None, :] * y.float()
     normed = _layer_norm_fp32(h, eps) * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    return h.to(res.dtype), normed.to(res.dtype)
+
+
+def residual_layer_norm_ref(
+    res: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = res + y``; ``normed = LN(h) * weight + bias`` over the last dim (an SD/SDXL block's
+    residual add and the next ``nn.LayerNorm``).
+
+    ``normed`` is computed from the fp32 ``h`` (before ``h`` is rounded to the output dtype), as a
+    fused kernel does.
+
+    Args:
+        res: (..., D) residual stream.
+        y: branch output of ``res``'s shape.
+        weight: (D,) scale, or None.
+        bias: (D,) shift, or None.
+        eps: variance epsilon.
+
+    Returns:
+        ``(h, normed)``, both of ``res``'s shape and dtype.
+    """
+    h = res.float() + y.float()
+    normed = _layer_norm_fp32(h, eps)
+    if weight is not None:
+        normed = normed * weight.float()
+    if bias is not None:
+        normed = normed + bias.float()
     return h.to(res.dtype), normed.to(res.dtype)
 
 

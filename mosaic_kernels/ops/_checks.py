@@ -42,6 +42,16 @@ def check_vector(op: str, name: str, t: torch.Tensor, B: int, D: int, what: str 
         raise ValueError(f"{op}: {name} must have unit stride in its last dim, got strides {t.stride()}")
 
 
+def check_affine(op: str, D: int, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    """An affine LayerNorm's (D,) contiguous weight and bias, each optional."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(op, name, t, 1)
+            if tuple(t.shape) != (D,):
+                raise ValueError(f"{op}: {name} must be (D,)=({D},), got {tuple(t.shape)}")
+            check_contiguous(op, name, t)
+
+
 def check_same_device(op: str, tensors: dict[str, torch.Tensor | None]) -> None:
     values = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(values.values())) > 1:

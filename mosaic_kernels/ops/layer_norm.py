@@ -58,13 +58,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         raise ValueError(f"{OP}: x must have at least 1 dim (..., D), got shape {tuple(x.shape)}")
     _checks.check_tensor(OP, "x", x, x.dim())
     _checks.check_contiguous(OP, "x", x)
-    D = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            _checks.check_tensor(OP, name, t, 1)
-            if tuple(t.shape) != (D,):
-                raise ValueError(f"{OP}: {name} must be (D,)=({D},), got {tuple(t.shape)}")
-            _checks.check_contiguous(OP, name, t)
+    _checks.check_affine(OP, x.shape[-1], weight, bias)
     eps = _checks.check_eps(OP, eps)
     _checks.check_same_device(OP, {"x": x, "weight": weight, "bias": bias})
     return torch.ops.mosaic.layer_norm(x, weight, bias, eps)

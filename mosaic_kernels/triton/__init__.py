@@ -15,6 +15,7 @@ from .linear_geglu import linear_geglu_triton
 from .linear_gated_residual import linear_gated_residual_triton
 from .linear_gelu import linear_gelu_triton
 from .ln_modulate import ln_modulate_triton
+from .residual_layer_norm import residual_layer_norm_triton
 
 __all__ = [
     "INTERPRETED",
@@ -25,5 +26,6 @@ __all__ = [
     "linear_gated_residual_triton",
     "linear_gelu_triton",
     "ln_modulate_triton",
+    "residual_layer_norm_triton",
 ]
 

@@ -1,6 +1,8 @@
-"""The one LayerNorm row kernel of ``ln_modulate``, ``gated_residual_ln_modulate`` and ``layer_norm``.
+"""The one LayerNorm row kernel of ``ln_modulate``, ``gated_residual_ln_modulate``, ``layer_norm``
+and ``residual_layer_norm``.
 
-``HAS_GATE`` first forms (and stores) the gated residual ``h = x + gate * y``; the rows are then
+``HAS_BRANCH`` first forms (and stores) the residual update ``h = x + gate * y`` (``GATED``) or
+``h = x + y``; the rows are then
 normalized (LayerNorm without affine, fp32 two-pass statistics: :func:`._common.layer_norm_chunks`)
 and scaled and shifted: ``LN * (1 + scale[b]) + shift[b]`` per sample (adaLN modulation,
 ``ONE_PLUS_SCALE``) or ``LN * weight + bias`` per column (affine LayerNorm: vectors of row
@@ -53,12 +55,12 @@ def _scale_shift_store(
 @triton.jit
 def _norm_rows_kernel(
     # Pointers (unused ones are any valid pointer)
-    x_ptr,  # (B*L, D) rows, contiguous (HAS_GATE: the residual)
-    gate_ptr,  # (B, D) per-sample gate, row stride stride_gate_b; read only when HAS_GATE
-    y_ptr,  # (B*L, D) branch output rows, contiguous; read only when HAS_GATE
+    x_ptr,  # (B*L, D) rows, contiguous (HAS_BRANCH: the residual)
+    gate_ptr,  # (B, D) per-sample gate, row stride stride_gate_b; read only when GATED
+    y_ptr,  # (B*L, D) branch output rows, contiguous; read only when HAS_BRANCH
     shift_ptr,  # (B, D) per-sample shift, or (D,) bias with row stride 0; read only when HAS_SHIFT
     scale_ptr,  # (B, D) per-sample scale, or (D,) weight with row stride 0; read only when HAS_SCALE
-    h_ptr,  # (B*L, D) output h = x + gate * y, dtype of x; written only when HAS_GATE
+    h_ptr,  # (B*L, D) output h = x + [gate *] y, dtype of x; written only when HAS_BRANCH
     out_ptr,  # (B*L, D) output: scaled and shifted LayerNorm of the rows (of h), dtype of x
     # Sizes and strides
     n_rows,  # B*L
@@ -67,7 +69,8 @@ def _norm_rows_kernel(
     stride_gate_b, stride_shift_b, stride_scale_b,  # row strides of the vectors (elements)
     eps,  # variance epsilon
     # Meta-parameters
-    HAS_GATE: tl.constexpr,  # form h = x + gate * y first (and store it)
+    HAS_BRANCH: tl.constexpr,  # form h = x + [gate *] y first (and store it)
+    GATED: tl.constexpr,  # the branch is gated (adaLN-Zero) or added as is (SD/SDXL blocks)
     HAS_SHIFT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     ONE_PLUS_SCALE: tl.constexpr,  # multiply by 1 + scale (adaLN) instead of scale (weight)
@@ -99,15 +102,19 @@ def _norm_rows_kernel(
     # round-trips the whole main chunk through shared memory: 16 KB at BLOCK_M=4, 1024 + 128).
     if HAS_TAIL:
         xt = load_chunk_f32(x_ptr + offs + tcols, tcol_ok, TAIL_MASKED)  # (BLOCK_M, TAIL_D)
-        if HAS_GATE:
+        if HAS_BRANCH:
             y_t = load_chunk_f32(y_ptr + offs + tcols, tcol_ok, TAIL_MASKED)
-            xt = xt + load_chunk_f32(gate_row + tcols, tcol_ok, TAIL_MASKED) * y_t  # masked lanes are 0
+            if GATED:
+                y_t = load_chunk_f32(gate_row + tcols, tcol_ok, TAIL_MASKED) * y_t
+            xt = xt + y_t  # masked lanes are 0
             store_chunk(h_ptr + offs + tcols, xt.to(h_ptr.dtype.element_ty), row_ok, tcol_ok, masked_rows,
                         TAIL_MASKED)
     x = load_chunk_f32(x_ptr + offs + cols, tcol_ok, False)  # (BLOCK_M, BLOCK_D)
-    if HAS_GATE:
+    if HAS_BRANCH:
         y = load_chunk_f32(y_ptr + offs + cols, tcol_ok, False)
-        x = x + load_chunk_f32(gate_row + cols, tcol_ok, False) * y
+        if GATED:
+            y = load_chunk_f32(gate_row + cols, tcol_ok, False) * y
+        x = x + y
         store_chunk(h_ptr + offs + cols, x.to(h_ptr.dtype.element_ty), row_ok, tcol_ok, masked_rows, False)
     if not HAS_TAIL:
         xt = x  # placeholder, unused
@@ -138,7 +145,7 @@ def launch_norm_rows(
     """Launch :func:`_norm_rows_kernel` over the (n_rows, D) rows of the contiguous ``x``.
 
     Vectors are indexed ``b = row // L`` with their row stride (0 for a per-column weight/bias);
-    their last-dim stride must be 1. ``gate``/``y``/``h`` go together (``HAS_GATE``).
+    their last-dim stride must be 1. ``y``/``h`` go together (``HAS_BRANCH``); ``gate`` needs them.
     ``config``: None -> :func:`.settings.row_settings`; a dict -> exactly its ``BLOCK_M`` and
     ``num_warps`` (columns are fixed by D: :func:`.settings.fit_row_config`).
     """
@@ -158,8 +165,8 @@ def launch_norm_rows(
             shift if shift is not None else x, scale if scale is not None else x,
             h if h is not None else out, out,
             n_rows, L, D, *stride, eps,
-            HAS_GATE=gate is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
-            ONE_PLUS_SCALE=one_plus_scale,
+            HAS_BRANCH=y is not None, GATED=gate is not None,
+            HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, ONE_PLUS_SCALE=one_plus_scale,
             BLOCK_M=block_m, BLOCK_D=block_d, TAIL_D=max(tail_d, 1), HAS_TAIL=tail_d > 0,
             TAIL_MASKED=block_d + tail_d > D, EVEN_M=n_rows % block_m == 0,
             ALIGN=row_alignment(D, *stride), num_warps=int(cfg["num_warps"]),

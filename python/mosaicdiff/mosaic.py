@@ -29,7 +29,7 @@ from mosaicdiff import mosaic_build, mosaic_inputs
 from mosaicdiff.mosaic_runtime import StageRuntimeMixin, memory_report
 from mosaicdiff.integrations import diffusers_dit as dit
 from mosaicdiff.integrations.diffusers_dit import DIT_CONFIG_KEYS
-from mosaicdiff.stage_layout import NUM_TRAIN_TIMESTEPS, check_stage_layout
+from mosaicdiff.stage_layout import NUM_TRAIN_TIMESTEPS, check_stage_layout, stage_index
 from mosaicdiff.types import StageSpec
 
 logger = logging.getLogger(__name__)
@@ -226,12 +226,7 @@ class MosaicDiT(StageRuntimeMixin, ModelMixin, ConfigMixin):
             if t.numel() != 1:
                 raise ValueError(f"stage_for expects one timestep, got a tensor of shape {tuple(t.shape)}")
             t = t.item()
-        t = float(t)
-        for i, (_, t0, t1, _) in enumerate(self._ranges):
-            if t0 <= t < t1:
-                return i
-        ranges = ", ".join(f"{n}[{a},{b})" for n, a, b, _ in self._ranges)
-        raise ValueError(f"timestep {t:g} is outside every stage: {ranges}")
+        return stage_index(self._ranges, float(t))
 
     # ------------------------------------------------------------------ forward
 

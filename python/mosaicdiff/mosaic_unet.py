@@ -20,7 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from mosaicdiff.integrations.diffusers_unet import transformer_blocks, unet_skeleton
-from mosaicdiff.stage_layout import coverage_problem
+from mosaicdiff.stage_layout import coverage_problem, stage_index
 from mosaicdiff.types import StageSpec
 from mosaicdiff.unet_blocks import UNET_INDEX_FIELDS, CompactUNetBlock, CompactUNetBlockWeights, unet_block_shapes
 
@@ -161,12 +161,7 @@ class MosaicUNet(ModelMixin, ConfigMixin):
             if values.numel() != 1:
                 raise ValueError(f"all timesteps of a batch must fall in one stage, got {values.tolist()}")
             t = values.item()
-        t = float(t)
-        for i, (_, t0, t1, _) in enumerate(self._ranges):
-            if t0 <= t < t1:
-                return i
-        raise ValueError(f"timestep {t:g} is outside every stage: "
-                         + ", ".join(f"{n}[{a},{b})" for n, a, b, _ in self._ranges))
+        return stage_index(self._ranges, float(t))
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, *args, **kwargs):
         """``UNet2DConditionModel.forward``, with the stage picked from `timestep`."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from mosaicdiff.types import StageSpec
 
-__all__ = ["NUM_TRAIN_TIMESTEPS", "check_stage_layout", "coverage_problem", "stage_config"]
+__all__ = ["NUM_TRAIN_TIMESTEPS", "check_stage_layout", "coverage_problem", "stage_config", "stage_index"]
 
 #: Default trajectory range [0, NUM_TRAIN_TIMESTEPS) (DiT's training schedule).
 NUM_TRAIN_TIMESTEPS = 1000
@@ -83,3 +83,16 @@ def coverage_problem(stages: Sequence[dict], meta: Any) -> str | None:
     if spans[-1][1] != T:
         return f"the last stage {spans[-1][2]!r} ends at t={spans[-1][1]}, not at {T}; {need}"
     return None
+
+
+def stage_index(ranges: Sequence[tuple[str, int, int, float]], t: float) -> int:
+    """Index of the ``(name, t_start, t_end, sparsity)`` range with ``t_start <= t < t_end``.
+
+    Raises:
+        ValueError: if no range contains `t` (the ranges are listed).
+    """
+    for i, (_, t0, t1, _) in enumerate(ranges):
+        if t0 <= t < t1:
+            return i
+    listed = ", ".join(f"{n}[{a},{b})" for n, a, b, _ in ranges)
+    raise ValueError(f"timestep {t:g} is outside every stage: {listed}")

@@ -8,9 +8,10 @@ A diffusers ``BasicTransformerBlock`` with ``norm_type="layer_norm"`` computes::
 
 Pruning removes heads of attn1 and attn2 (rows of q/k/v, columns of ``to_out``) and GEGLU channels
 (value row j, gate row j + F, column j of ``ff2``); `CompactUNetBlockWeights` holds what is left.
-`CompactUNetBlock` runs it with the engine's ops (LayerNorm, fused qkv GEMM + SDPA over strided
-views, one GEMM with the GEGLU fused) and keeps diffusers' block call signature, so it replaces a
-``BasicTransformerBlock`` inside its ``Transformer2DModel`` unchanged.
+`CompactUNetBlock` runs it with the engine's ops (LayerNorm; each residual add fused with the next
+LayerNorm, ``residual_layer_norm``; fused qkv GEMM + SDPA over strided views; one GEMM with the
+GEGLU fused) and keeps diffusers' block call signature, so it replaces a ``BasicTransformerBlock``
+inside its ``Transformer2DModel`` unchanged.
 """
 
 from __future__ import annotations
@@ -170,19 +171,22 @@ class CompactUNetBlock(nn.Module):
         h = hidden_states
         h1, h2 = self.heads
         B, L, _ = h.shape
-        # 1. Self-attention on the kept heads.
+        h = h.contiguous()
+        # 1. Self-attention on the kept heads; its residual add fused with norm2.
         qkv = F.linear(self._norm(1, h), self.qkv1_weight, self.qkv1_bias)
-        h = h + F.linear(ops.attention(qkv, h1), self.out1_weight, self.out1_bias)
+        y = F.linear(ops.attention(qkv, h1), self.out1_weight, self.out1_bias)
+        h, x = ops.residual_layer_norm(h, y, self.norm2_weight, self.norm2_bias, self.eps)
         # 2. Cross-attention: q of the kept heads from h, their k/v from the text states.
-        q = F.linear(self._norm(2, h), self.q2_weight, self.q2_bias)
+        q = F.linear(x, self.q2_weight, self.q2_bias)
         kv = self.cross_kv(encoder_hidden_states) if cross_kv is None else cross_kv
         hd = self.head_dim
         q = q.view(B, L, h2, hd).transpose(1, 2)
         k, v = kv.unflatten(-1, (2, h2, hd)).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, h2 * hd)
-        h = h + F.linear(a, self.out2_weight, self.out2_bias)
+        h, x = ops.residual_layer_norm(h, F.linear(a, self.out2_weight, self.out2_bias), self.norm3_weight,
+                                       self.norm3_bias, self.eps)
         # 3. GEGLU feed-forward on the kept channels (one GEMM over value + gate rows).
-        f = ops.linear_geglu(self._norm(3, h), self.ff1_weight, self.ff1_bias)
+        f = ops.linear_geglu(x, self.ff1_weight, self.ff1_bias)
         return h + F.linear(f, self.ff2_weight, self.ff2_bias)
 
     def extra_repr(self) -> str:

@@ -38,6 +38,12 @@ def layer_norm(x, weight, bias, eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x64, x64.shape[-1:], _f64(weight), _f64(bias), eps=eps)
 
 
+def residual_layer_norm(res, y, weight, bias, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, F.layer_norm(h))`` with ``h = res + y``, float64."""
+    h = _f64(res) + _f64(y)
+    return h, layer_norm(h, weight, bias, eps)
+
+
 def gated_residual(res, gate, y) -> torch.Tensor:
     """``res + gate * y`` per sample, float64 (``addcmul``)."""
     return torch.addcmul(_f64(res), _f64(gate).unsqueeze(1), _f64(y))
