@@ -22,19 +22,28 @@ from mosaicdiff.types import StageSpec
 TIME_IDS = torch.tensor([[16.0, 16, 0, 0, 16, 16]])
 
 
+#: Width of the text states (the tiny configs' cross_attention_dim).
+TEXT = 64
+
+
 def tiny_unet(sdxl: bool = True, seed: int = 0):
-    """A random SDXL-layout U-Net (text_time added conditioning, 2 resolutions, 1 + 2 transformer layers)."""
+    """diffusers' tiny SDXL test U-Net (its pipeline tests' config: 12 transformer blocks, 4 heads of
+    16 at width 64, text_time conditioning); ``sdxl=False``: the same without the added
+    conditioning and with cross-attention at both resolutions (an SD-1.5-style layout)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=80) if sdxl else {}
+    if sdxl:
+        layout = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                      addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=80, use_linear_projection=True)
+    else:
+        layout = dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24,
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        norm_num_groups=8, **extra)
+        **{"layers_per_block": 2, **layout}, block_out_channels=(32, 64), sample_size=16, in_channels=4,
+        out_channels=4, cross_attention_dim=TEXT, attention_head_dim=(2, 4))
     with torch.no_grad():
         for p in unet.parameters():  # no trivially zero bias / norm
             p.add_(0.02 * torch.randn_like(p))
@@ -44,13 +53,13 @@ def tiny_unet(sdxl: bool = True, seed: int = 0):
 def calibration(n: int = 6, sdxl: bool = True, seed: int = 0) -> TextCalibration:
     g = torch.Generator().manual_seed(seed)
     pooled = torch.randn(n, 32, generator=g) if sdxl else None
-    return TextCalibration(torch.randn(n, 4, 16, 16, generator=g), torch.randn(n, 7, 24, generator=g), pooled,
+    return TextCalibration(torch.randn(n, 4, 16, 16, generator=g), torch.randn(n, 7, TEXT, generator=g), pooled,
                            TIME_IDS if sdxl else None)
 
 
 def unet_inputs(batch: int = 2, sdxl: bool = True, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    x, text = torch.randn(batch, 4, 16, 16, generator=g), torch.randn(batch, 7, 24, generator=g)
+    x, text = torch.randn(batch, 4, 16, 16, generator=g), torch.randn(batch, 7, TEXT, generator=g)
     added = {"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": TIME_IDS.expand(batch, 6)} if sdxl else None
     return x, text, added
 
@@ -65,7 +74,7 @@ def test_groups_are_the_blocks_heads_and_geglu_channels():
     for b in blocks:
         g = UNET.groups(b)
         assert g["attn1"].num_units == b.attn1.heads and g["attn2"].num_units == b.attn2.heads
-        assert g["attn2"].producers[1].in_features == 24  # k/v read the text states
+        assert g["attn2"].producers[1].in_features == TEXT  # k/v read the text states
         inner = b.ff.net[2].in_features
         assert g["ff"].num_units == inner and b.ff.net[0].proj.out_features == 2 * inner
         assert g["ff"].producer_rows(torch.tensor([0, 3])).tolist() == [0, 3, inner, inner + 3]
@@ -127,7 +136,7 @@ def test_uncompensated_stages_equal_the_zeroed_dense_unet():
 def test_obs_on_text_conditioned_hessians_beats_magnitude():
     unet, cal = tiny_unet(), calibration(8)
     x_t, t, cond = stage_inputs(cal, 0, 1000, 8, generator=torch.Generator().manual_seed(0))
-    assert x_t.shape[0] == 16 and torch.equal(cond["prompt_embeds"][8:], torch.zeros(8, 7, 24))  # CFG: zeros
+    assert x_t.shape[0] == 16 and torch.equal(cond["prompt_embeds"][8:], torch.zeros(8, 7, TEXT))  # CFG: zeros
     hessians = collect_hessians(unet, x_t, t, cond, batch_size=8, progress=False, adapter=UNET)
     blocks = transformer_blocks(unet)
     assert set(hessians[0]) == {"attn1", "attn2", "ff"}
@@ -148,9 +157,9 @@ def test_obs_on_text_conditioned_hessians_beats_magnitude():
 
 
 def test_text_calibration_refuses_bad_input():
-    x, e = torch.randn(3, 4, 16, 16), torch.randn(3, 7, 24)
+    x, e = torch.randn(3, 4, 16, 16), torch.randn(3, 7, TEXT)
     with pytest.raises(ValueError, match="prompt_embeds must be a 3-D tensor with 3 rows"):
-        TextCalibration(x, torch.randn(2, 7, 24))
+        TextCalibration(x, torch.randn(2, 7, TEXT))
     with pytest.raises(ValueError, match="needs both pooled_prompt_embeds and add_time_ids"):
         TextCalibration(x, e, torch.randn(3, 32))
     with pytest.raises(ValueError, match="6 columns"):
@@ -160,26 +169,26 @@ def test_text_calibration_refuses_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         TextCalibration(torch.full((3, 4, 16, 16), float("nan")), e)
     with pytest.raises(ValueError, match="shaped like prompt_embeds"):
-        TextCalibration(x, e, negative_prompt_embeds=torch.randn(1, 5, 24))
-    neg = torch.randn(1, 7, 24)
+        TextCalibration(x, e, negative_prompt_embeds=torch.randn(1, 5, TEXT))
+    neg = torch.randn(1, 7, TEXT)
     cal = TextCalibration(x, e, negative_prompt_embeds=neg)
     cond = cal.condition_rows(torch.tensor([2, 0]))
     null = cal.null_condition(cond)
-    assert torch.equal(cond["prompt_embeds"], e[[2, 0]]) and torch.equal(null["prompt_embeds"], neg.expand(2, 7, 24))
+    assert torch.equal(cond["prompt_embeds"], e[[2, 0]]) and torch.equal(null["prompt_embeds"], neg.expand(2, 7, TEXT))
 
 
 def test_calibration_that_does_not_fit_the_unet_is_refused():
     unet = tiny_unet()
     with pytest.raises(ValueError, match="needs pooled_prompt_embeds and add_time_ids"):
         UNET.check_calibration(unet, calibration(sdxl=False))
-    with pytest.raises(ValueError, match="cross_attention_dim is 24"):
-        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 16, 16), torch.randn(2, 7, 16),
+    with pytest.raises(ValueError, match=f"cross_attention_dim is {TEXT}"):
+        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 16, 16), torch.randn(2, 7, TEXT // 2),
                                                      torch.randn(2, 32), TIME_IDS))
     with pytest.raises(ValueError, match="expects 32"):
-        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 16, 16), torch.randn(2, 7, 24),
+        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 16, 16), torch.randn(2, 7, TEXT),
                                                      torch.randn(2, 30), TIME_IDS))
     with pytest.raises(ValueError, match="multiples of 2"):
-        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 15, 16), torch.randn(2, 7, 24),
+        UNET.check_calibration(unet, TextCalibration(torch.randn(2, 4, 15, 16), torch.randn(2, 7, TEXT),
                                                      torch.randn(2, 32), TIME_IDS))
     with pytest.raises(TypeError, match="TextCalibration"):
         UNET.check_calibration(unet, object())
@@ -191,3 +200,21 @@ def test_unsupported_blocks_are_named():
     transformer_blocks(unet)[3].norm_type = "ada_norm"
     with pytest.raises(ValueError, match="transformer block 3 is norm_type 'ada_norm'"):
         UNET.validate(unet)
+
+
+def test_the_tiny_configs_are_diffusers_test_shapes():
+    """12 transformer blocks of 4 heads of 16 (width 64) in the SDXL one; SD-1.5 style: no added conditioning."""
+    blocks = transformer_blocks(tiny_unet())
+    assert len(blocks) == 12 and {(b.attn1.heads, b.attn1.inner_dim) for b in blocks} == {(4, 64)}
+    sd = tiny_unet(sdxl=False)
+    assert sd.config.addition_embed_type is None and len(transformer_blocks(sd)) > 0
+
+
+def test_sd15_style_unet_prunes_and_runs():
+    unet = tiny_unet(sdxl=False)
+    stage = StageSpec("all", 0, 1000, 0.0, [UNET.dense_block(b) for b in transformer_blocks(unet)])
+    mosaic = MosaicUNet.from_dense(unet, [stage])
+    x, text, _ = unet_inputs(sdxl=False)
+    with torch.no_grad():
+        assert_close(mosaic(x, torch.full((2,), 300), text).sample, unet(x, torch.full((2,), 300), text).sample,
+                     atol=2e-5, rtol=1e-5)

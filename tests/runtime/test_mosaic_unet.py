@@ -11,7 +11,7 @@ from mosaicdiff import schedule
 from mosaicdiff.integrations.diffusers_unet import UNET
 from mosaicdiff.integrations.schedulers import scheduler_alphas_cumprod
 from mosaicdiff.mosaic_unet import MosaicUNet
-from tests.method.test_unet_adapter import calibration, tiny_unet
+from tests.method.test_unet_adapter import TEXT, calibration, tiny_unet
 
 
 def test_sdxl_schedule_gives_the_closed_form_stages():
@@ -64,7 +64,7 @@ def test_sparsity_zero_mosaic_matches_the_dense_unet_in_the_sdxl_pipeline(schedu
     unet = tiny_unet()
     pipe = _pipeline(unet, scheduler_name)
     g = torch.Generator().manual_seed(0)
-    embeds, pooled = torch.randn(1, 7, 24, generator=g), torch.randn(1, 32, generator=g)
+    embeds, pooled = torch.randn(1, 7, TEXT, generator=g), torch.randn(1, 32, generator=g)
     kw = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(embeds),
               negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=4, output_type="latent",
               height=32, width=32, guidance_scale=5.0)
@@ -81,7 +81,7 @@ def test_cross_kv_cache_computes_the_text_keys_once_per_run(monkeypatch):
     unet = tiny_unet()
     mosaic = mosaicdiff.prune(unet, None, 0.5, method="magnitude", progress=False)
     g = torch.Generator().manual_seed(2)
-    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 24, generator=g)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, TEXT, generator=g)
     added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
     kv_weights = [block.kv2_weight for block in mosaic.stage_blocks[0]]
     real_linear, counted = torch.nn.functional.linear, {"n": 0}
@@ -117,7 +117,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.stage_ranges == mosaic.stage_ranges and loaded.memory_report() == mosaic.memory_report()
     assert loaded.config.in_channels == 4 and loaded.config.addition_time_embed_dim == 8  # what pipelines read
     g = torch.Generator().manual_seed(3)
-    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 24, generator=g)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, TEXT, generator=g)
     added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
     for t in (900, 500, 100):
         tt = torch.full((2,), t)
