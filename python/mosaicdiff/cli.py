@@ -80,7 +80,11 @@ def _add_experiment_options(p: argparse.ArgumentParser, out: str, what: str) -> 
                    help="explicit middle-stage boundaries t_low,t_high")
     _add_stage_split_options(p)
     p.add_argument("--model", default=None,
-                   help="a diffusers DiT folder shaped like the digits model (default: the embedded one)")
+                   help="an embedded model, digits-dit (default) or digits-unet (text-conditioned, its "
+                        "transformer blocks pruned as SDXL's), or a diffusers DiT folder shaped like digits-dit")
+    p.add_argument("--num-seeds", type=t.positive_int, default=ex.DEFAULT_NUM_SEEDS,
+                   help=f"noise seeds --seed, --seed+1, ... per {what}; their images are pooled for the "
+                        f"intervals (default {ex.DEFAULT_NUM_SEEDS})")
     p.add_argument("--threads", type=t.positive_int, default=None,
                    help="torch CPU threads, >= 1 (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -89,7 +93,7 @@ def _add_experiment_options(p: argparse.ArgumentParser, out: str, what: str) -> 
 def _add_demo_parser(sub) -> None:
     from mosaicdiff.app import commands, experiment as ex
 
-    d = sub.add_parser("demo", help="prune the embedded digits DiT and compare methods (CPU, minutes)")
+    d = sub.add_parser("demo", help="prune an embedded digits model and compare methods (CPU, minutes)")
     _add_global_options(d, sub=True)
     d.add_argument("--sparsity", type=t.sparsity, default=ex.DEFAULT_SPARSITY,
                    help=f"target mean sparsity, in [0, 1) (default {ex.DEFAULT_SPARSITY:g})")

@@ -24,7 +24,7 @@ from mosaicdiff.integrations.schedulers import default_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trajectory", "default_scheduler", "make_noise", "sample"]
+__all__ = ["Trajectory", "default_scheduler", "guided_denoise", "make_noise", "sample"]
 
 
 class Trajectory(NamedTuple):
@@ -121,11 +121,8 @@ def sample(
         ValueError: on bad labels, noise shape, step count, batch size or a NaN/inf guidance scale.
         TypeError: if `model` has no DiT-like config.
     """
-    from tqdm.auto import tqdm
-
     in_ch = int(_cfg(model, "in_channels"))
     out_ch = int(_cfg(model, "out_channels") or in_ch)
-    size = int(_cfg(model, "sample_size"))
     null_class = int(_cfg(model, "num_embeds_ada_norm"))
     if out_ch not in (in_ch, 2 * in_ch):
         raise ValueError(f"sample: out_channels must be in_channels ({in_ch}) or 2*in_channels "
@@ -137,9 +134,41 @@ def sample(
     if labels.numel() == 0 or labels.min() < 0 or labels.max() >= null_class:
         raise ValueError(f"sample: labels must be non-empty class ids in [0, {null_class}), "
                          f"got {labels.tolist()[:16]}")
+    device, dtype = _param_like(model)
+
+    def forward(x_in, t_in, rows: slice, cfg: bool) -> torch.Tensor:
+        y = labels[rows].to(device)
+        y_in = torch.cat([y, torch.full_like(y, null_class)]) if cfg else y
+        return model(x_in.to(dtype), timestep=t_in, class_labels=y_in).sample.float()[:, :in_ch]
+
+    return guided_denoise(model, forward, labels.numel(), num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, scheduler=scheduler, noise=noise, generator=generator,
+                          return_trajectory=return_trajectory, progress=progress, batch_size=batch_size, clamp=clamp)
+
+
+def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: int, guidance_scale: float,
+                   scheduler=None, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   return_trajectory: bool = False, progress: bool = True, batch_size: int | None = None,
+                   clamp: bool = True):
+    """The CFG sampling loop shared by every conditioning (class labels here, text in `text_sampling`).
+
+    Args:
+        model: the denoiser (its ``config`` gives the sample shape, its parameters device and dtype).
+        forward: ``forward(x_in, t_in, rows, cfg) -> eps`` for the images ``rows`` (a slice) of the
+            current batch: ``x_in`` is ``[x, x]`` (conditional, then unconditional) when ``cfg``,
+            else ``x``; ``t_in`` the (len(x_in),) int64 timesteps; returns float32 noise
+            predictions shaped like ``x_in``.
+        n: number of images.
+        The other arguments are those of `sample`.
+
+    Returns:
+        As `sample`.
+    """
+    from tqdm.auto import tqdm
+
+    in_ch, size = int(_cfg(model, "in_channels")), int(_cfg(model, "sample_size"))
     if int(num_inference_steps) < 1:
         raise ValueError(f"sample: num_inference_steps must be >= 1, got {num_inference_steps}")
-    n = labels.numel()
     if noise is None:
         noise = make_noise(model, n, generator=generator)
     elif tuple(noise.shape) != (n, in_ch, size, size):
@@ -148,7 +177,7 @@ def sample(
     if bs < 1:
         raise ValueError(f"sample: batch_size must be >= 1, got {batch_size}")
     base = scheduler if scheduler is not None else default_scheduler()
-    device, dtype = _param_like(model)
+    device, _ = _param_like(model)
     g = _guidance(guidance_scale)
     use_cfg = g != 1.0
     # Timesteps: a CPU tensor for models that read the stage on the host (no device sync per
@@ -164,10 +193,9 @@ def sample(
         sched = copy.deepcopy(base)
         sched.set_timesteps(int(num_inference_steps))
         step_kwargs = {"generator": generator} if _takes_generator(sched) else {}
-        y = labels[i:i + bs].to(device)
-        b = y.numel()
-        x = noise[i:i + bs].to(device=device, dtype=torch.float32) * float(sched.init_noise_sigma)
-        y_in = torch.cat([y, torch.full_like(y, null_class)]) if use_cfg else y
+        rows = slice(i, min(i + bs, n))
+        b = rows.stop - rows.start
+        x = noise[rows].to(device=device, dtype=torch.float32) * float(sched.init_noise_sigma)
         xs = []
         for t in sched.timesteps:
             if return_trajectory:
@@ -175,8 +203,7 @@ def sample(
             x_in = sched.scale_model_input(x, t)
             x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
             t_in = torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=t_device)
-            out = model(x_in.to(dtype), timestep=t_in, class_labels=y_in).sample.float()
-            eps = out[:, :in_ch]
+            eps = forward(x_in, t_in, rows, use_cfg)
             if use_cfg:
                 eps_c, eps_u = eps[:b], eps[b:]
                 eps = eps_u + g * (eps_c - eps_u)

@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_LOG_SNR_WEIGHT",
     "DEFAULT_SPEED_THRESHOLD",
     "allocate_sparsity",
+    "curve_agreement",
     "empirical_curve",
     "expected_mse",
     "learning_grad",
@@ -375,3 +376,41 @@ def empirical_curve(trajectory: Sequence[torch.Tensor], x0_final: torch.Tensor,
             raise ValueError(f"timesteps must be strictly decreasing and >= 0, got {ts.tolist()}")
         rate = rate / dt
     return mse, rate
+
+
+def curve_agreement(alphas_cumprod, timesteps, measured_mse, x0_sq_norm: float = 1.0) -> dict[str, float | int]:
+    """QF3: Pearson correlations between the closed-form curves and the ones measured along a run.
+
+    Both are taken at the sampler's steps: ``pearson_mse`` between `expected_mse` and the measured
+    MSE of ``x_t`` to the final sample (`empirical_curve`); ``pearson_rate`` between the learning
+    speeds, each as the same finite difference between consecutive steps,
+    ``(mse(t_i) - mse(t_{i+1})) / (t_i - t_{i+1})`` (the last step, to the final sample, is left out
+    as in the stage plot).
+
+    Args:
+        alphas_cumprod: ``abar_t`` for t = 0..T-1.
+        timesteps: the steps' training timesteps, in sampling order (strictly decreasing).
+        measured_mse: `(n_steps,)` measured MSE at those steps.
+        x0_sq_norm: ``||x_0||^2 / d`` for the closed form.
+
+    Returns:
+        ``{"pearson_mse", "pearson_rate", "steps"}``.
+
+    Raises:
+        ValueError: fewer than 3 steps, mismatched lengths, or timesteps not strictly decreasing.
+    """
+    ts = np.asarray(torch.as_tensor(timesteps).detach().cpu().numpy(), dtype=np.int64).reshape(-1)
+    measured = np.asarray(measured_mse, dtype=np.float64).reshape(-1)
+    if ts.size != measured.size or ts.size < 3:
+        raise ValueError(f"curve_agreement: need >= 3 steps with one MSE each, got {ts.size} timesteps and "
+                         f"{measured.size} values")
+    dt = (ts[:-1] - ts[1:]).astype(np.float64)
+    if np.any(dt <= 0):
+        raise ValueError(f"curve_agreement: timesteps must be strictly decreasing, got {ts.tolist()}")
+    closed = expected_mse(alphas_cumprod, x0_sq_norm)[ts]
+
+    def rate(m):
+        return (m[:-1] - m[1:]) / dt
+
+    return {"pearson_mse": float(np.corrcoef(closed, measured)[0, 1]),
+            "pearson_rate": float(np.corrcoef(rate(closed), rate(measured))[0, 1]), "steps": int(ts.size)}

@@ -272,3 +272,31 @@ def test_plot_stage_curves_writes_png(tmp_path):
         assert head == b"\x89PNG\r\n\x1a\n", f"{p} is not a PNG ({head!r})"
     with pytest.raises(ValueError, match="same length"):
         plot_stage_curves(tmp_path / "c.png", abar, (200, 600), empirical=([980, 600], [1.0]))
+
+
+def test_curve_agreement_of_the_closed_form_with_itself_and_against_its_opposite():
+    """QF3's Pearson figures: 1 for a measured curve proportional to the closed form (plus a
+    constant), about -1 for one running the other way; the rates are compared as the same finite
+    difference between steps, so an affine copy of the closed form gives exactly 1."""
+    abar = schedule.linear_alphas_cumprod()
+    ts = torch.arange(980, -1, -20)
+    closed = schedule.expected_mse(abar, 0.4)[ts.numpy()]
+    same = schedule.curve_agreement(abar, ts, 3.0 * closed + 0.1, x0_sq_norm=0.4)
+    assert same["steps"] == len(ts)
+    assert same["pearson_mse"] == pytest.approx(1.0, abs=1e-12) and same["pearson_rate"] == pytest.approx(1.0, abs=1e-9)
+    opposite = schedule.curve_agreement(abar, ts, closed[::-1].copy(), x0_sq_norm=0.4)
+    assert opposite["pearson_mse"] < -0.5
+    # a measured MSE whose fall is concentrated in the first steps (high t), where the closed
+    # form falls slowest: the speeds are anti-correlated
+    bent = schedule.curve_agreement(abar, ts, np.linspace(1, 0, len(ts)) ** 4, x0_sq_norm=0.4)
+    assert bent["pearson_rate"] < -0.5
+
+
+@pytest.mark.parametrize("ts,mse,match", [
+    (torch.tensor([900, 500]), [1.0, 0.5], ">= 3 steps"),
+    (torch.tensor([900, 500, 100]), [1.0, 0.5], ">= 3 steps"),
+    (torch.tensor([500, 900, 100]), [1.0, 0.5, 0.1], "strictly decreasing"),
+])
+def test_curve_agreement_refuses_bad_runs(ts, mse, match):
+    with pytest.raises(ValueError, match=match):
+        schedule.curve_agreement(schedule.linear_alphas_cumprod(), ts, mse)

@@ -211,8 +211,13 @@ def test_experiment_flags_reach_the_run(cmd, module, function, tmp_path, monkeyp
     assert seen.pop("model") is None  # the embedded model, loaded by the run
     assert seen == {"seed": 3, "num_samples": 6, "steps": 4, "samples_per_stage": 5, "methods": ("uniform", "mosaic"),
                     "boundaries": (100, 500), "speed_threshold": 0.6, "log_snr_weight": 0.2, "progress": False,
+                    "model_name": "digits-dit", "num_seeds": 1,
                     **({"sparsity": 0.5, "guidance_scale": 1.5} if cmd == "demo" else
                        {"sparsities": [0.2, 0.3, 0.4, 0.5, 0.6], "guidance_scales": [1.5, 3.0]})}, seen
+    # an embedded model by name, and several noise seeds
+    seen.clear()
+    assert main([cmd, "--out", str(out), "--model", "digits-unet", "--num-seeds", "3", "--no-progress"]) == 1
+    assert (seen["model"], seen["model_name"], seen["num_seeds"]) == (None, "digits-unet", 3)
 
 
 def test_sample_num_images_writes_the_npz_and_keeps_the_grid_mode(tmp_path, capsys):

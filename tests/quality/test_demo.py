@@ -94,3 +94,37 @@ def test_report_file_is_valid_json_and_keeps_errors(tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["step"] == "finished" and saved["error"] == "KeyboardInterrupt: "
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"], "temporary files left behind"
+
+
+def test_demo_digits_unet_with_seeds_intervals_and_comparisons(tmp_path, capsys):
+    """`demo --model digits-unet` (reduced: 4 samples x 2 noise seeds, DDIM 3 steps): the U-Net's
+    transformer blocks pruned in three stages, intervals per metric, the paired comparisons
+    MosaicDiff - baseline, and QF3's correlations in report.json and in the printed table."""
+    out = tmp_path / "unet"
+    code = main(["demo", "--model", "digits-unet", "--num-samples", "4", "--num-seeds", "2", "--steps", "3",
+                 "--samples-per-stage", "4", "--sparsity", "0.3", "--methods", "mosaic,uniform", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "mosaic - uniform:" in table and "QF3: Pearson" in table, table
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is True and report["settings"]["model"] == "digits-unet"
+    assert report["settings"]["num_seeds"] == 2 and "scaled_linear" in report["settings"]["sampler"]
+    dense, mosaic = report["methods"]["dense"], report["methods"]["mosaic"]
+    assert dense["images"] == 8 and len(dense["fid_per_seed"]) == 2
+    iv = mosaic["intervals"]["psnr_to_dense"]
+    assert iv["low"] <= mosaic["psnr_to_dense"] <= iv["high"] and 0 < mosaic["psnr_to_dense"] < 100
+    assert list(mosaic["stages"]) == ["early", "middle", "late"]
+    sp = {k: v["sparsity"] for k, v in mosaic["stages"].items()}
+    assert sp["middle"] < min(sp["early"], sp["late"]), sp
+    assert 0 < mosaic["memory"]["ratio"] < 3
+    comp = report["comparisons"]["mosaic - uniform"]
+    assert set(comp["separated"]) == {"fid", "pixel_w1", "class_accuracy", "psnr_to_dense", "ssim_to_dense",
+                                      "speckle_rate"}
+    assert 0 <= mosaic["speckle_rate"] <= 1 and 0 < mosaic["ssim_to_dense"] <= 1 and mosaic["pixel_w1"] > 0
+    assert comp["psnr_to_dense"]["value"] == pytest.approx(
+        mosaic["psnr_to_dense"] - report["methods"]["uniform"]["psnr_to_dense"], abs=1e-9)
+    curve = report["stage_curve"]
+    assert curve["steps"] == 3 and -1 <= curve["pearson_rate"] <= 1 and curve["pearson_mse"] > 0.9
+    for name in ("dense", "mosaic", "uniform"):
+        assert (out / f"grid_{name}.png").is_file()

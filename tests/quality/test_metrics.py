@@ -42,6 +42,14 @@ def test_fid_matches_scipy_sqrtm():
     assert quality.fid(a, a) == pytest.approx(0.0, abs=1e-8), f"FID(a, a) = {quality.fid(a, a)}"
 
 
+def test_fid_of_features_to_real_is_the_scipy_value():
+    """The cached-square-root FID to the real digits against the textbook formula (scipy sqrtm)."""
+    real = quality.real_features().double().numpy()
+    rng = np.random.default_rng(3)
+    sample = real[rng.choice(len(real), 150, replace=False)] + rng.normal(scale=0.5, size=(150, real.shape[1]))
+    assert quality.fid_of_features_to_real(sample) == pytest.approx(_scipy_fid(sample, real), rel=1e-6)
+
+
 def test_fid_rejects_bad_input():
     with pytest.raises(ValueError, match="feature dims differ"):
         quality.fid(np.zeros((4, 3)), np.zeros((4, 2)))

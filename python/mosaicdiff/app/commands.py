@@ -18,13 +18,18 @@ from mosaicdiff.app.outputs import check_model_folder, check_output_folder, chec
 
 # ----------------------------------------------------------------------------- demo, eval
 
-def _experiment_model(args):
-    """Apply ``--threads`` and load ``--model`` (None: the embedded model, loaded by the run)."""
+def _experiment_model(args) -> dict:
+    """Apply ``--threads``; ``--model`` as run_demo/run_eval arguments: an embedded model's name
+    (the run loads it) or a DiT folder (loaded and checked here)."""
     import torch
+
+    from mosaicdiff.app.subjects import SUBJECTS, DigitsDiT
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    return None if args.model is None else load_digits_shaped_model(args.model)
+    if args.model is None or args.model in SUBJECTS:
+        return {"model": None, "model_name": args.model or DigitsDiT.name}
+    return {"model": load_digits_shaped_model(args.model), "model_name": DigitsDiT.name}
 
 
 def _experiment_kwargs(args) -> dict:
@@ -32,7 +37,7 @@ def _experiment_kwargs(args) -> dict:
     return dict(seed=args.seed, num_samples=args.num_samples, steps=args.steps,
                 samples_per_stage=args.samples_per_stage, methods=tuple(args.methods), boundaries=args.boundaries,
                 speed_threshold=args.speed_threshold, log_snr_weight=args.log_snr_weight,
-                progress=not args.no_progress)
+                progress=not args.no_progress, num_seeds=args.num_seeds, **_experiment_model(args))
 
 
 def cmd_demo(args) -> int:
@@ -40,8 +45,7 @@ def cmd_demo(args) -> int:
 
     check_output_folder(args.out)
     t0 = time.perf_counter()
-    model = _experiment_model(args)
-    report = demo.run_demo(args.out, sparsity=args.sparsity, guidance_scale=args.guidance_scale, model=model,
+    report = demo.run_demo(args.out, sparsity=args.sparsity, guidance_scale=args.guidance_scale,
                            **_experiment_kwargs(args))
     print(demo.format_table(report))
     print(f"wrote {Path(args.out) / 'report.json'} and PNGs in {args.out} ({time.perf_counter() - t0:.1f} s)")
@@ -52,9 +56,8 @@ def cmd_eval(args) -> int:
     from mosaicdiff import evaluate
 
     check_output_folder(args.out)
-    model = _experiment_model(args)
     result = evaluate.run_eval(args.out, sparsities=args.sparsities, guidance_scales=args.guidance_scales,
-                               model=model, **_experiment_kwargs(args))
+                               **_experiment_kwargs(args))
     print(evaluate.format_eval_table(result))
     print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'fid_vs_sparsity.png'}")
     return 0

@@ -1,8 +1,8 @@
-"""The steps `mosaicdiff demo` and `mosaicdiff eval` share, on the embedded digits DiT.
+"""The steps `mosaicdiff demo` and `mosaicdiff eval` share, on an embedded digits model.
 
 An `Experiment` holds what every compared model sees: the dense model, its calibration data,
 the stage boundaries, the labels and one initial noise. Its `prune` and `sample` time the work;
-`image_metrics` scores images; a `ReportFile` is the JSON report, rewritten atomically after
+`mosaicdiff.app.measure` scores images; a `ReportFile` is the JSON report, rewritten atomically after
 every finished step so that an interrupted run keeps what finished.
 
 The defaults below were chosen by measurements recorded in docs/results.md ("Demo settings").
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from mosaic_kernels.atomic_io import write_json_atomic
-from mosaicdiff import pruning, quality, sampling, schedule, zoo
-from mosaicdiff.app.inputs import digits_calibration, sample_labels
-from mosaicdiff.calibrate import Calibration
+from mosaicdiff import pruning, quality, sampling, schedule
+from mosaicdiff.app.inputs import sample_labels
+from mosaicdiff.zoo.data import NUM_CLASSES
 
 #: Methods compared with the dense model by default: all of `pruning.METHODS` except "random"
 #: (a floor any pruner beats, not a baseline worth a row).
@@ -36,12 +36,13 @@ DEFAULT_SPARSITY = 0.5
 DEFAULT_GUIDANCE = 1.5
 #: Enough samples for the small-sample FID floor to resolve method differences (docs/results.md).
 DEFAULT_NUM_SAMPLES = 200
+#: Noise seeds per method (images pooled): see docs/results.md ("Intervals") for what it separates.
+DEFAULT_NUM_SEEDS = 1
 DEFAULT_SAMPLES_PER_STAGE = 128
 DEFAULT_STEPS = 50
 #: The sweep of `mosaicdiff eval`.
 DEFAULT_SPARSITIES = (0.2, 0.3, 0.4, 0.5, 0.6)
 DEFAULT_GUIDANCES = (1.5, 3.0)
-SAMPLER = "DDIM eta=0 (linear betas, no x0 clipping)"
 
 
 def check_methods(methods, command: str) -> None:
@@ -53,20 +54,30 @@ def check_methods(methods, command: str) -> None:
 
 @dataclass
 class Experiment:
-    """The shared inputs of one demo or eval run; build it with `prepare`."""
+    """The shared inputs of one demo or eval run; build it with `prepare`.
 
+    ``labels`` and ``noise`` hold ``len(seeds)`` blocks of ``per_seed`` images: block k is seed
+    ``seeds[k]``'s noise with the balanced labels, so every method sees the same images' noise.
+    """
+
+    subject: Any  # a `mosaicdiff.app.subjects` subject: how to load, calibrate and sample the model
     dense: nn.Module
-    calibration: Calibration
+    calibration: Any  # `Calibration` (DiT) or `TextCalibration` (U-Net)
     scheduler: Any  # the sampler's scheduler, set to `steps` timesteps
     boundaries: tuple[int, int]
     labels: torch.Tensor
     noise: torch.Tensor
     steps: int
     seed: int
+    seeds: tuple[int, ...]
     samples_per_stage: int
     speed_threshold: float
     log_snr_weight: float
     progress: bool
+
+    @property
+    def per_seed(self) -> int:
+        return len(self.labels) // len(self.seeds)
 
     @property
     def stages(self):
@@ -78,42 +89,54 @@ class Experiment:
         t0 = time.perf_counter()
         pruned = pruning.prune(
             self.dense, self.calibration, sparsity, method=method, boundaries=self.boundaries,
-            num_inference_steps=self.steps, scheduler=sampling.default_scheduler(),
+            num_inference_steps=self.steps, scheduler=self.subject.scheduler(),
             samples_per_stage=self.samples_per_stage, speed_threshold=self.speed_threshold,
-            log_snr_weight=self.log_snr_weight, seed=self.seed, progress=self.progress)
+            log_snr_weight=self.log_snr_weight, seed=self.seed, progress=self.progress, align=self.subject.align)
         return pruned, time.perf_counter() - t0
 
     def sample(self, model: nn.Module, guidance_scale: float, *, return_trajectory: bool = False):
-        """`sampling.sample` from this run's labels and noise; returns (result, seconds per image)."""
-        warmup(model, int(self.labels[0]))
+        """The subject's sampler from this run's labels and noise; returns (result, seconds per image)."""
+        warmup(self.subject, model, int(self.labels[0]))
         t0 = time.perf_counter()
-        result = sampling.sample(model, self.labels, num_inference_steps=self.steps, guidance_scale=guidance_scale,
-                                 noise=self.noise, progress=self.progress, return_trajectory=return_trajectory)
+        result = self.subject.sample(model, self.labels, self.noise, steps=self.steps, guidance_scale=guidance_scale,
+                                     progress=self.progress, return_trajectory=return_trajectory)
         return result, (time.perf_counter() - t0) / len(self.labels)
 
 
 def prepare(model: nn.Module | None, *, steps: int, seed: int, num_samples: int, samples_per_stage: int,
             boundaries: tuple[int, int] | None, speed_threshold: float, log_snr_weight: float,
-            progress: bool) -> Experiment:
-    """Load the dense model (default: the embedded one), the digits calibration data, the stage
-    boundaries (closed form unless given), balanced labels and the initial noise (from `seed`)."""
-    dense = model if model is not None else zoo.load_digits_dit()
-    null_class = int(dense.config.num_embeds_ada_norm)
-    calibration = digits_calibration(null_class)
-    scheduler = sampling.default_scheduler()
+            progress: bool, subject=None, num_seeds: int = 1) -> Experiment:
+    """Load the dense model (default: the subject's embedded one), the digits calibration data, the
+    stage boundaries (closed form unless given), balanced labels and the initial noise of seeds
+    ``seed .. seed + num_seeds - 1`` (`num_samples` images each).
+
+    Args:
+        subject: a `mosaicdiff.app.subjects` subject (default the digits DiT).
+    """
+    from mosaicdiff.app.subjects import DigitsDiT
+
+    if int(num_seeds) < 1:
+        raise ValueError(f"num_seeds must be >= 1, got {num_seeds}")
+    subject = subject if subject is not None else DigitsDiT()
+    dense = model if model is not None else subject.load()
+    calibration = subject.calibration(dense)
+    scheduler = subject.scheduler()
     scheduler.set_timesteps(steps)
     if boundaries is None:
         boundaries = schedule.stage_boundaries(scheduler.alphas_cumprod, speed_threshold=speed_threshold,
                                                log_snr_weight=log_snr_weight, x0_sq_norm=calibration.x0_sq_norm)
+    seeds = tuple(int(seed) + k for k in range(int(num_seeds)))
     return Experiment(
-        dense=dense, calibration=calibration, scheduler=scheduler, boundaries=(int(boundaries[0]), int(boundaries[1])),
-        labels=sample_labels(num_samples, null_class), noise=sampling.make_noise(dense, num_samples, seed=seed),
-        steps=steps, seed=seed, samples_per_stage=samples_per_stage, speed_threshold=speed_threshold,
+        subject=subject, dense=dense, calibration=calibration, scheduler=scheduler,
+        boundaries=(int(boundaries[0]), int(boundaries[1])),
+        labels=sample_labels(num_samples, NUM_CLASSES).repeat(len(seeds)),
+        noise=torch.cat([sampling.make_noise(dense, num_samples, seed=s) for s in seeds]),
+        steps=steps, seed=seed, seeds=seeds, samples_per_stage=samples_per_stage, speed_threshold=speed_threshold,
         log_snr_weight=log_snr_weight, progress=progress)
 
 
 @torch.no_grad()
-def warmup(model: nn.Module, label: int = 0) -> None:
+def warmup(subject, model: nn.Module, label: int = 0) -> None:
     """A few tiny forwards spread over t = 999..0 (so every stage of a mosaic runs once).
 
     Keeps one-time costs (lazy imports, backend probing, kernel-config selection) out of the
@@ -122,29 +145,24 @@ def warmup(model: nn.Module, label: int = 0) -> None:
     p = next(model.parameters())
     c, s = int(model.config.in_channels), int(model.config.sample_size)
     x = torch.zeros(2, c, s, s, device=p.device, dtype=p.dtype)
-    y = torch.tensor([label, int(model.config.num_embeds_ada_norm)], device=p.device)
     for t in torch.linspace(999, 0, 11).round().long():
-        model(x, timestep=t.expand(2).to(p.device), class_labels=y)
+        subject.warmup(model, x, t.expand(2).to(p.device), label)
 
 
 # ----------------------------------------------------------------------------- measurements
 
-def image_metrics(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> dict:
-    """FID to the real digits, class accuracy and (when `reference` is given) mean PSNR to it."""
-    out = {"fid": quality.fid_to_real(images), "class_accuracy": quality.class_accuracy(images, labels)}
-    if reference is not None:
-        p = quality.psnr(images, reference)
-        out["psnr_to_dense"] = float(p.clamp(max=100.0).mean())  # identical images count as 100 dB
-    return out
-
-
-def real_reference_fid(num_samples: int, seed: int) -> float:
-    """FID of `num_samples` random real digits against all 1797: the small-sample floor at this N."""
+def real_reference_images(num_samples: int, seed: int) -> torch.Tensor:
+    """`num_samples` random real digits (seeded): the small-sample floor of the set-level metrics."""
     from mosaicdiff.zoo.data import load_digits_tensors
 
     images, _ = load_digits_tensors()
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    return quality.fid_to_real(images[idx])
+    return images[idx]
+
+
+def real_reference_fid(num_samples: int, seed: int) -> float:
+    """FID of `num_samples` random real digits against all 1797: the small-sample floor at this N."""
+    return quality.fid_to_real(real_reference_images(num_samples, seed))
 
 
 def stage_info(mosaic) -> dict:

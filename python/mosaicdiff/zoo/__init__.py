@@ -3,6 +3,11 @@
 - `load_digits_dit()`: a class-conditional DiT (diffusers `DiTTransformer2DModel`, 6 blocks, 6 heads
   of 32, patch 4, 16x16x1 pixels, 10 classes + null class 10 for classifier-free guidance) trained
   here on the scikit-learn digits (see `zoo.train_dit`).
+- `load_digits_unet()`: a text-conditioned U-Net (diffusers `UNet2DConditionModel`, widths 32 / 64,
+  cross-attention and GEGLU feed-forwards, 4 and 8 heads of 8) trained here on the same digits
+  with the class label as the "prompt": `load_digits_label_tokens()` is its learned table of
+  label tokens (the text states; the last row is the null prompt) and `digits_unet_scheduler()`
+  its sampler (see `zoo.train_unet`).
 - `load_digits_classifier()`: a small CNN on the same images (see `zoo.classifier`), used as the
   feature extractor for FID and for class accuracy (`mosaicdiff.quality`).
 """
@@ -16,6 +21,7 @@ import torch
 ZOO_DIR = Path(__file__).resolve().parent
 DIGITS_DIT_DIR = ZOO_DIR / "digits_dit"
 DIGITS_CLASSIFIER_DIR = ZOO_DIR / "digits_classifier"
+DIGITS_UNET_DIR = ZOO_DIR / "digits_unet"
 
 
 def load_digits_dit(device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
@@ -33,16 +39,57 @@ def load_digits_dit(device: str | torch.device = "cpu", torch_dtype: torch.dtype
     """
     from diffusers import DiTTransformer2DModel
 
-    weights = DIGITS_DIT_DIR / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"embedded digits DiT weights not found at {weights}; reproduce them with "
-            f"`python -m mosaicdiff.zoo.train_dit --out {DIGITS_DIT_DIR}`")
-    kwargs = {"local_files_only": True}
+    _require(DIGITS_DIT_DIR / "diffusion_pytorch_model.safetensors", "digits DiT weights", "train_dit", DIGITS_DIT_DIR)
+    kwargs = {"local_files_only": True, "low_cpu_mem_usage": False}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     model = DiTTransformer2DModel.from_pretrained(str(DIGITS_DIT_DIR), **kwargs)
     return model.to(device).eval()
+
+
+def _require(path: Path, what: str, module: str, out: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded {what} not found at {path}; reproduce it with "
+                                f"`python -m mosaicdiff.zoo.{module} --out {out}`")
+
+
+def load_digits_unet(device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
+    """Load the embedded digits U-Net from the package directory, offline.
+
+    Returns:
+        A `diffusers.UNet2DConditionModel` in eval mode; its prompts are `load_digits_label_tokens`.
+
+    Raises:
+        FileNotFoundError: if the shipped weights are missing.
+    """
+    from diffusers import UNet2DConditionModel
+
+    _require(DIGITS_UNET_DIR / "diffusion_pytorch_model.safetensors", "digits U-Net weights", "train_unet",
+             DIGITS_UNET_DIR)
+    kwargs = {"local_files_only": True, "low_cpu_mem_usage": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    return UNet2DConditionModel.from_pretrained(str(DIGITS_UNET_DIR), **kwargs).to(device).eval()
+
+
+def load_digits_label_tokens(device: str | torch.device = "cpu") -> torch.Tensor:
+    """The digits U-Net's prompt table `(11, 4, 64)`: row ``c`` the text states of digit ``c``, row
+    10 the null prompt (classifier-free guidance)."""
+    from safetensors.torch import load_file
+
+    path = DIGITS_UNET_DIR / "label_tokens.safetensors"
+    _require(path, "digits U-Net label tokens", "train_unet", DIGITS_UNET_DIR)
+    return load_file(str(path))["table"].to(device)
+
+
+def digits_unet_scheduler():
+    """DDIM (eta 0) on the betas the digits U-Net was trained with: SD's ``scaled_linear``
+    0.00085..0.012, T = 1000, no x0 clipping (pixels leave [-1, 1] only slightly; the result is
+    clamped)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False)
 
 
 def load_digits_classifier(device: str | torch.device = "cpu"):
@@ -56,4 +103,5 @@ def load_digits_classifier(device: str | torch.device = "cpu"):
     return load(DIGITS_CLASSIFIER_DIR, device)
 
 
-__all__ = ["load_digits_dit", "load_digits_classifier", "DIGITS_DIT_DIR", "DIGITS_CLASSIFIER_DIR"]
+__all__ = ["load_digits_dit", "load_digits_unet", "load_digits_label_tokens", "digits_unet_scheduler",
+           "load_digits_classifier", "DIGITS_DIT_DIR", "DIGITS_UNET_DIR", "DIGITS_CLASSIFIER_DIR"]
