@@ -25,6 +25,7 @@ __all__ = [
     "linear_geglu_ref",
     "linear_gated_residual_ref",
     "linear_gelu_ref",
+    "linear_residual_ref",
     "ln_modulate_ref",
     "residual_layer_norm_ref",
 ]
@@ -203,20 +204,31 @@ def linear_gelu_ref(
 
 
 def linear_geglu_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    gate_weight: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``h, gate = (x @ weight.T + bias).chunk(2, -1); y = h * gelu(gate)`` (diffusers ``GEGLU``).
 
     Args:
         x: (..., K) input.
-        weight: (2 * inner, K) weight: rows [0, inner) the value, [inner, 2 * inner) the gate.
-        bias: (2 * inner,) bias, or None.
+        weight: (2 * inner, K) weight: rows [0, inner) the value, [inner, 2 * inner) the gate;
+            with `gate_weight`, the (inner, K) value rows alone.
+        bias: (2 * inner,) bias, or None (with `gate_weight`: the (inner,) value bias).
+        gate_weight: optional (inner, K) gate rows, in place of `weight`'s second half.
+        gate_bias: (inner,) gate bias, or None.
 
     Returns:
         (..., inner) tensor of ``x.dtype``.
     """
-    acc = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    h, gate = acc.chunk(2, dim=-1)
+    def f32(t):
+        return None if t is None else t.float()
+
+    if gate_weight is None:
+        acc = F.linear(x.float(), weight.float(), f32(bias))
+        h, gate = acc.chunk(2, dim=-1)
+    else:
+        h = F.linear(x.float(), weight.float(), f32(bias))
+        gate = F.linear(x.float(), gate_weight.float(), f32(gate_bias))
     return (h * gelu_erf_ref(gate)).to(x.dtype)
 
 
@@ -242,6 +254,25 @@ def linear_gated_residual_ref(
     acc = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     out = res.float() + gate.float()[:, None, :] * acc
     return out.to(res.dtype)
+
+
+def linear_residual_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, res: torch.Tensor
+) -> torch.Tensor:
+    """``out = res + (x @ weight.T + bias)`` (an SD/SDXL block's out projection or ff2 with its
+    residual add).
+
+    Args:
+        x: (..., K) input.
+        weight: (N, K) weight, as ``nn.Linear.weight``.
+        bias: (N,) bias, or None.
+        res: (..., N) residual stream, ``x``'s leading dims.
+
+    Returns:
+        Tensor of ``res``'s shape and dtype.
+    """
+    acc = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return (res.float() + acc).to(res.dtype)
 
 
 def attention_ref(qkv: torch.Tensor, num_heads: int, layout: str = "qkv") -> torch.Tensor:

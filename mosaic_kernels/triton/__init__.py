@@ -14,6 +14,7 @@ from .layer_norm import layer_norm_triton
 from .linear_geglu import linear_geglu_triton
 from .linear_gated_residual import linear_gated_residual_triton
 from .linear_gelu import linear_gelu_triton
+from .linear_residual import linear_residual_triton
 from .ln_modulate import ln_modulate_triton
 from .residual_layer_norm import residual_layer_norm_triton
 
@@ -25,6 +26,7 @@ __all__ = [
     "linear_geglu_triton",
     "linear_gated_residual_triton",
     "linear_gelu_triton",
+    "linear_residual_triton",
     "ln_modulate_triton",
     "residual_layer_norm_triton",
 ]

@@ -6,7 +6,9 @@ and the op modules import the kernel's launcher (the other way round would be an
 - ``gelu_tanh``: ``linear_gelu`` (DiT fc1).
 - ``gelu_erf``: the gate activation of ``linear_geglu`` (diffusers ``GEGLU``, SDXL feed-forward).
 - ``gated_residual_store`` / ``gated_residual_store_tma``: ``linear_gated_residual`` (DiT
-  attention proj and fc2), ``out = res + gate[m // L] * acc`` on one column half of the tile.
+  attention proj and fc2), ``out = res + gate[m // L] * acc`` on one column half of the tile;
+  with ``GATED=False`` ``out = res + acc`` (``linear_residual``: the un-gated out projection and
+  ff2 of an SD/SDXL block with its residual add), the gate never read.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ def gelu_erf(x):
 
 @triton.jit
 def gated_residual_store(acc, m0, n0, M, N, L, gate_ptr, stride_gb, res_ptr, out_ptr,
-                         BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """``out = res + gate[m // L] * acc`` for the (BLOCK_M, WIDTH) block at row ``m0``, column ``n0``.
+                         BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                         GATED: tl.constexpr):
+    """``out = res + gate[m // L] * acc`` for the (BLOCK_M, WIDTH) block at row ``m0``, column ``n0``
+    (``GATED=False``: ``out = res + acc``, ``gate_ptr`` unused).
 
     ``res``/``out`` are contiguous (M, N): offsets inside the block are 32-bit from a 64-bit
     block origin (the launcher checks ``BLOCK_M * N < 2**31``).
@@ -49,22 +53,32 @@ def gated_residual_store(acc, m0, n0, M, N, L, gate_ptr, stride_gb, res_ptr, out
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, WIDTH)
     mask = (m0 + rows < M)[:, None] & (n0 + cols < N)[None, :]
-    gate = tl.load(gate_ptr + n0 + ((m0 + rows) // L)[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
     base = m0.to(tl.int64) * N + n0  # 64-bit block origin, 32-bit offsets inside the block
     offs = rows[:, None] * N + cols[None, :]
     res = tl.load(res_ptr + base + offs, mask=mask, other=0.0)
-    out = res.to(tl.float32) + gate.to(tl.float32) * acc
+    if GATED:
+        gate = tl.load(gate_ptr + n0 + ((m0 + rows) // L)[:, None] * stride_gb + cols[None, :], mask=mask,
+                       other=0.0)
+        out = res.to(tl.float32) + gate.to(tl.float32) * acc
+    else:
+        out = res.to(tl.float32) + acc
     tl.store(out_ptr + base + offs, out.to(OUT_DTYPE), mask=mask)
 
 
 @triton.jit
 def gated_residual_store_tma(acc, m0, n0, M, N, L, gate_ptr, stride_gb, res_desc, out_desc,
-                             BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, OUT_DTYPE: tl.constexpr):
+                             BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                             GATED: tl.constexpr):
     """:func:`gated_residual_store` with the residual read and the output written through
     tensor descriptors of block ``[BLOCK_M, WIDTH]`` (out-of-bounds rows/columns dropped)."""
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, WIDTH)
-    mask = (m0 + rows < M)[:, None] & (n0 + cols < N)[None, :]
-    gate = tl.load(gate_ptr + n0 + ((m0 + rows) // L)[:, None] * stride_gb + cols[None, :], mask=mask, other=0.0)
     res = res_desc.load([m0, n0]).to(tl.float32)
-    out_desc.store([m0, n0], (res + gate.to(tl.float32) * acc).to(OUT_DTYPE))
+    if GATED:
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, WIDTH)
+        mask = (m0 + rows < M)[:, None] & (n0 + cols < N)[None, :]
+        gate = tl.load(gate_ptr + n0 + ((m0 + rows) // L)[:, None] * stride_gb + cols[None, :], mask=mask,
+                       other=0.0)
+        out = res + gate.to(tl.float32) * acc
+    else:
+        out = res + acc
+    out_desc.store([m0, n0], out.to(OUT_DTYPE))

@@ -10,8 +10,13 @@ single store (the ``ACTIVATION`` pattern of the tutorial; :mod:`._epilogues`):
   one after the other (``linear_gated_residual``: with full-width gate and residual tiles live
   next to the accumulator, 128x128 and wider tiles spilled up to ~880 B per thread,
   ``benchmarks/compile_check.py``; with halves none do);
-- ``"geglu"``: two accumulators, the value columns ``w[n]`` and the gate columns ``w[N + n]``,
-  then ``(acc + b[n]) * gelu_erf(acc_gate + b[N + n])`` (``linear_geglu``).
+- ``"residual"``: ``res + (acc + bias)``, the same column-half stores without the gate
+  (``linear_residual``: an SD/SDXL block's out projection or ff2 with its residual add);
+- ``"geglu"``: two accumulators, the value columns ``w[n]`` and the gate columns ``wg[n]``,
+  then ``(acc + b[n]) * gelu_erf(acc_gate + bg[n])`` (``linear_geglu``). The value and gate
+  weights are two (N, K) operands with their own strides: the two halves of one (2N, K)
+  weight, or two separate views (a shared-producer U-Net block reads its kept value rows and
+  gate rows as two row ranges of one storage, ``mosaicdiff.unet_shared_producers``).
 
 ``USE_TMA`` reads the tiles through host-built tensor descriptors
 (``triton.tools.tensor_descriptor.TensorDescriptor``: TMA bulk copies on Hopper, emulated by the
@@ -34,7 +39,9 @@ from . import settings
 from ._common import INTERPRETED, device_guard, launch_checks
 from ._epilogues import gated_residual_store, gated_residual_store_tma, gelu_erf, gelu_tanh
 
-EPILOGUES = ("gelu_tanh", "gated_residual", "geglu")
+EPILOGUES = ("gelu_tanh", "gated_residual", "residual", "geglu")
+#: The epilogues that add a residual: stored in two column halves (``res`` is described by halves).
+RESIDUAL_EPILOGUES = ("gated_residual", "residual")
 
 
 @triton.jit
@@ -55,18 +62,20 @@ def grouped_tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GR
 def _gemm_kernel(
     # Operands: pointers, or tensor descriptors when USE_TMA
     x,  # (M, K) input; descriptor block [BLOCK_M, BLOCK_K]
-    w,  # (N_w, K) weight (nn.Linear layout), N_w = 2N for geglu; descriptor block [BLOCK_N, BLOCK_K]
-    bias_ptr,  # (N_w,) bias; read only when HAS_BIAS
+    w,  # (N, K) weight (nn.Linear layout; the value rows for geglu); descriptor block [BLOCK_N, BLOCK_K]
+    wg,  # (N, K) gate weight (geglu; otherwise unused); descriptor block [BLOCK_N, BLOCK_K]
+    bias_ptr,  # (N,) bias; read only when HAS_BIAS
+    gate_bias_ptr,  # (N,) gate bias (geglu); read only when HAS_BIAS
     gate_ptr,  # (B, N) per-sample gate, row stride stride_gb, unit last-dim stride (gated_residual)
-    res,  # (M, N) contiguous residual (gated_residual); descriptor block [BLOCK_M, BLOCK_N // 2]
-    out,  # (M, N) output, row stride stride_om; descriptor block [BLOCK_M, BLOCK_N] (halves: gated_residual)
+    res,  # (M, N) contiguous residual (gated_residual, residual); descriptor block [BLOCK_M, BLOCK_N // 2]
+    out,  # (M, N) output, row stride stride_om; descriptor block [BLOCK_M, BLOCK_N] (halves: *residual)
     # Sizes and strides (elements)
     M, N, K,
     L,  # tokens per sample: the gate row of output row m is m // L (gated_residual)
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_gb,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_wgn, stride_wgk, stride_om, stride_gb,
     M_BUCKET,  # unused by the code: the M part of the autotune key (settings.gemm_m_bucket)
     # Meta-parameters
-    EPILOGUE: tl.constexpr,  # "gelu_tanh" | "gated_residual" | "geglu"
+    EPILOGUE: tl.constexpr,  # "gelu_tanh" | "gated_residual" | "residual" | "geglu"
     USE_TMA: tl.constexpr,  # operands (and res/out) are tensor descriptors
     HAS_BIAS: tl.constexpr,
     OUT_DTYPE: tl.constexpr,  # tl dtype of out
@@ -89,8 +98,8 @@ def _gemm_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b.T, acc, input_precision=INPUT_PRECISION)
-            if EPILOGUE == "geglu":  # value rows past N read gate rows: their columns are never stored
-                bg = w.load([N + pid_n * BLOCK_N, k * BLOCK_K])
+            if EPILOGUE == "geglu":  # rows past N are zero-filled: their columns are never stored
+                bg = wg.load([pid_n * BLOCK_N, k * BLOCK_K])
                 if UPCAST_DOT:
                     bg = bg.to(tl.float32)
                 acc_gate = tl.dot(a, bg.T, acc_gate, input_precision=INPUT_PRECISION)
@@ -99,7 +108,7 @@ def _gemm_kernel(
         mask_m = offs_m < M
         x_ptrs = x + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
         w_ptrs = w + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # (BLOCK_K, BLOCK_N) = w.T tile
-        wg_ptrs = w + offs_k[:, None] * stride_wk + (N + offs_n)[None, :] * stride_wn  # gate rows (geglu)
+        wg_ptrs = wg + offs_k[:, None] * stride_wgk + offs_n[None, :] * stride_wgn  # gate rows (geglu)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             mask_k = offs_k < K - k * BLOCK_K
             a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -113,29 +122,29 @@ def _gemm_kernel(
                 if UPCAST_DOT:
                     bg = bg.to(tl.float32)
                 acc_gate = tl.dot(a, bg, acc_gate, input_precision=INPUT_PRECISION)
-                wg_ptrs += BLOCK_K * stride_wk
+                wg_ptrs += BLOCK_K * stride_wgk
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if EPILOGUE == "geglu":
-            acc_gate += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc_gate += tl.load(gate_bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     m0, n0 = pid_m * BLOCK_M, pid_n * BLOCK_N
-    if EPILOGUE == "gated_residual":
+    if EPILOGUE == "gated_residual" or EPILOGUE == "residual":
         # Two column halves, one after the other: gate and residual tiles of half the width are
         # live next to the accumulator, not full ones (full ones spill at 128x128 and wider).
         acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         if USE_TMA:
             gated_residual_store_tma(acc0, m0, n0, M, N, L, gate_ptr, stride_gb, res, out,
-                                     BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+                                     BLOCK_M, BLOCK_N // 2, OUT_DTYPE, EPILOGUE == "gated_residual")
             gated_residual_store_tma(acc1, m0, n0 + BLOCK_N // 2, M, N, L, gate_ptr, stride_gb, res, out,
-                                     BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+                                     BLOCK_M, BLOCK_N // 2, OUT_DTYPE, EPILOGUE == "gated_residual")
         else:
             gated_residual_store(acc0, m0, n0, M, N, L, gate_ptr, stride_gb, res, out,
-                                 BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+                                 BLOCK_M, BLOCK_N // 2, OUT_DTYPE, EPILOGUE == "gated_residual")
             gated_residual_store(acc1, m0, n0 + BLOCK_N // 2, M, N, L, gate_ptr, stride_gb, res, out,
-                                 BLOCK_M, BLOCK_N // 2, OUT_DTYPE)
+                                 BLOCK_M, BLOCK_N // 2, OUT_DTYPE, EPILOGUE == "gated_residual")
     else:
         if EPILOGUE == "gelu_tanh":
             y = gelu_tanh(acc)
@@ -212,6 +221,8 @@ def launch_gemm(
     gate: torch.Tensor | None = None,
     res: torch.Tensor | None = None,
     L: int = 1,
+    gate_weight: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> None:
     """Launch :func:`_gemm_kernel` for ``out (M, N) = epilogue(x (M, K) @ weight.T)``.
@@ -220,7 +231,9 @@ def launch_gemm(
     a dict -> exactly that tile config (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``,
     ``num_warps``, ``num_stages``), with ``"tma": True`` taking the tensor-descriptor path where
     :func:`tma_ok` allows (and K > 0: no tile to describe otherwise). ``gated_residual`` takes
-    ``gate`` (B, N) and ``res`` (M, N) contiguous; ``geglu`` a weight of 2N rows.
+    ``gate`` (B, N) and ``res`` (M, N) contiguous, ``residual`` ``res`` alone; ``geglu`` a weight
+    of 2N rows (value, then gate), or the value ``weight`` (N, K) and ``bias`` with a separate
+    ``gate_weight`` (N, K) and ``gate_bias`` (N,) (views of anything, read through their strides).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown GEMM epilogue {epilogue!r}, expected one of {EPILOGUES}")
@@ -229,8 +242,12 @@ def launch_gemm(
     if M == 0 or N == 0:
         return
     launch_checks(x)
-    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
-               gate.stride(0) if gate is not None else 0)
+    if epilogue == "geglu" and gate_weight is None:  # one (2N, K) weight: its two halves
+        weight, gate_weight = weight[:N], weight[N:]
+        bias, gate_bias = (None, None) if bias is None else (bias[:N], bias[N:])
+    wg = weight if gate_weight is None else gate_weight  # (unused but for geglu)
+    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), wg.stride(0), wg.stride(1),
+               out.stride(0), gate.stride(0) if gate is not None else 0)
     flags = {"EPILOGUE": epilogue, "HAS_BIAS": bias is not None, "OUT_DTYPE": _TL_DTYPES[out.dtype],
              **dot_options(x.dtype)}
     sizes = (M, N, K, L, *strides, settings.gemm_m_bucket(M))
@@ -239,16 +256,19 @@ def launch_gemm(
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
         with device_guard(x):
-            _gemm_kernel_autotuned[grid](x, weight, bias, gate, res, out, *sizes, USE_TMA=False, **flags)
+            _gemm_kernel_autotuned[grid](x, weight, wg, bias, gate_bias, gate, res, out, *sizes, USE_TMA=False,
+                                         **flags)
         return
     meta = _tile_meta(config)
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    operands = (x, weight, bias, gate, res, out)
-    described = (x, weight, out) if res is None else (x, weight, res, out)
+    operands = (x, weight, wg, bias, gate_bias, gate, res, out)
+    described = (x, weight, *([wg] if epilogue == "geglu" else []), *([] if res is None else [res]), out)
     use_tma = bool(config.get("tma", False)) and K > 0 and tma_ok(*described)
     if use_tma:
-        out_block = [bm, bn // 2] if epilogue == "gated_residual" else [bm, bn]  # the epilogue's halves
-        operands = (make_descriptor(x, [bm, bk]), make_descriptor(weight, [bn, bk]), bias, gate,
+        out_block = [bm, bn // 2] if epilogue in RESIDUAL_EPILOGUES else [bm, bn]  # the epilogue's halves
+        w_desc = make_descriptor(weight, [bn, bk])
+        wg_desc = make_descriptor(wg, [bn, bk]) if epilogue == "geglu" else w_desc
+        operands = (make_descriptor(x, [bm, bk]), w_desc, wg_desc, bias, gate_bias, gate,
                     None if res is None else make_descriptor(res, out_block), make_descriptor(out, out_block))
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     with device_guard(x):

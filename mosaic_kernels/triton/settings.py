@@ -212,7 +212,7 @@ _INTERPRETER_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, 
 # Operand buffers must fit the smaller opt-in shared memory of the supported cards (A100: 163 KB).
 _SMEM_BUDGET = 166912
 # The epilogue "geglu" keeps two accumulators (value and gate columns).
-_ACCUMULATORS = {"gelu_tanh": 1, "gated_residual": 1, "geglu": 2}
+_ACCUMULATORS = {"gelu_tanh": 1, "gated_residual": 1, "residual": 1, "geglu": 2}
 # Above 128 fp32 accumulator values per thread the kernel spills (255 registers per thread).
 _MAX_ACC_PER_THREAD = 128
 

@@ -10,8 +10,12 @@ Pruning removes heads of attn1 and attn2 (rows of q/k/v, columns of ``to_out``) 
 (value row j, gate row j + F, column j of ``ff2``); `CompactUNetBlockWeights` holds what is left.
 `CompactUNetBlock` runs it with the engine's ops (LayerNorm; each residual add fused with the next
 LayerNorm, ``residual_layer_norm``; fused qkv GEMM + SDPA over strided views; one GEMM with the
-GEGLU fused) and keeps diffusers' block call signature, so it replaces a ``BasicTransformerBlock``
-inside its ``Transformer2DModel`` unchanged.
+GEGLU fused; ff2 with its residual add in the GEMM epilogue, ``linear_residual``) and keeps
+diffusers' block call signature, so it replaces a ``BasicTransformerBlock`` inside its
+``Transformer2DModel`` unchanged. `CompactUNetBlock.forward_normed` is the same block entered with
+LN1 already applied and, given the next block, leaving with the next block's LN1 applied: a chain
+of blocks (`mosaicdiff.mosaic_unet.StageSwitchedChain`) fuses the last residual add of block i with
+LN1 of block i + 1 that way.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CompactUNetBlock", "CompactUNetBlockWeights", "UNET_INDEX_FIELDS", "UNET_WEIGHT_FIELDS", "unet_block_shapes"]
+__all__ = ["CompactUNetBlock", "CompactUNetBlockWeights", "UNET_INDEX_FIELDS", "UNET_WEIGHT_FIELDS", "check_block_call",
+           "unet_block_shapes"]
 
 
 @dataclass
@@ -80,6 +85,19 @@ def unet_block_shapes(h1: int, h2: int, channels: int, head_dim: int, width: int
             "ff2_bias": (width,)}
 
 
+def check_block_call(attention_mask, encoder_attention_mask, encoder_hidden_states, cross_kv=None) -> None:
+    """What a compact block call supports: no attention masks, and text states (or their k/v).
+
+    Raises:
+        NotImplementedError: for an attention mask.
+        ValueError: without text states.
+    """
+    if attention_mask is not None or encoder_attention_mask is not None:
+        raise NotImplementedError("CompactUNetBlock: attention masks are not supported")
+    if encoder_hidden_states is None and cross_kv is None:
+        raise ValueError("CompactUNetBlock: encoder_hidden_states (the text states) are required")
+
+
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach(), requires_grad=False)
 
@@ -132,6 +150,28 @@ class CompactUNetBlock(nn.Module):
         kw = {name: getattr(self, name).detach() for name in UNET_WEIGHT_FIELDS}
         return CompactUNetBlockWeights(**{n: getattr(self, n) for n in UNET_INDEX_FIELDS}, **kw)
 
+    #: Row layouts of the fused projections: ``qkv1`` ``[q | k | v]`` and ``kv2`` ``[k | v]`` here;
+    #: head-major (``"heads"``) in a shared-producer block (`mosaicdiff.unet_shared_producers`).
+    qkv_layout = "qkv"
+    kv_layout = "parts"
+
+    def qkv1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention q/k/v weight and bias (rows as `qkv_layout`)."""
+        return self.qkv1_weight, self.qkv1_bias
+
+    def q2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention q weight and bias."""
+        return self.q2_weight, self.q2_bias
+
+    def kv2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention k/v weight and bias, on the text states (rows as `kv_layout`)."""
+        return self.kv2_weight, self.kv2_bias
+
+    def ff1_params(self) -> tuple[torch.Tensor, ...]:
+        """``linear_geglu``'s weight operands: ``(weight, bias)`` of ``[value | gate]`` rows, or
+        ``(value weight, value bias, gate weight, gate bias)``."""
+        return self.ff1_weight, self.ff1_bias
+
     def _norm(self, k: int, h: torch.Tensor) -> torch.Tensor:
         return _ops().layer_norm(h, getattr(self, f"norm{k}_weight"), getattr(self, f"norm{k}_bias"), self.eps)
 
@@ -145,15 +185,20 @@ class CompactUNetBlock(nn.Module):
         while the same tensor (same storage, shape and version counter, i.e. not modified in place)
         is passed again, as a pipeline does for every step of one run.
         """
+        weight, bias = self.kv2_params()
         if not self.cache_cross_kv:
-            return F.linear(encoder_hidden_states, self.kv2_weight, self.kv2_bias)
+            return F.linear(encoder_hidden_states, weight, bias)
         key = (encoder_hidden_states.data_ptr(), tuple(encoder_hidden_states.shape), encoder_hidden_states._version,
-               encoder_hidden_states.dtype, self.kv2_weight.data_ptr())
+               encoder_hidden_states.dtype, weight.data_ptr(), weight.dtype)
         cached = self.__dict__.get("_kv_cache")
         if cached is None or cached[0] != key:
-            cached = (key, F.linear(encoder_hidden_states, self.kv2_weight, self.kv2_bias))
+            cached = (key, F.linear(encoder_hidden_states, weight, bias))
             self.__dict__["_kv_cache"] = cached
         return cached[1]
+
+    def norm1(self, h: torch.Tensor) -> torch.Tensor:
+        """LN1 of the residual stream `h`: what `forward_normed` takes as `x`."""
+        return self._norm(1, h)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, timestep=None, cross_attention_kwargs: dict[str, Any] | None = None,
@@ -163,31 +208,56 @@ class CompactUNetBlock(nn.Module):
         Args:
             cross_kv (`torch.Tensor`, *optional*): `cross_kv` of the text states, precomputed.
         """
-        if attention_mask is not None or encoder_attention_mask is not None:
-            raise NotImplementedError("CompactUNetBlock: attention masks are not supported")
-        if encoder_hidden_states is None and cross_kv is None:
-            raise ValueError("CompactUNetBlock: encoder_hidden_states (the text states) are required")
+        check_block_call(attention_mask, encoder_attention_mask, encoder_hidden_states, cross_kv)
+        h = hidden_states.contiguous()
+        return self.forward_normed(h, self.norm1(h), encoder_hidden_states, cross_kv=cross_kv)[0]
+
+    def forward_normed(self, h: torch.Tensor, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                       next_block: CompactUNetBlock | None = None, cross_kv: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block on the residual stream `h` (contiguous) whose LN1 `x` is already computed.
+
+        Args:
+            h (`torch.Tensor`): (B, L, C) contiguous residual stream entering the block.
+            x (`torch.Tensor`): ``LN1(h)`` with this block's norm1 (`norm1`, or the previous block's
+                `forward_normed` with ``next_block=self``).
+            encoder_hidden_states (`torch.Tensor`, *optional*): the text states (unless `cross_kv`).
+            next_block (`CompactUNetBlock`, *optional*): the block that runs next on the output. Given,
+                the feed-forward's residual add is fused with its LN1 (``residual_layer_norm``);
+                otherwise ff2 and the add are one GEMM (``linear_residual``).
+            cross_kv (`torch.Tensor`, *optional*): `cross_kv` of the text states, precomputed
+                (rows as `kv_layout`).
+
+        Returns:
+            ``(h_out, x_next)``: the block's output and ``next_block.norm1(h_out)`` (None without
+            `next_block`).
+        """
         ops = _ops()
-        h = hidden_states
         h1, h2 = self.heads
         B, L, _ = h.shape
-        h = h.contiguous()
         # 1. Self-attention on the kept heads; its residual add fused with norm2.
-        qkv = F.linear(self._norm(1, h), self.qkv1_weight, self.qkv1_bias)
-        y = F.linear(ops.attention(qkv, h1), self.out1_weight, self.out1_bias)
+        qkv = F.linear(x, *self.qkv1_params())
+        y = F.linear(ops.attention(qkv, h1, layout=self.qkv_layout), self.out1_weight, self.out1_bias)
         h, x = ops.residual_layer_norm(h, y, self.norm2_weight, self.norm2_bias, self.eps)
         # 2. Cross-attention: q of the kept heads from h, their k/v from the text states.
-        q = F.linear(x, self.q2_weight, self.q2_bias)
+        q = F.linear(x, *self.q2_params())
         kv = self.cross_kv(encoder_hidden_states) if cross_kv is None else cross_kv
         hd = self.head_dim
         q = q.view(B, L, h2, hd).transpose(1, 2)
-        k, v = kv.unflatten(-1, (2, h2, hd)).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.kv_layout == "heads":  # [k v of head 0 | k v of head 1 | ...]
+            k, v = kv.unflatten(-1, (h2, 2, hd)).permute(3, 0, 2, 1, 4).unbind(0)
+        else:  # [k of every head | v of every head]
+            k, v = kv.unflatten(-1, (2, h2, hd)).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, h2 * hd)
         h, x = ops.residual_layer_norm(h, F.linear(a, self.out2_weight, self.out2_bias), self.norm3_weight,
                                        self.norm3_bias, self.eps)
-        # 3. GEGLU feed-forward on the kept channels (one GEMM over value + gate rows).
-        f = ops.linear_geglu(x, self.ff1_weight, self.ff1_bias)
-        return h + F.linear(f, self.ff2_weight, self.ff2_bias)
+        # 3. GEGLU feed-forward on the kept channels (one GEMM over value + gate rows); its residual
+        #    add fused with the next block's norm1, or with ff2 where no norm follows.
+        f = ops.linear_geglu(x, *self.ff1_params())
+        if next_block is None:
+            return ops.linear_residual(f, self.ff2_weight, self.ff2_bias, h), None
+        return ops.residual_layer_norm(h, F.linear(f, self.ff2_weight, self.ff2_bias), next_block.norm1_weight,
+                                       next_block.norm1_bias, next_block.eps)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, mlp_width={self.mlp_width}"

@@ -1,10 +1,16 @@
-"""Saving and loading a `MosaicUNet` as ``config.json`` + ``model.safetensors`` (format 1.x).
+"""Saving and loading a `MosaicUNet` as ``config.json`` + ``model.safetensors`` (format 2.0; 1.x loads).
 
 The config is the mosaic's diffusers config (the dense U-Net's keys, ``stages`` with the kept heads
-and channels of every block, ``dense_reference``, ``meta``) plus ``format``, ``format_version``,
-``package_version`` and ``dtype``; it alone builds the skeleton (`MosaicUNet.__init__`, the dense
-blocks never allocated), whose every key and shape the weights are checked against. Crash safety
-is `mosaicdiff.model_folder`'s (the same guarantees as a `MosaicDiT` folder).
+and channels of every block, ``shared_producers``, ``dense_reference``, ``meta``) plus ``format``,
+``format_version``, ``package_version`` and ``dtype``; it alone builds the skeleton
+(`MosaicUNet.__init__`, the dense blocks never allocated), whose every key and shape the weights
+are checked against. Crash safety is `mosaicdiff.model_folder`'s (the same guarantees as a
+`MosaicDiT` folder).
+
+Format 2.0 adds ``shared_producers``: with it, each block position's producer rows are stored
+once (``producer_storage.<j>.*``, `mosaicdiff.unet_shared_producers`) and each stage's blocks
+hold only their norms and consumers; it is null for a mosaic whose stages store copies, whose
+tensors are those of format 1.0. A 1.x folder (no ``shared_producers``) loads as such a mosaic.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_unet_mosaic", "save_unet_mosaic"]
 
 FORMAT_NAME = "mosaicdiff.MosaicUNet"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"
+#: The major format versions this package reads.
+READABLE_MAJORS = (1, 2)
 #: The mosaic's own config keys (the rest are the dense U-Net's).
-MOSAIC_KEYS = ("stages", "dense_reference", "meta")
+MOSAIC_KEYS = ("stages", "dense_reference", "meta", "shared_producers")
 ENVELOPE_KEYS = ("format", "format_version", "package_version", "dtype", "weights_id")
 
 
@@ -74,8 +82,11 @@ def load_unet_mosaic(cls, directory: str | os.PathLike, *, device=None, torch_dt
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
         raise _fail(cfg_path, f"format {config.get('format') if isinstance(config, dict) else None!r}, "
                               f"expected {FORMAT_NAME!r}")
-    if format_major_minor(config.get("format_version", "?"), str(cfg_path))[0] != 1:
-        raise _fail(cfg_path, f"format version {config['format_version']}; mosaicdiff {__version__} reads 1.x")
+    major = format_major_minor(config.get("format_version", "?"), str(cfg_path))[0]
+    if major not in READABLE_MAJORS:
+        raise _fail(cfg_path, f"format version {config['format_version']}; mosaicdiff {__version__} reads 1.x and 2.x")
+    if major == 1 and config.get("shared_producers") is not None:
+        raise _fail(cfg_path, "a format 1.x config with shared_producers (introduced in format 2.0)")
     missing = [k for k in (*MOSAIC_KEYS[:1], "dtype") if k not in config]
     if missing:
         raise _fail(cfg_path, f"lacks the key(s) {missing}")
@@ -83,7 +94,7 @@ def load_unet_mosaic(cls, directory: str | os.PathLike, *, device=None, torch_dt
                    if k not in MOSAIC_KEYS and k not in ENVELOPE_KEYS and not k.startswith("_")}
     try:
         model = cls(unet_config, config["stages"], dense_reference=config.get("dense_reference"),
-                    meta=config.get("meta"))
+                    meta=config.get("meta"), shared_producers=config.get("shared_producers"))
     except (TypeError, ValueError, KeyError) as exc:
         raise _fail(cfg_path, f"the config does not describe a U-Net mosaic ({type(exc).__name__}: {exc})") from None
     try:

@@ -84,6 +84,11 @@ def linear_gated_residual(x, weight, bias, gate, res, exact_gemm: bool = False) 
     return gated_residual(res, gate, linear(x, weight, bias, exact_gemm))
 
 
+def linear_residual(x, weight, bias, res, exact_gemm: bool = False) -> torch.Tensor:
+    """``res + linear(x)`` in float64 (``torch.add`` with the residual as the first operand)."""
+    return torch.add(_f64(res), linear(x, weight, bias, exact_gemm))
+
+
 def attention(qkv, num_heads: int) -> torch.Tensor:
     """Per head ``softmax(q k^T / sqrt(hd)) v`` with einsum, float64; ``qkv`` is ``[q | k | v]``."""
     B, L, width = qkv.shape

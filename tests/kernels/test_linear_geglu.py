@@ -207,3 +207,114 @@ def test_public_op_bad_inputs_raise(w_shape, b_shape, dtype):
     x = torch.zeros(2, 5, 40, dtype=dtype)
     with pytest.raises((ValueError, TypeError)):
         linear_geglu(x, torch.zeros(w_shape, dtype=dtype), None if b_shape is None else torch.zeros(b_shape, dtype=dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# The split form: value rows and gate rows as two views (a shared-producer U-Net block's ff1)
+# ---------------------------------------------------------------------------------------------
+
+# (M, K, stored channels F_total, run a..b): odd runs at odd offsets, a single channel, the whole storage
+SPLIT_SHAPES = [(37, 72, 50, (3, 40)), (5, 33, 17, (16, 17)), (64, 64, 64, (0, 64)), (130, 40, 29, (7, 26))]
+
+
+def _split_views(M, K, total, run, dtype, device, bias=True):
+    """A [value rows | gate rows] storage of `total` channels, and the views of channels a..b."""
+    x, storage, b = make_inputs(M, K, total, dtype, device, bias=bias)
+    a, e = run
+    views = (storage[a:e], None if b is None else b[a:e], storage[total + a:total + e],
+             None if b is None else b[total + a:total + e])
+    # what the views mean, as one (2 * inner, K) weight (a copy): the oracle's operands
+    dense_w = torch.cat([views[0], views[2]])
+    dense_b = None if b is None else torch.cat([views[1], views[3]])
+    return x, views, dense_w, dense_b
+
+
+def test_split_views_are_views():
+    x, (w, b, wg, bg), _, _ = _split_views(4, 16, 10, (2, 7), torch.float32, "cpu")
+    assert w.data_ptr() + 10 * 16 * 4 == wg.data_ptr() and bg.data_ptr() == b.data_ptr() + 10 * 4
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", FP32_BF16)
+@pytest.mark.parametrize("M, K, total, run", SPLIT_SHAPES, ids=str)
+def test_triton_split_gate_matches_oracle(M, K, total, run, dtype, atol, rtol, check_close):
+    triton_kernels, device = _triton_or_skip()
+    x, (w, b, wg, bg), dense_w, dense_b = _split_views(M, K, total, run, dtype, device)
+    y = triton_kernels.linear_geglu_triton(x, w, b, gate_weight=wg, gate_bias=bg, config=TILE)
+    assert y.shape == (M, run[1] - run[0])
+    check_close(y, oracle.linear_geglu(x, dense_w, dense_b), atol, rtol, f"{OP} split {(M, K, total, run)} {dtype}")
+    check_close(y, linear_geglu_ref(x, w, b, wg, bg), atol, rtol, f"{OP} split vs reference")
+    no_bias = triton_kernels.linear_geglu_triton(x, w, None, gate_weight=wg, gate_bias=None, config=TILE)
+    check_close(no_bias, oracle.linear_geglu(x, dense_w, None), atol, rtol, f"{OP} split, no bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_tensor_descriptor_variant(dtype, monkeypatch, check_close):
+    """The TMA path describes the two views separately (value and gate descriptors)."""
+    triton_kernels, device = _triton_or_skip()
+    from mosaic_kernels.triton import _matmul
+
+    if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need Hopper (sm_90+)")
+    x, (w, b, wg, bg), dense_w, dense_b = _split_views(130, 64, 96, (8, 80), dtype, device)
+    described = []
+    make_descriptor = _matmul.make_descriptor
+    monkeypatch.setattr(_matmul, "make_descriptor",
+                        lambda t, block: described.append(t.data_ptr()) or make_descriptor(t, block))
+    y = triton_kernels.linear_geglu_triton(x, w, b, gate_weight=wg, gate_bias=bg, config={**TILE, "tma": True})
+    assert w.data_ptr() in described and wg.data_ptr() in described
+    rtol = 1e-5 if dtype == torch.float32 else 2 * BF16_REL
+    check_close(y, oracle.linear_geglu(x, dense_w, dense_b), 1e-5, rtol, "split TMA variant")
+
+
+def test_split_tolerance_rejects_a_gate_off_by_one_row(check_close):
+    """Negative control: gate rows shifted by one channel (an off-by-one range) are caught."""
+    x, (w, b, wg, bg), dense_w, dense_b = _split_views(6, 40, 30, (4, 20), torch.float32, "cpu")
+    shifted = linear_geglu_ref(x, w, b, dense_w[16:].roll(1, 0), dense_b[16:].roll(1, 0))
+    with pytest.raises(AssertionError, match="max \\|diff\\|"):
+        check_close(shifted, oracle.linear_geglu(x, dense_w, dense_b), 1e-5, 1e-5, "negative control")
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", FP32_BF16)
+def test_public_op_split_matches_oracle(backend, device, dtype, atol, rtol, check_close):
+    linear_geglu = _public_op_or_skip()
+    x, (w, b, wg, bg), dense_w, dense_b = _split_views(70, 48, 40, (5, 38), dtype, device)
+    x = x.view(2, 35, 48)
+    y = linear_geglu(x, w, b, wg, bg)
+    assert y.shape == (2, 35, 33) and y.dtype == dtype
+    check_close(y, oracle.linear_geglu(x, dense_w, dense_b), atol, rtol, f"{OP}[{backend}] split {dtype}")
+
+
+def test_opcheck_both_forms():
+    """The schema, the fake (shapes alone) and autograd registration, with and without the gate operands."""
+    _public_op_or_skip()
+    x, (w, b, wg, bg), dense_w, dense_b = _split_views(6, 24, 20, (3, 15), torch.float32, "cpu")
+    op = torch.ops.mosaic.linear_geglu.default
+    torch.library.opcheck(op, (x, dense_w, dense_b))
+    torch.library.opcheck(op, (x, w, b, wg, bg))
+    torch.library.opcheck(op, (x, w, None, wg, None))
+
+
+def test_split_bad_inputs_raise():
+    linear_geglu = _public_op_or_skip()
+    x, (w, b, wg, bg), _, _ = _split_views(4, 24, 20, (3, 15), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="gate_weight must have"):
+        linear_geglu(x, w, b, wg[1:], bg[1:])
+    with pytest.raises(ValueError, match="both bias and gate_bias"):
+        linear_geglu(x, w, b, wg, None)
+    with pytest.raises(ValueError, match="gate_bias needs gate_weight"):
+        linear_geglu(x, torch.cat([w, wg]), torch.cat([b, bg]), None, bg)
+    with pytest.raises(TypeError, match="dtype"):
+        linear_geglu(x, w, b, wg.half(), bg.half())
+    with pytest.raises(ValueError, match="last dim"):
+        linear_geglu(x, w, b, wg[:, 1:], bg)
+
+
+def test_split_launcher_refuses_bad_inputs():
+    triton_kernels, device = _triton_or_skip()
+    x, (w, b, wg, bg), _, _ = _split_views(4, 24, 20, (3, 15), torch.float32, device)
+    with pytest.raises(AssertionError, match="bad gate_weight"):
+        triton_kernels.linear_geglu_triton(x, w, b, gate_weight=wg[1:], gate_bias=bg[1:])
+    with pytest.raises(AssertionError, match="both or neither"):
+        triton_kernels.linear_geglu_triton(x, w, b, gate_weight=wg, gate_bias=None)
+    with pytest.raises(AssertionError, match="gate_bias without gate_weight"):
+        triton_kernels.linear_geglu_triton(x, torch.cat([w, wg]), None, gate_bias=bg)
