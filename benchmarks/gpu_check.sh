@@ -12,15 +12,23 @@
 #   suite      330s    ~240s           correctness.json, kernels.json, e2e.json, e2e.png, profile.txt
 #                                      (gpu_suite.py's own guards: correctness 40, kernels 75,
 #                                      e2e 190, profile 25; e2e.json rewritten after every config)
+#   sdxl    <=240s    ~120-180s        sdxl.json (gpu_suite.py --stages sdxl in its own process: SDXL
+#                                      base U-Net per forward, eager / compile / engine dense / mosaic
+#                                      0.3; its guard is what the 600 s total leaves after the tests'
+#                                      100 s and a 10 s margin, at most 240 s; skipped under 60 s)
 #   tests      100s    60-90s          gpu_tests.log (tests/kernels + tests/runtime on CUDA tensors,
 #                                      --timeout 60 per test, no -x, pytest-xdist when present)
-#   total      600s    ~6-7 min
+#   total      600s    ~8-9.5 min      (the sdxl guard keeps the sum of all stages within it)
 # The suite runs before the test suite: its correctness stage checks the real path at full
 # shapes first, and the tests' duration (hundreds of first-time Triton compiles) is the least
 # predictable part, so it gets what is left.
 #
+# The SDXL prune time (OBS, 32 calibration samples per stage) takes minutes and is not part of this
+# check: run `python benchmarks/gpu_suite.py --out DIR --stages sdxl --sdxl-prune-time --sdxl-guard-s 560`
+# as its own device call.
+#
 # Exit status: a bitmask of failed stages: build 1, correctness 2, kernels 4, e2e 8, profile 16,
-# tests 32 (0 = everything passed). check.log has one "stage NAME: ok|failed|timeout" line each.
+# tests 32, sdxl 64 (failed, timed out or skipped for lack of time; 0 = everything passed). check.log has one "stage NAME: ok|failed|timeout" line each.
 #
 # Before the device call, on the dev machine: bash benchmarks/prepare_gpu_run.sh (wheels into .whl/)
 # Then run with carry [".whl"] and timeout_s 600 (leaves room for one rerun in a 15-minute lease):
@@ -28,11 +36,13 @@
 # Results land in $OUT (the device tool's folder), else benchmarks/results/<date>-<card>/.
 #
 # Rehearsal on a CPU (same suite code paths, tiny model, no build unless MOSAIC_CHECK_BUILD=1;
-# MOSAIC_CHECK_SUITE_STAGES=a,b runs a subset of the suite's stages):
+# MOSAIC_CHECK_SUITE_STAGES=a,b runs a subset of the suite's stages, sdxl included):
 #   bash benchmarks/gpu_check.sh --dry-run            # results in $OUT or a fresh temp folder
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
+CHECK_START=$(date +%s)
+TOTAL_S=600 TESTS_GUARD_S=100
 [ "${1:-}" = "--dry-run" ] && DRY=1
 export PYTHONUNBUFFERED=1 MOSAIC_COMMIT="${MOSAIC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 PY="${PYTHON:-python3}"
@@ -87,7 +97,9 @@ else
 fi
 
 # suite: correctness, kernels, e2e, profile (its exit status is its own bitmask, shifted here).
-suite_args=(--out "$OUT" --stages "${MOSAIC_CHECK_SUITE_STAGES:-correctness,kernels,e2e,profile}")
+stage_list="${MOSAIC_CHECK_SUITE_STAGES:-correctness,kernels,e2e,profile,sdxl}"
+suite_stages=$(tr ',' '\n' <<< "$stage_list" | grep -vx sdxl | paste -sd, -)
+suite_args=(--out "$OUT" --stages "$suite_stages")
 [ "$DRY" = 1 ] && suite_args+=(--dry-run)
 suite_guard=330
 [ "$DRY" = 1 ] && suite_guard=1320  # gpu_suite.py scales its own guards by 4 in a dry run
@@ -100,15 +112,35 @@ for s in correctness kernels e2e profile; do  # a stage without its ok line fail
 done
 [ "$suite_rc" -ne 0 ] && [ "$suite_rc" -lt 16 ] && failed=$(( failed | (suite_rc << 1) ))
 
+# sdxl: its own process (the DiT models' memory is freed), with what the total leaves.
+if [[ ",$stage_list," == *",sdxl,"* ]]; then
+  sdxl_args=(--out "$OUT" --stages sdxl)
+  if [ "$DRY" = 1 ]; then
+    sdxl_guard=300  # tiny model: ~10-20 s on 2 shared cores
+    sdxl_args+=(--dry-run)
+  else
+    sdxl_guard=$(( TOTAL_S - ($(date +%s) - CHECK_START) - TESTS_GUARD_S - 10 ))
+    [ "$sdxl_guard" -gt 240 ] && sdxl_guard=240
+    sdxl_args+=(--sdxl-guard-s $(( sdxl_guard - 15 )))  # its own guard first: sdxl.json is complete
+  fi
+  if [ "$sdxl_guard" -lt 60 ]; then
+    say "stage sdxl: skipped (${sdxl_guard} s left of the ${TOTAL_S} s total)"
+    failed=$(( failed | 64 ))
+  else
+    run_stage sdxl 0 "$sdxl_guard" "$PY" benchmarks/gpu_suite.py "${sdxl_args[@]}" 2>&1 | tee -a "$LOG"
+    [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$(( failed | 64 ))
+  fi
+fi
+
 # tests: kernels and runtime on CUDA tensors (a dry run runs the dispatch and graph tests only).
 tests=(tests/kernels tests/runtime)
 [ "$DRY" = 1 ] && tests=(tests/kernels/test_dispatch.py tests/runtime/test_graphs.py)
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && [ "$DRY" = 0 ] && xdist=(-n 8)
-run_stage tests 32 100 "$PY" -m pytest -q -p no:cacheprovider --timeout 60 "${xdist[@]}" "${tests[@]}" \
+run_stage tests 32 "$TESTS_GUARD_S" "$PY" -m pytest -q -p no:cacheprovider --timeout 60 "${xdist[@]}" "${tests[@]}" \
   > "$OUT/gpu_tests.log" 2>&1
 tail -3 "$OUT/gpu_tests.log" | tee -a "$LOG"
 
-say "done: exit status $failed (bits: build 1, correctness 2, kernels 4, e2e 8, profile 16, tests 32)"
+say "done: exit status $failed (bits: build 1, correctness 2, kernels 4, e2e 8, profile 16, tests 32, sdxl 64)"
 ls -l "$OUT" | tee -a "$LOG"
 exit $failed

@@ -24,14 +24,22 @@ Stages, in order, each under its own wall-clock guard and each writing its own f
    batch 16). Ratios and the issue's targets are recomputed after every config.
 4. ``profile`` -> profile.txt: torch.profiler tables (top kernels by GPU time) of engine_dense
    and diffusers_compile_dense at batch 16.
+5. ``sdxl`` -> sdxl.json: one SDXL base U-Net forward (bf16, 1024 px, batch 2 = CFG) per config:
+   diffusers eager, diffusers + torch.compile, engine dense (`MosaicUNet` at sparsity 0) and the
+   0.3 mosaic, at each mosaic stage's timestep and step-weighted over Euler-50, with the ratios
+   and target PF8 (mosaic >= 1.4x compile-dense); ``--sdxl-prune-time`` adds the wall time of
+   OBS pruning with 32 calibration samples per stage (minutes: not in gpu_check.sh's default).
+   gpu_check.sh runs it in its own process, with what its 600 s total leaves (see there).
 
-Stage 3 lives in suite_e2e.py, the helpers the stages share (guard, results files, run header,
+Stage 3 lives in suite_e2e.py, stage 5 in suite_sdxl.py, the helpers the stages share (guard, results files, run header,
 timing with `triton.testing.do_bench`) in suite_common.py.
 
-The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8);
+The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8,
+sdxl 16);
 each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
 
     python benchmarks/gpu_suite.py --out DIR              # one H100/H200: at most 5.5 minutes
+    python benchmarks/gpu_suite.py --out DIR --stages sdxl  # at most 225 s (--sdxl-guard-s)
     python benchmarks/gpu_suite.py --out DIR --dry-run    # tiny model on the CPU, same code paths
 """
 
@@ -62,12 +70,13 @@ from suite_common import (  # noqa: E402,F401 - StageTimeout, time_ms: used by t
     write_json,
 )
 from suite_e2e import TARGETS, e2e_plan, stage_e2e  # noqa: E402,F401 - TARGETS, e2e_plan: the dry-run tests read them
+from suite_sdxl import stage_sdxl  # noqa: E402
 
-STAGES = ("correctness", "kernels", "e2e", "profile")
+STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl")
 STAGE_BITS = {name: 1 << i for i, name in enumerate(STAGES)}
 #: Wall-clock guard per stage on the GPU, seconds. The CPU dry run scales them by
 #: DRY_RUN_GUARD_SCALE: inductor compiles for the CPU with a cold cache take minutes on 2 cores.
-GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25}
+GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25, "sdxl": 225}
 DRY_RUN_GUARD_SCALE = 4
 
 
@@ -262,7 +271,8 @@ def stage_profile(suite: Suite, out: Path) -> bool:
     return True
 
 
-STAGE_FNS = {"correctness": stage_correctness, "kernels": stage_kernels, "e2e": stage_e2e, "profile": stage_profile}
+STAGE_FNS = {"correctness": stage_correctness, "kernels": stage_kernels, "e2e": stage_e2e, "profile": stage_profile,
+             "sdxl": stage_sdxl}
 
 
 def main(argv=None) -> int:
@@ -273,7 +283,16 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=None, help="forward batches (default 16 64; dry run 4 2)")
     p.add_argument("--rep-ms", type=int, default=None, help="timing window per forward measurement")
     p.add_argument("--kernel-rep-ms", type=int, default=None, help="timing window per kernel provider")
+    p.add_argument("--sdxl-guard-s", type=float, default=None,
+                   help=f"the sdxl stage's guard on the GPU, seconds (default {GUARDS['sdxl']})")
+    p.add_argument("--sdxl-prune-time", action="store_true",
+                   help="sdxl: also time OBS pruning of the SDXL U-Net (minutes; always on, tiny, in a dry run)")
+    p.add_argument("--sdxl-prune-samples", type=int, default=32, help="sdxl: calibration samples per stage")
     args = p.parse_args(argv)
+    if args.sdxl_guard_s is not None and args.sdxl_guard_s <= 0:
+        p.error(f"--sdxl-guard-s must be positive, got {args.sdxl_guard_s}")
+    if args.sdxl_prune_samples < 1:
+        p.error(f"--sdxl-prune-samples must be at least 1, got {args.sdxl_prune_samples}")
     stages = [s for s in args.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -290,7 +309,7 @@ def main(argv=None) -> int:
     failed = 0
     scale = DRY_RUN_GUARD_SCALE if args.dry_run else 1
     for name in stages:
-        guard = GUARDS[name] * scale
+        guard = (args.sdxl_guard_s if name == "sdxl" and args.sdxl_guard_s else GUARDS[name]) * scale
         log(f"stage {name}: start (guard {guard} s)")
         t0 = time.perf_counter()
         try:

@@ -5,7 +5,8 @@ torch.compile calls) on a tiny DiT. These tests read the files it leaves and che
 run must deliver: every stage's file, every config measured, each compiled baseline compiled
 once per batch (once per stage and batch for compile_pruned), the ratios and targets computed
 in the run, at most 8 result files (what the device tool returns), and an exit status that
-names the failed stages while the later stages still run.
+names the failed stages while the later stages still run. The sdxl stage runs diffusers' tiny
+SDXL test U-Net through the same configs as the SDXL base U-Net on the GPU.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def load(out: Path, name: str) -> dict:
 def test_every_stage_leaves_its_file_and_at_most_eight(dry_run):
     files = sorted(p.name for p in dry_run.iterdir())
     assert files == sorted(["check.log", "correctness.json", "kernels.json", "e2e.json", "e2e.png",
-                            "profile.txt", "gpu_tests.log"]), files
+                            "profile.txt", "sdxl.json", "gpu_tests.log"]), files
     log = (dry_run / "check.log").read_text()
-    for stage in ("correctness", "kernels", "e2e", "profile", "suite", "tests"):
+    for stage in ("correctness", "kernels", "e2e", "profile", "suite", "sdxl", "tests"):
         assert f"stage {stage}: ok" in log, f"no ok line for {stage}"
     assert "exit status 0" in log
     assert "passed" in (dry_run / "gpu_tests.log").read_text()
@@ -87,6 +88,38 @@ def test_e2e_measures_every_config_and_compiles_once_per_batch(dry_run):
     assert all(t["ratio"] > 0 for t in result["targets"].values())
     assert any(k.startswith("engine_dense_unfused/engine_dense@") for k in result["ratios"])
     assert (dry_run / "e2e.png").stat().st_size > 1000
+
+
+def test_sdxl_times_every_config_at_every_stage_and_the_pf8_ratio(dry_run):
+    """sdxl.json: every config at each mosaic stage's timestep, step-weighted over Euler-50, the
+    compiled U-Net compiled once for all timesteps, the ratios from the records, the prune time."""
+    import suite_sdxl
+
+    result = load(dry_run, "sdxl.json")
+    assert not result["errors"], result["errors"]
+    assert {"env", "model", "dtype", "inputs", "scheduler", "stages", "records", "ratios", "targets", "memory",
+            "prune_time"} <= set(result), sorted(result)
+    assert result["inputs"]["sample"][0] == 2 and result["inputs"]["time_ids"] == [2, 6]
+    stages = result["stages"]
+    assert [s["name"] for s in stages] == ["early", "middle", "late"]
+    assert sum(s["steps"] for s in stages) == 50
+    assert all(s["t_start"] <= s["timestep"] < s["t_end"] for s in stages), stages
+    assert len({round(s["sparsity"], 6) for s in stages}) > 1, "the stages have different widths"
+    mean = sum(s["sparsity"] * s["steps"] for s in stages) / 50
+    assert abs(mean - 0.3) < 0.02, mean
+    by = {r["config"]: r for r in result["records"]}
+    assert list(by) == list(suite_sdxl.PLAN)
+    for name, rec in by.items():
+        assert list(rec["per_stage_ms"]) == [str(s["timestep"]) for s in stages], rec
+        weighted = sum(rec["per_stage_ms"][str(s["timestep"])] * s["steps"] for s in stages) / 50
+        assert rec["ms_per_forward"] == pytest.approx(weighted)
+        assert rec["dynamo_graphs_compiled"] == (1 if name == "diffusers_compile_dense" else 0), rec
+    pf8 = result["targets"]["PF8_sdxl_mosaic_0.3_vs_compile_dense"]
+    assert pf8["target"] == 1.4
+    assert pf8["ratio"] == pytest.approx(by["diffusers_compile_dense"]["ms_per_forward"] / by["mosaic_0.3"]["ms_per_forward"])
+    assert set(result["ratios"]) == {f"{a}/{b}" for a, b in suite_sdxl.RATIO_PAIRS}
+    assert 1.0 < result["memory"]["mosaic_0.3"]["ratio"] < 1.2 and result["memory"]["engine_dense"]["ratio"] > 0
+    assert result["prune_time"]["pruner"] == "obs" and result["prune_time"]["seconds"] > 0
 
 
 def test_kernels_run_at_the_mosaics_stage_shapes(dry_run):
