@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: it returns honest numbers in one run of at most 8 minutes on one
+# The one prepared GPU check: it returns honest numbers in one run of at most 10 minutes (600 s) on one
 # H100/H200 (torch 2.11, triton 3.6, Python 3.12, no network, diffusers carried as a wheel).
 #
 # Stages, in order, each under a wall-clock guard and each leaving its own file in $OUT as soon

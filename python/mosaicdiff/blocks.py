@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mosaicdiff.types import WEIGHT_FIELDS, CompactBlockWeights, compact_block_shapes
+from mosaicdiff.types import WEIGHT_FIELDS, CompactBlockWeights, compact_block_shapes, frozen
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ def _ops():
     from mosaic_kernels import ops
 
     return ops
-
-
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach(), requires_grad=False)
 
 
 class CompactDiTBlock(nn.Module):
@@ -90,7 +86,7 @@ class CompactDiTBlock(nn.Module):
         self.kept_heads = weights.kept_heads.detach().to("cpu", torch.int64)
         self.kept_channels = weights.kept_channels.detach().to("cpu", torch.int64)
         for name in WEIGHT_FIELDS:
-            setattr(self, name, _frozen(getattr(weights, name)))
+            setattr(self, name, frozen(getattr(weights, name)))
 
     @property
     def num_heads(self) -> int:
@@ -284,8 +280,8 @@ class SharedConditioning(nn.Module):
         if len(embedders) not in (1, L):
             raise ValueError(f"need 1 shared embedder or one per block ({L}), got {len(embedders)}")
         self.embedders = nn.ModuleList(embedders)
-        self.mod_weight = _frozen(mod_weight)
-        self.mod_bias = _frozen(mod_bias)
+        self.mod_weight = frozen(mod_weight)
+        self.mod_bias = frozen(mod_bias)
 
     @classmethod
     def from_blocks(

@@ -16,7 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["interval_order", "unit_ranges"]
+import torch
+
+__all__ = ["interval_order", "unit_positions", "unit_ranges"]
+
+
+def unit_positions(units: torch.Tensor) -> torch.Tensor:
+    """A lookup table: ``table[unit]`` = the unit's position in `units` (-1 where absent)."""
+    table = torch.full((int(units.max()) + 1 if units.numel() else 0,), -1, dtype=torch.int64)
+    table[units] = torch.arange(units.numel())
+    return table
 
 
 def _is_run(order: list[int], units: set[int]) -> bool:

@@ -290,7 +290,7 @@ def prune(model: nn.Module, calibration: Calibration | None, target_sparsity: fl
             `mosaicdiff.shared_producers`); only the compensated consumers are per stage. False:
             every stage selects freely and stores its own producers (more memory; quality of both
             in ``docs/results.md``). None (default): True where the family's mosaic class
-            supports it (``shares_producers``: DiT), else False (the U-Net, for now).
+            supports it (``shares_producers``: DiT and U-Net).
 
     Returns:
         The family's mosaic (`MosaicDiT` for a DiT) with the stages and ``meta`` (method,

@@ -38,7 +38,7 @@ _ON_GRID_TOL = 1e-9
 _TRIES_PER_STAGE = 20
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
+def positive_int(name: str, value, minimum: int = 1) -> int:
     try:
         v = None if isinstance(value, bool) else operator.index(value)
     except TypeError:
@@ -82,7 +82,7 @@ class SparsityGrid:
             ValueError: empty or non-positive weights; `step` outside (0, 1); `target` outside
                 [0, 1) or not a multiple of `step`; `s_cap` outside (0, 1) or below `target`.
         """
-        weights = tuple(_positive_int("stage weight (sampler steps per stage)", w) for w in weights)
+        weights = tuple(positive_int("stage weight (sampler steps per stage)", w) for w in weights)
         if not weights:
             raise ValueError("SparsityGrid needs at least one stage, got no weights")
         step = _fraction("grid", step, open_low=True)
@@ -166,15 +166,15 @@ class EvolutionConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _positive_int("population", self.population)
-        _positive_int("offspring", self.offspring)
-        _positive_int("generations", self.generations, minimum=0)
-        _positive_int("max_moves", self.max_moves)
+        positive_int("population", self.population)
+        positive_int("offspring", self.offspring)
+        positive_int("generations", self.generations, minimum=0)
+        positive_int("max_moves", self.max_moves)
         if self.init_moves is not None:
-            _positive_int("init_moves", self.init_moves)
+            positive_int("init_moves", self.init_moves)
         if self.patience is not None:
-            _positive_int("patience", self.patience)
-        _positive_int("seed", self.seed, minimum=0)
+            positive_int("patience", self.patience)
+        positive_int("seed", self.seed, minimum=0)
 
 
 @dataclass

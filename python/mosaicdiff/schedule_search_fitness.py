@@ -9,28 +9,18 @@ is a function of its weights only.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mosaicdiff import quality, sampling
+from mosaicdiff.schedule_search_es import positive_int
 
 __all__ = ["HeldOutFidelity", "PSNR_CEILING"]
 
 #: Identical images have infinite PSNR; they count as this many dB (as in `mosaicdiff.app.experiment`).
 PSNR_CEILING = 100.0
-
-
-def _count(name: str, value, minimum: int) -> int:
-    try:
-        v = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return v
 
 
 @dataclass
@@ -66,9 +56,9 @@ class HeldOutFidelity:
         Raises:
             ValueError: `num_images` < 1, a bad step count or guidance scale (`mosaicdiff.sampling.sample`).
         """
-        n = _count("fitness num_images", num_images, 1)
-        seed = _count("fitness seed", seed, 0)
-        steps = _count("fitness num_inference_steps", num_inference_steps, 1)
+        n = positive_int("fitness num_images", num_images, 1)
+        seed = positive_int("fitness seed", seed, 0)
+        steps = positive_int("fitness num_inference_steps", num_inference_steps, 1)
         num_classes = int(dense.config.num_embeds_ada_norm)
         generator = torch.Generator().manual_seed(seed)
         noise = sampling.make_noise(dense, n, generator=generator)

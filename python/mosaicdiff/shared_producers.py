@@ -18,24 +18,13 @@ import torch
 from torch import nn
 
 from mosaicdiff.blocks import CompactDiTBlock
-from mosaicdiff.producer_layout import interval_order, unit_ranges
-from mosaicdiff.types import CompactBlockWeights
+from mosaicdiff.producer_layout import interval_order, unit_positions, unit_ranges
+from mosaicdiff.types import CompactBlockWeights, frozen
 
 __all__ = ["CONSUMER_FIELDS", "SharedProducerBlock", "SharedProducers", "share_producers"]
 
 #: The per-stage fields of a shared-producer block (the compensated consumers).
 CONSUMER_FIELDS = ("proj_weight", "proj_bias", "fc2_weight", "fc2_bias")
-
-
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach(), requires_grad=False)
-
-
-def _positions(units: torch.Tensor) -> torch.Tensor:
-    """A lookup table: ``table[unit]`` = the unit's position in `units` (-1 where absent)."""
-    table = torch.full((int(units.max()) + 1 if units.numel() else 0,), -1, dtype=torch.int64)
-    table[units] = torch.arange(units.numel())
-    return table
 
 
 def _qkv_head_major(qkv: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -67,10 +56,10 @@ class SharedProducers(nn.Module):
         self.channels = torch.as_tensor(channels, dtype=torch.int64).reshape(-1).cpu()
         self.head_dim = int(head_dim)
         rows = 3 * self.heads.numel() * self.head_dim
-        self.qkv_weight = _frozen(torch.empty(rows, int(width)))
-        self.qkv_bias = _frozen(torch.empty(rows))
-        self.fc1_weight = _frozen(torch.empty(self.channels.numel(), int(width)))
-        self.fc1_bias = _frozen(torch.empty(self.channels.numel()))
+        self.qkv_weight = frozen(torch.empty(rows, int(width)))
+        self.qkv_bias = frozen(torch.empty(rows))
+        self.fc1_weight = frozen(torch.empty(self.channels.numel(), int(width)))
+        self.fc1_bias = frozen(torch.empty(self.channels.numel()))
 
     @classmethod
     def from_stage_weights(cls, heads: Sequence[int], channels: Sequence[int],
@@ -84,7 +73,7 @@ class SharedProducers(nn.Module):
         qkv_b = torch.empty(3 * len(heads) * hd, dtype=ref.dtype, device=ref.device)
         fc1_w = torch.empty(len(channels), width, dtype=ref.dtype, device=ref.device)
         fc1_b = torch.empty(len(channels), dtype=ref.dtype, device=ref.device)
-        head_rows, chan_rows = _positions(store.heads), _positions(store.channels)
+        head_rows, chan_rows = unit_positions(store.heads), unit_positions(store.channels)
         for w in weights:  # a unit kept by several stages has the same (sliced) rows in each
             h = w.num_heads
             if h:
@@ -98,7 +87,7 @@ class SharedProducers(nn.Module):
                 fc1_w[dst] = w.fc1_weight
                 fc1_b[dst] = w.fc1_bias
         for name, t in (("qkv_weight", qkv_w), ("qkv_bias", qkv_b), ("fc1_weight", fc1_w), ("fc1_bias", fc1_b)):
-            setattr(store, name, _frozen(t))
+            setattr(store, name, frozen(t))
         return store
 
     def extra_repr(self) -> str:
@@ -138,7 +127,7 @@ class SharedProducerBlock(CompactDiTBlock):
             t = consumers[name]
             if tuple(t.shape) != shape:
                 raise ValueError(f"SharedProducerBlock.{name}: expected shape {shape}, got {tuple(t.shape)}")
-            setattr(self, name, _frozen(t))
+            setattr(self, name, frozen(t))
 
     @property
     def producers(self) -> SharedProducers:
@@ -171,7 +160,7 @@ class SharedProducerBlock(CompactDiTBlock):
 
 def _permute_columns(w: torch.Tensor, kept: torch.Tensor, order: list[int], unit: int) -> torch.Tensor:
     """``w``'s column groups (one per unit of `kept`) reordered to follow `order`."""
-    groups = _positions(kept.cpu())[torch.as_tensor(order, dtype=torch.int64)]
+    groups = unit_positions(kept.cpu())[torch.as_tensor(order, dtype=torch.int64)]
     idx = (groups[:, None] * unit + torch.arange(unit)).reshape(-1)
     return w.index_select(1, idx.to(w.device)).contiguous()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -78,3 +79,8 @@ class StageSpec:
     t_end: int
     sparsity: float  # requested structural sparsity of this stage's blocks
     blocks: list[CompactBlockWeights] = field(default_factory=list)
+
+
+def frozen(t: torch.Tensor) -> nn.Parameter:
+    """`t` as an inference-only parameter (no grad; registered, so `.to()` and state dicts see it)."""
+    return nn.Parameter(t.detach(), requires_grad=False)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mosaicdiff.types import frozen
+
 __all__ = ["CompactUNetBlock", "CompactUNetBlockWeights", "UNET_INDEX_FIELDS", "UNET_WEIGHT_FIELDS", "check_block_call",
            "unet_block_shapes"]
 
@@ -98,10 +100,6 @@ def check_block_call(attention_mask, encoder_attention_mask, encoder_hidden_stat
         raise ValueError("CompactUNetBlock: encoder_hidden_states (the text states) are required")
 
 
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach(), requires_grad=False)
-
-
 def _ops():
     from mosaic_kernels import ops
 
@@ -134,7 +132,7 @@ class CompactUNetBlock(nn.Module):
             t = getattr(weights, name)
             if tuple(t.shape) != shape:
                 raise ValueError(f"CompactUNetBlockWeights.{name}: expected shape {shape}, got {tuple(t.shape)}")
-            setattr(self, name, _frozen(t))
+            setattr(self, name, frozen(t))
 
     @property
     def heads(self) -> tuple[int, int]:

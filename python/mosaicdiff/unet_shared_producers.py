@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mosaicdiff.producer_layout import interval_order, unit_ranges
+from mosaicdiff.producer_layout import interval_order, unit_positions, unit_ranges
+from mosaicdiff.types import frozen
 from mosaicdiff.unet_blocks import CompactUNetBlock, CompactUNetBlockWeights
 
 __all__ = ["CONSUMER_FIELDS", "PRODUCER_FIELDS", "SharedUNetBlock", "UNetSharedProducers", "producer_shapes",
@@ -37,17 +38,6 @@ CONSUMER_FIELDS = (*(f"norm{k}_{p}" for k in (1, 2, 3) for p in ("weight", "bias
 #: The fields a `UNetSharedProducers` stores once per block position.
 PRODUCER_FIELDS = ("qkv1_weight", "qkv1_bias", "q2_weight", "q2_bias", "kv2_weight", "kv2_bias",
                    "ff1_weight", "ff1_bias")
-
-
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach(), requires_grad=False)
-
-
-def _positions(units: torch.Tensor) -> torch.Tensor:
-    """``table[unit]`` = the unit's position in `units` (-1 where absent)."""
-    table = torch.full((int(units.max()) + 1 if units.numel() else 0,), -1, dtype=torch.int64)
-    table[units] = torch.arange(units.numel())
-    return table
 
 
 def _head_major(t: torch.Tensor, parts: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -88,7 +78,7 @@ class UNetSharedProducers(nn.Module):
         self.head_dim = int(head_dim)
         shapes = producer_shapes(*(u.numel() for u in units), self.head_dim, int(width), int(text_width))
         for name, shape in shapes.items():
-            setattr(self, name, _frozen(torch.empty(shape)))
+            setattr(self, name, frozen(torch.empty(shape)))
 
     @classmethod
     def from_stage_weights(cls, heads1: Sequence[int], heads2: Sequence[int], channels: Sequence[int],
@@ -100,7 +90,7 @@ class UNetSharedProducers(nn.Module):
         hd, ref = int(head_dim), w0.qkv1_weight
         out = {name: torch.empty(getattr(store, name).shape, dtype=ref.dtype, device=ref.device)
                for name in PRODUCER_FIELDS}
-        rows1, rows2, rows_f = _positions(store.heads1), _positions(store.heads2), _positions(store.channels)
+        rows1, rows2, rows_f = unit_positions(store.heads1), unit_positions(store.heads2), unit_positions(store.channels)
         n_f = store.channels.numel()
         for w in weights:  # a unit kept by several stages has the same (sliced) rows in each
             for kept, table, name, parts in ((w.kept_heads1, rows1, "qkv1", 3), (w.kept_heads2, rows2, "q2", 1),
@@ -118,7 +108,7 @@ class UNetSharedProducers(nn.Module):
                 out["ff1" + suffix][dst] = src[:f]  # value rows
                 out["ff1" + suffix][n_f + dst] = src[f:]  # gate rows, same order
         for name, t in out.items():
-            setattr(store, name, _frozen(t))
+            setattr(store, name, frozen(t))
         return store
 
     def extra_repr(self) -> str:
@@ -165,7 +155,7 @@ class SharedUNetBlock(CompactUNetBlock):
             t = consumers[name]
             if tuple(t.shape) != shape:
                 raise ValueError(f"SharedUNetBlock.{name}: expected shape {shape}, got {tuple(t.shape)}")
-            setattr(self, name, _frozen(t))
+            setattr(self, name, frozen(t))
 
     @property
     def producers(self) -> UNetSharedProducers:
@@ -215,7 +205,7 @@ class SharedUNetBlock(CompactUNetBlock):
 
 def _permute_columns(w: torch.Tensor, kept: torch.Tensor, order: Sequence[int], unit: int) -> torch.Tensor:
     """`w`'s column groups (one per unit of `kept`) reordered to follow `order`."""
-    groups = _positions(kept.cpu())[torch.as_tensor(list(order), dtype=torch.int64)]
+    groups = unit_positions(kept.cpu())[torch.as_tensor(list(order), dtype=torch.int64)]
     idx = (groups[:, None] * unit + torch.arange(unit)).reshape(-1)
     return w.index_select(1, idx.to(w.device)).contiguous()
 
