@@ -2,7 +2,7 @@
 
 1. The allocation cap ``s_max = target + 0.1`` (`mosaicdiff.stage_plan.default_s_max`) against the
    uncapped allocation (``s_max = 0.9``), MosaicDiff at mean sparsity 0.5.
-2. Guidance 1.5 (`DEFAULT_GUIDANCE`) against 3.0 for the dense model.
+2. Guidance 1.5 (`DEFAULT_GUIDANCE`) against 3.0 (or each `--other-guidance`) for the dense model.
 
 Each pair is sampled from the same noise and labels (``--num-seeds`` seeds of ``--num-samples``
 images) and compared with the paired differences of `mosaicdiff.app.measure` (95% intervals).
@@ -27,8 +27,11 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=experiment.DEFAULT_NUM_SAMPLES)
     p.add_argument("--num-seeds", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--other-guidance", type=float, action="append", default=None,
+                   help="guidance scales compared with the default (repeatable; default 3.0)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    others = args.other_guidance or [3.0]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = experiment.prepare(None, steps=experiment.DEFAULT_STEPS, seed=0, num_samples=args.num_samples,
@@ -42,11 +45,13 @@ def main() -> None:
 
     g = experiment.DEFAULT_GUIDANCE
     dense, _ = run.sample(run.dense, g)
-    dense_hi, _ = run.sample(run.dense, 3.0)
-    m_lo = measure.measure(dense, run.labels, None, run.per_seed)
-    m_hi = measure.measure(dense_hi, run.labels, None, run.per_seed)
-    report["guidance"] = {"1.5": m_lo.summary(), "3.0": m_hi.summary(), "1.5 - 3.0": measure.difference(m_lo, m_hi)}
-    save()
+    m_default = measure.measure(dense, run.labels, None, run.per_seed)
+    report["guidance"] = {f"{g}": m_default.summary()}
+    for other in others:
+        m_other = measure.measure(run.sample(run.dense, other)[0], run.labels, None, run.per_seed)
+        report["guidance"][f"{other}"] = m_other.summary()
+        report["guidance"][f"{g} - {other}"] = measure.difference(m_default, m_other)
+        save()
 
     measured = {}
     for name, s_max in (("capped", None), ("uncapped", 0.9)):
@@ -59,9 +64,9 @@ def main() -> None:
         save()
     report["capped - uncapped"] = measure.difference(measured["capped"], measured["uncapped"])
     save()
-    for key in ("1.5 - 3.0", "capped - uncapped"):
-        where = report["guidance"] if key == "1.5 - 3.0" else report
-        print(f"{key}: {measure.format_difference(where[key])}")
+    for other in others:
+        print(f"{g} - {other}: {measure.format_difference(report['guidance'][f'{g} - {other}'])}")
+    print(f"capped - uncapped: {measure.format_difference(report['capped - uncapped'])}")
 
 
 if __name__ == "__main__":
