@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_kernels import ops
-from mosaic_kernels.atomic_io import write_json_atomic
-from mosaic_kernels.ops._registry import BenchCase, random_maker
+from mosaicdiff.core.atomic_io import write_json_atomic
+from mosaic_kernels.op_registry import BenchCase, random_maker
 from mosaic_kernels.timing import time_ms
 
 

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"compile check: {len(report['triton'])} Triton kernels, {len(report['cuda'])} CUDA kernels, "
           f"{sum(map(len, findings.values()))} findings, {report['meta']['runtime_s']:.1f} s")
     if args.json is not None:
-        from mosaic_kernels.atomic_io import write_json_atomic
+        from mosaicdiff.core.atomic_io import write_json_atomic
 
         write_json_atomic(args.json, report, sort_keys=True)
     return 1 if args.strict and any(findings.values()) else 0

@@ -1,4 +1,4 @@
-"""Models and plain-torch ops shared by the GPU benchmarks (gpu_suite.py, bench_kernels.py).
+"""Models and plain-torch ops shared by the GPU benchmarks (suite_context.py, suite_e2e.py, bench_kernels.py).
 
 - `DIT_XL2` / `DIT_TINY`: diffusers ``DiTTransformer2DModel`` configs (the real DiT-XL/2 shapes,
   and a tiny one for ``--dry-run`` on the CPU);
@@ -43,7 +43,7 @@ def build_dense(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0):
 
 def timing_stages(dense, target: float, num_steps: int = NUM_STEPS):
     """The real divide/allocate shapes with magnitude-selected, nested kept sets (timing only)."""
-    from mosaicdiff.pruning import prune_stages
+    from mosaicdiff.api import prune_stages
 
     return prune_stages(dense, None, target, method="mosaic", pruner="magnitude", num_inference_steps=num_steps,
                         progress=False)
@@ -52,7 +52,7 @@ def timing_stages(dense, target: float, num_steps: int = NUM_STEPS):
 def timing_mosaic(dense, target: float, num_steps: int = NUM_STEPS, share_producers: bool = True, stages=None):
     """A mosaic of `timing_stages`: with shared producer storage (the default layout) or with a copy
     of the producers per stage (the same kept sets: only the memory layout differs)."""
-    from mosaicdiff.mosaic import MosaicDiT
+    from mosaicdiff.families.dit.model import MosaicDiT
 
     stages = timing_stages(dense, target, num_steps) if stages is None else stages
     return MosaicDiT.from_dense(dense, stages, share_producers=share_producers,

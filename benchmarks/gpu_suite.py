@@ -31,8 +31,11 @@ Stages, in order, each under its own wall-clock guard and each writing its own f
    OBS pruning with 32 calibration samples per stage (minutes: not in gpu_check.sh's default).
    gpu_check.sh runs it in its own process, with what its 600 s total leaves (see there).
 
-Stage 3 lives in suite_e2e.py, stage 5 in suite_sdxl.py, the helpers the stages share (guard, results files, run header,
-timing with `triton.testing.do_bench`) in suite_common.py.
+This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stage 5 in
+suite_sdxl.py, the run's models and inputs (`Suite`) in suite_context.py, the helpers the stages
+share (guard, results files, run header, timing with `triton.testing.do_bench`, step weights,
+dynamo graph count) in suite_common.py, the model configs in dit_models.py and sdxl_config.py. The
+stages import those, never this file or each other.
 
 The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8,
 sdxl 16);
@@ -55,20 +58,18 @@ from pathlib import Path
 
 import torch
 
-from mosaic_kernels.atomic_io import write_text_atomic
+from mosaicdiff.core.atomic_io import write_text_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dit_models import DIT_TINY, DIT_XL2, build_dense, timing_mosaic  # noqa: E402
-from suite_common import (  # noqa: E402,F401 - StageTimeout, time_ms: used by the tests and the e2e stage
+from suite_common import (  # noqa: E402,F401 - StageTimeout: the tests read it
     StageTimeout,
-    env_info,
     is_timeout,
     log,
     rel_err,
-    time_ms,
     wall_clock_guard,
     write_json,
 )
+from suite_context import Suite  # noqa: E402
 from suite_e2e import TARGETS, e2e_plan, stage_e2e  # noqa: E402,F401 - TARGETS, e2e_plan: the dry-run tests read them
 from suite_sdxl import stage_sdxl  # noqa: E402
 
@@ -80,84 +81,13 @@ GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25, "sdxl": 2
 DRY_RUN_GUARD_SCALE = 4
 
 
-class Suite:
-    """The models of one run, built once and shared by the stages."""
-
-    def __init__(self, args):
-        self.args = args
-        self.device = "cpu" if args.dry_run else "cuda"
-        self.dtype = torch.float32 if args.dry_run else torch.bfloat16
-        self.cfg = DIT_TINY if args.dry_run else DIT_XL2
-        self.batches = args.batches
-        self.tokens = (self.cfg["sample_size"] // self.cfg["patch_size"]) ** 2
-        self.env = env_info(self.device)
-        self._models: dict[str, torch.nn.Module] = {}
-        self._dense = None
-        self._mosaics: dict[tuple[float, bool], torch.nn.Module] = {}  # (target, copies) -> mosaic
-
-    @property
-    def cuda(self) -> bool:
-        return self.device == "cuda"
-
-    def dense(self):
-        if self._dense is None:
-            self._dense = build_dense(self.cfg, self.device, self.dtype)
-        return self._dense
-
-    def mosaic(self, target: float, copies: bool = False):
-        """The timing mosaic at ``target`` (built without CUDA graphs; e2e enables them); `copies`:
-        the same stages with a copy of the producers per stage instead of the shared storage."""
-        if (target, copies) not in self._mosaics:
-            stages = self._mosaics[(target, False)].stages if (target, False) in self._mosaics else None
-            self._mosaics[(target, copies)] = timing_mosaic(self.dense(), target, share_producers=not copies,
-                                                            stages=stages)
-        return self._mosaics[(target, copies)]
-
-    def model(self, name: str):
-        """The e2e config ``name``, built on first use."""
-        if name not in self._models:
-            self._models[name] = self._build(name)
-        return self._models[name]
-
-    def _build(self, name: str):
-        from mosaicdiff.mosaic import MosaicDiT
-
-        if name == "diffusers_eager_dense":
-            return self.dense()
-        if name == "diffusers_compile_dense":
-            return torch.compile(self.dense(), dynamic=False)
-        if name in ("engine_dense", "engine_dense_unfused"):
-            engine = MosaicDiT.from_dense_unpruned(self.dense()).enable_cuda_graphs(self.cuda)
-            return engine.set_block_boundary_fusion(name == "engine_dense")
-        if name.startswith("engine_mosaic_"):
-            target = float(name.split("_")[2])
-            return self.mosaic(target, copies=name.endswith("_copies")).enable_cuda_graphs(self.cuda)
-        if name == "compile_pruned_0.5":
-            pruned = copy.deepcopy(self.mosaic(0.5))
-            pruned.forward_stage = torch.compile(pruned.forward_stage, mode="reduce-overhead", dynamic=False)
-            return pruned
-        raise ValueError(f"unknown config {name!r}")
-
-    def inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        c, s = self.cfg["in_channels"], self.cfg["sample_size"]
-        x = torch.randn(batch, c, s, s, generator=g).to(self.device, self.dtype)
-        y = torch.randint(0, self.cfg["num_embeds_ada_norm"], (batch,), generator=g).to(self.device)
-        return x, y
-
-    def timestep(self, model, t: int, batch: int) -> torch.Tensor:
-        """The timestep exactly as `mosaicdiff.sample` hands it to ``model`` (same compile guards)."""
-        host = getattr(model, "accepts_host_timestep", False)
-        return torch.full((batch,), int(t), dtype=torch.long, device="cpu" if host else self.device)
-
-
 # ------------------------------------------------------------------------------------ stages
 
 
 def stage_correctness(suite: Suite, out: Path) -> bool:
     """The real path at full shapes against diffusers / the torch reference, before any timing."""
     from mosaic_kernels import ops
-    from mosaicdiff.mosaic import MosaicDiT
+    from mosaicdiff.families.dit.model import MosaicDiT
 
     dense, B = suite.dense(), 4
     x, y = suite.inputs(B, seed=1)

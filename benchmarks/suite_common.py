@@ -1,5 +1,6 @@
-"""Helpers shared by the GPU suite's stages (gpu_suite.py, suite_e2e.py): logging, the stage
-guard, results files, the run's header and timing."""
+"""Helpers shared by the GPU suite's stages (gpu_suite.py, suite_e2e.py, suite_sdxl.py): logging,
+the stage guard, results files, the run's header, timing, a mosaic's step weights and the count
+of dynamo graphs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mosaic_kernels import timing
-from mosaic_kernels.atomic_io import write_json_atomic
+from mosaicdiff.core.atomic_io import write_json_atomic
 
 
 def log(msg: str) -> None:
@@ -108,3 +109,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def time_ms(fn: Callable[[], object], device: str, rep_ms: int = 200) -> float:
     """Median ms of fn(): `triton.testing.do_bench` on CUDA, a perf_counter loop on the CPU."""
     return timing.time_ms(fn, device, rep_ms)[0]
+
+
+def stage_step_weights(model, scheduler) -> list[tuple[int, int]]:
+    """(representative timestep, number of sampler steps) per stage of a mosaic."""
+    if not hasattr(model, "stage_for"):
+        return [(500, 1)]
+    counts: dict[int, list[int]] = {}
+    for t in scheduler.timesteps.tolist():
+        counts.setdefault(model.stage_for(t), []).append(int(t))
+    return [(ts[0], len(ts)) for _, ts in sorted(counts.items())]
+
+
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

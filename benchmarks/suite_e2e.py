@@ -6,14 +6,11 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from dit_models import NUM_STEPS, plain_torch_ops
-from suite_common import StageTimeout, is_timeout, log, time_ms, write_json
-
-if TYPE_CHECKING:
-    from gpu_suite import Suite
+from suite_common import StageTimeout, is_timeout, log, stage_step_weights, time_ms, unique_graphs, write_json
+from suite_context import Suite
 
 GUIDANCE = 4.0
 #: The issue's targets: name -> (slower config, faster config, index into --batches (0: batch 16,
@@ -28,25 +25,9 @@ TARGETS = {
 }
 
 
-def stage_step_weights(model, scheduler) -> list[tuple[int, int]]:
-    """(representative timestep, number of sampler steps) per stage of a mosaic."""
-    if not hasattr(model, "stage_for"):
-        return [(500, 1)]
-    counts: dict[int, list[int]] = {}
-    for t in scheduler.timesteps.tolist():
-        counts.setdefault(model.stage_for(t), []).append(int(t))
-    return [(ts[0], len(ts)) for _, ts in sorted(counts.items())]
-
-
-def unique_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
 def measure(suite: Suite, name: str, batch: int, scheduler) -> dict:
     """Per forward (stage-weighted) and per DDIM-50 + CFG run of one config at one batch."""
-    from mosaicdiff.sampling import sample
+    from mosaicdiff.core.sampling import sample
 
     model = suite.model(name)
     x, y = suite.inputs(batch)

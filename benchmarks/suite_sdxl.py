@@ -1,6 +1,6 @@
 """The GPU suite's sdxl stage: one SDXL base U-Net forward (one denoising step with CFG) per config.
 
-The real SDXL base U-Net config (`sdxl_memory.SDXL`) with seeded random weights in bf16
+The real SDXL base U-Net config (`sdxl_config.SDXL`) with seeded random weights in bf16
 (speed does not depend on the weights' values), latents 128 x 128 (1024 px), batch 2 (the two
 CFG branches), text states (2, 77, 2048), pooled (2, 1280), time ids (2, 6). Configs, timed with
 `triton.testing.do_bench` (`suite_common.time_ms`) at the timestep of each mosaic stage:
@@ -24,28 +24,14 @@ the CPU and always rehearses the prune timing (2 samples per stage).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from suite_common import StageTimeout, is_timeout, log, time_ms, write_json
-from suite_e2e import stage_step_weights, unique_graphs
+from sdxl_config import SDXL, SDXL_TINY
+from suite_common import StageTimeout, is_timeout, log, stage_step_weights, time_ms, unique_graphs, write_json
+from suite_context import Suite
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from sdxl_memory import SDXL  # noqa: E402 - the one definition of the SDXL base U-Net config
-
-if TYPE_CHECKING:
-    from gpu_suite import Suite
-
-#: diffusers' tiny SDXL test U-Net (its pipeline tests' layout) for the CPU dry run, at 16 x 16 latents.
-SDXL_TINY = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=2,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
-                 attention_head_dim=(2, 4), cross_attention_dim=64, addition_embed_type="text_time",
-                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=80, norm_num_groups=32,
-                 use_linear_projection=True)
 NUM_STEPS = 50
 BATCH = 2  # one prompt, both CFG branches in one forward (what the SDXL pipeline runs)
 TEXT_TOKENS = 77
@@ -61,7 +47,7 @@ PLAN = ("diffusers_eager_dense", "mosaic_0.3", "diffusers_compile_dense", "engin
 
 def euler_scheduler(num_steps: int = NUM_STEPS):
     """SDXL's default sampler (Euler, scaled_linear betas) set to ``num_steps`` steps."""
-    from mosaicdiff.integrations.diffusers_unet import UNET
+    from mosaicdiff.families.unet.adapter import UNET
 
     scheduler = UNET.default_scheduler()
     scheduler.set_timesteps(num_steps)
@@ -114,8 +100,8 @@ class SDXLModels:
 
     def _build(self, name: str):
         import mosaicdiff
-        from mosaicdiff.mosaic_unet import MosaicUNet
-        from mosaicdiff.pruning import prune_stages
+        from mosaicdiff.families.unet.model import MosaicUNet
+        from mosaicdiff.api import prune_stages
 
         if name == "diffusers_eager_dense":
             return self.dense
@@ -185,7 +171,7 @@ def ratios(records: list[dict]) -> dict:
 def prune_time(models: SDXLModels, samples_per_stage: int, batch_size: int) -> dict:
     """Wall time of ``mosaicdiff.prune`` (mosaic, OBS) on random calibration latents and text states."""
     import mosaicdiff
-    from mosaicdiff.calibrate import TextCalibration
+    from mosaicdiff.method.calibrate import TextCalibration
 
     n = samples_per_stage
     data = unet_inputs(models.cfg, models.device, models.dtype, batch=n, seed=1)

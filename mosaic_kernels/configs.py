@@ -8,7 +8,7 @@ Every pruning stage of a model has its own widths, and a few decisions depend on
 - ``attention``: ``{"sdpa_backend": "auto" | "flash" | "efficient" | "cudnn"}`` (at DiT's
   head_dim 72 the winner differs with the head count, so per stage).
 
-Each op declares its choice next to its function (:class:`mosaic_kernels.ops._registry.Choice`).
+Each op declares its choice next to its function (:class:`mosaic_kernels.op_registry.Choice`).
 :func:`get_config` answers from a memo, then from the measurements persisted in one small JSON
 file (``$MOSAIC_KERNELS_CACHE``, default ``~/.cache/mosaic_kernels/configs.json``), else with
 the op's default. :func:`measure` times every option with ``triton.testing.do_bench`` (through
@@ -38,8 +38,7 @@ from typing import Any
 
 import torch
 
-from .atomic_io import write_json_atomic
-from .ops import _registry
+from . import op_registry as _registry
 from .timing import time_ms
 
 logger = logging.getLogger(__name__)
@@ -177,8 +176,22 @@ def _persist(key: str, entry: dict[str, Any]) -> None:
     path = cache_path()
     data = _read_cache_file(path)
     data["entries"][key] = entry
-    write_json_atomic(path, data, sort_keys=True)
+    _write_json_replacing(path, data)
     _persisted = (path, data)
+
+
+def _write_json_replacing(path: Path, data: dict[str, Any]) -> None:
+    """Write the cache through a temporary file and one rename: readers see the old or the new
+    file, never a half-written one. (A cache: losing an update to a crash costs one re-tune, so
+    no fsync; the application's durable file layer is `mosaicdiff.core.atomic_io`.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, sort_keys=True, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def clear_memo() -> None:

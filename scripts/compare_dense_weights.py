@@ -2,7 +2,7 @@
 
 Every weights folder is sampled the way the demo samples its dense model (DDIM-50, classifier-free
 guidance, balanced labels) from the same noise (``--num-seeds`` seeds from ``--seed``), scored by
-`mosaicdiff.app.measure` and compared with the baseline (default: the shipped weights) by paired
+`mosaicdiff.eval.measure` and compared with the baseline (default: the shipped weights) by paired
 differences with 95% bootstrap intervals. A row of real digits at the same image count is the
 floor of FID and pixel W1.
 
@@ -24,7 +24,9 @@ import json
 from pathlib import Path
 
 from mosaicdiff import zoo
-from mosaicdiff.app import experiment, measure
+from mosaicdiff.core.atomic_io import json_safe
+from mosaicdiff.app import experiment
+from mosaicdiff.eval import measure
 
 
 def named_folder(text: str) -> tuple[str, Path]:
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = experiment.ReportFile(args.out / "dense_weights.json", {
-        "settings": {k: experiment.json_safe(v) for k, v in vars(args).items()}, "models": {},
+        "settings": {k: json_safe(v) for k, v in vars(args).items()}, "models": {},
         "environment": experiment.environment()})
     with report.keeping_errors():
         baseline = load(args.baseline)

@@ -3,9 +3,9 @@
 Samples the embedded digits DiT dense and pruned (mosaic, uniform, magnitude) at each sparsity
 from the same noise and labels, saves the grids, and scores every set with digits-FID, KID,
 class accuracy, PSNR and SSIM to the dense sample of the same noise, the speckle rate (isolated
-pixels) and the pixel-intensity W1 to the real digits (`mosaicdiff.quality`,
-`mosaicdiff.pixel_metrics`). Intervals are percentile bootstraps over the images
-(`mosaicdiff.stats`); differences (mosaic - uniform, each method - dense) are paired: the same
+pixels) and the pixel-intensity W1 to the real digits (`mosaicdiff.eval.quality`,
+`mosaicdiff.eval.pixel_metrics`). Intervals are percentile bootstraps over the images
+(`mosaicdiff.eval.stats`); differences (mosaic - uniform, each method - dense) are paired: the same
 resampled indices for both sets, which share noise and labels.
 
     python scripts/compare_metrics.py --out /tmp/metrics --sparsities 0.5 0.3
@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mosaic_kernels.atomic_io import write_json_atomic, write_text_atomic
-from mosaicdiff import pixel_metrics, plots, quality, schedule, stats
+from mosaicdiff.core.atomic_io import write_json_atomic, write_text_atomic
+from mosaicdiff.eval import pixel_metrics, plots, quality, stats
+from mosaicdiff.method import schedule
 from mosaicdiff.app import experiment
 from mosaicdiff.zoo.data import load_digits_tensors
 

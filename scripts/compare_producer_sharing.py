@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mosaic_kernels.atomic_io import write_json_atomic, write_text_atomic
-from mosaicdiff import pruning, quality, sampling, stats
+from mosaicdiff.core.atomic_io import write_json_atomic, write_text_atomic
+from mosaicdiff import api
+from mosaicdiff.eval import quality, stats
+from mosaicdiff.core import sampling
 from mosaicdiff.app import experiment
 
 
@@ -63,7 +65,7 @@ def main() -> None:
         dense, _ = run.sample(run.dense, args.guidance_scale)
         for sp, share in tqdm(configs, desc=f"seed {seed}", leave=False):
             t0 = time.perf_counter()
-            mosaic = pruning.prune(run.dense, run.calibration, sp, method="mosaic", boundaries=run.boundaries,
+            mosaic = api.prune(run.dense, run.calibration, sp, method="mosaic", boundaries=run.boundaries,
                                    num_inference_steps=run.steps, scheduler=sampling.default_scheduler(),
                                    samples_per_stage=run.samples_per_stage, seed=seed, progress=False,
                                    share_producers=share)

@@ -1,7 +1,7 @@
 """MosaicDiff's closed-form three stages vs a searched 10-stage schedule (Diff-ES-style baseline).
 
 On the embedded digits DiT at each mean sparsity: ``Experiment.prune("mosaic", s)`` (closed-form
-boundaries and allocation, three stages) against `mosaicdiff.schedule_search.search_schedule`
+boundaries and allocation, three stages) against `mosaicdiff.search.search.search_schedule`
 (10 uniform stages, per-stage sparsities found by a (mu + lambda) evolution strategy under the
 same step-weighted mean, fitness = mean PSNR to the dense samples on 32 held-out noises and
 labels of their own seed, sampled with DDIM-25 for speed; the mean is over DDIM-50's steps).
@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mosaic_kernels.atomic_io import write_bytes_atomic, write_json_atomic, write_text_atomic
-from mosaicdiff import quality, sampling, stats
+from mosaicdiff.core.atomic_io import json_safe, write_bytes_atomic, write_json_atomic, write_text_atomic
+from mosaicdiff.eval import quality, stats
+from mosaicdiff.core import sampling
 from mosaicdiff.app import experiment
-from mosaicdiff.schedule_search import DEFAULT_GRID, DEFAULT_NUM_STAGES, DEFAULT_S_CAP, search_schedule
-from mosaicdiff.schedule_search_es import EvolutionConfig
-from mosaicdiff.schedule_search_fitness import HeldOutFidelity
+from mosaicdiff.search.search import DEFAULT_GRID, DEFAULT_NUM_STAGES, DEFAULT_S_CAP, search_schedule
+from mosaicdiff.search.es import EvolutionConfig
+from mosaicdiff.search.fitness import HeldOutFidelity
 
 #: "uniform": the search's starting point alone (N uniform stages, each at the target, the same
 #: per-stage calibration and OBS): what the finer stages give without the search.
@@ -160,7 +161,7 @@ def main() -> None:
         report.save()
         write_text_atomic(args.out / "schedule_search.md", _table(report.data))
         if args.copy_json is not None:
-            write_json_atomic(args.copy_json, experiment.json_safe(report.data), indent=2)
+            write_json_atomic(args.copy_json, json_safe(report.data), indent=2)
 
     with report.keeping_errors():
         common = dict(steps=args.steps, num_samples=args.num_samples, samples_per_stage=args.samples_per_stage,

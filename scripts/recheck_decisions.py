@@ -1,11 +1,11 @@
 """Re-check, with intervals, two demo decisions first taken on single runs (issue 13).
 
-1. The allocation cap ``s_max = target + 0.1`` (`mosaicdiff.stage_plan.default_s_max`) against the
+1. The allocation cap ``s_max = target + 0.1`` (`mosaicdiff.method.stage_plan.default_s_max`) against the
    uncapped allocation (``s_max = 0.9``), MosaicDiff at mean sparsity 0.5.
 2. Guidance 1.5 (`DEFAULT_GUIDANCE`) against 3.0 (or each `--other-guidance`) for the dense model.
 
 Each pair is sampled from the same noise and labels (``--num-seeds`` seeds of ``--num-samples``
-images) and compared with the paired differences of `mosaicdiff.app.measure` (95% intervals).
+images) and compared with the paired differences of `mosaicdiff.eval.measure` (95% intervals).
 
     python scripts/recheck_decisions.py --out runs/recheck    # about 10 min on 2 CPU cores
 """
@@ -17,9 +17,10 @@ import json
 import time
 from pathlib import Path
 
-from mosaic_kernels.atomic_io import write_json_atomic
-from mosaicdiff import pruning
-from mosaicdiff.app import experiment, measure
+from mosaicdiff.core.atomic_io import write_json_atomic
+from mosaicdiff import api
+from mosaicdiff.app import experiment
+from mosaicdiff.eval import measure
 
 
 def main() -> None:
@@ -55,7 +56,7 @@ def main() -> None:
 
     measured = {}
     for name, s_max in (("capped", None), ("uncapped", 0.9)):
-        mosaic = pruning.prune(run.dense, run.calibration, args.sparsity, boundaries=run.boundaries,
+        mosaic = api.prune(run.dense, run.calibration, args.sparsity, boundaries=run.boundaries,
                                num_inference_steps=run.steps, scheduler=run.subject.scheduler(),
                                samples_per_stage=run.samples_per_stage, seed=run.seed, progress=False, s_max=s_max)
         images, _ = run.sample(mosaic, g)

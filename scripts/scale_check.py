@@ -58,7 +58,7 @@ class Timer:
 
 def fc2_only(args) -> dict:
     """Times exact greedy OBS on one DiT-XL/2-size fc2 (1152 x 4608, remove 2304 channels)."""
-    from mosaicdiff import obs
+    from mosaicdiff.method import obs
 
     torch.manual_seed(0)
     n, out = 4608, 1152
@@ -82,9 +82,10 @@ def fc2_only(args) -> dict:
 def full(args) -> dict:
     from diffusers import DiTTransformer2DModel
 
-    import mosaicdiff.pruning as prune_mod
-    from mosaicdiff import compact
-    from mosaicdiff.calibrate import Calibration
+    import mosaicdiff.api as api_mod
+    import mosaicdiff.method.pruning as prune_mod
+    from mosaicdiff.method import compact
+    from mosaicdiff.method.calibrate import Calibration
 
     timer = Timer()
     prune_mod.collect_hessians = timer.wrap("collect_hessians (one stage)", prune_mod.collect_hessians)
@@ -103,7 +104,7 @@ def full(args) -> dict:
     calib = Calibration(torch.randn(args.calib_size, 4, 32, 32, generator=g),
                         torch.randint(0, 1000, (args.calib_size,), generator=g), null_class=1000)
     t0 = time.perf_counter()
-    mosaic = prune_mod.prune(model, calib, args.sparsity, samples_per_stage=args.samples_per_stage,
+    mosaic = api_mod.prune(model, calib, args.sparsity, samples_per_stage=args.samples_per_stage,
                              batch_size=args.batch_size, groups_per_step=args.groups_per_step, progress=False)
     t_prune = time.perf_counter() - t0
     return {

@@ -6,7 +6,7 @@ allocated but never written (their pages stay untouched), so this runs in second
 CPU. The stages and their kept widths are what ``mosaicdiff.prune`` plans for the target sparsity
 (three stages on SDXL's schedule, the MLP width aligned to 64); the kept units are nested (each
 stage keeps a prefix), as ``prune(share_producers=True)`` selects them, so one storage per block
-position holds every stage's producer rows (``mosaicdiff.unet_shared_producers``).
+position holds every stage's producer rows (``mosaicdiff.families.unet.producers``).
 
     python scripts/sdxl_memory.py --sparsity 0.3
 """
@@ -14,23 +14,23 @@ position holds every stage's producer rows (``mosaicdiff.unet_shared_producers``
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from mosaicdiff import compact
-from mosaicdiff.integrations.diffusers_unet import UNET, transformer_blocks
-from mosaicdiff.integrations.schedulers import sampler_timesteps, scheduler_alphas_cumprod
-from mosaicdiff.mosaic_unet import MosaicUNet
-from mosaicdiff.stage_plan import plan_stages
+from mosaicdiff.method import compact
+from mosaicdiff.families.unet.adapter import UNET, transformer_blocks
+from mosaicdiff.core.schedulers import sampler_timesteps, scheduler_alphas_cumprod
+from mosaicdiff.core.weight_init import skip_weight_init
+from mosaicdiff.families.unet.model import MosaicUNet
+from mosaicdiff.method.stage_plan import plan_stages
 
-SDXL = dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-            use_linear_projection=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from sdxl_config import SDXL  # noqa: E402 - shared with the GPU suite's sdxl stage
+
 KINDS = {"kept_heads1": "heads1", "kept_heads2": "heads2", "kept_channels": "channels"}
 
 
@@ -71,8 +71,10 @@ def main(argv=None) -> None:
              for j in range(len(blocks))]
     cfg = dict(unet.config)
     for label, shared in (("copies per stage", None), ("shared producers", units)):
-        report = MosaicUNet(cfg, stages, dense_reference={"params": dense}, shared_producers=shared).memory_report()
-        per_stage = ", ".join(f"{k} {v / 1e9:.3f}" for k, v in report["stages"].items())
+        with skip_weight_init():  # only the shapes are counted
+            mosaic = MosaicUNet(cfg, stages, dense_reference={"params": dense}, shared_producers=shared)
+        report = mosaic.memory_report()
+        per_stage = ", ".join(f"{k} {v['params'] / 1e9:.3f}" for k, v in report["stages"].items())
         print(f"{label:>17}: {report['mosaic_params'] / 1e9:.3f} B params = {report['ratio']:.2f}x dense "
               f"(skeleton {report['shared_params'] / 1e9:.3f}, producer storage {report['producer_params'] / 1e9:.3f}, "
               f"per stage {per_stage})")

@@ -1,4 +1,4 @@
-"""Public kernel ops and their backend dispatch (forward-only). One module per op.
+"""Public kernel ops and their backend dispatch (differentiable). One module per op.
 
 Every op except ``attention`` is a ``torch.library`` custom op ``mosaic::<op>`` with one fake
 (``register_fake``, computed from shapes alone), so ``torch.compile(fullgraph=True)`` traces
@@ -14,13 +14,19 @@ op is its own files plus one line here (docs/adding_an_op.md). Note that
 ``mosaic_kernels.ops.<op>`` is the function; reach the module's internals with
 ``from mosaic_kernels.ops.<op> import ...``.
 
-All ops are forward-only: calling ``backward`` through them raises.
+Every op is differentiable. No op has a backward kernel: each custom op registers (with
+``torch.library.register_autograd``, one line after its fake) the backward of its reference,
+recomputed in fp32 and differentiated by torch (:mod:`._autograd`), whichever backend ran the
+forward; ``attention`` is plain torch around SDPA and uses SDPA's backward. Gradients reach every
+floating tensor input that requires grad (activations, weights, biases, modulation vectors) in its
+own dtype; double backward is not supported. ``torch.compile(fullgraph=True)`` traces the backward
+too.
 """
 
 from __future__ import annotations
 
 from ._dispatch import BACKEND_ENV, backends, current_backend, record_dispatch, select_backend, use_backend
-from ._registry import CASES as BENCH_CASES
+from ..op_registry import CASES as BENCH_CASES
 
 # The ops, one registration line each.
 from .ln_modulate import ln_modulate

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from typing import Any
 
 from . import _dispatch
-from ._registry import Choice, TritonCase, gemm_bucket, random_maker
+from ..op_registry import Choice, TritonCase, gemm_bucket, random_maker
 
 #: vendor (cuBLAS(Lt) through torch, the default: a plain tiled Triton GEMM loses to it on H100)
 #: or the Triton GEMM with the epilogue fused, measured per shape.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .. import configs
 from .. import reference as ref
 from . import _checks, _dispatch
-from ._registry import BenchCase, Choice, attention_bucket, random_maker, register
+from ..op_registry import BenchCase, Choice, attention_bucket, random_maker, register
 
 OP = "attention"
 
@@ -82,9 +82,10 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, layout: str = "qkv") -> tuple[t
 
 
 def attention(qkv: torch.Tensor, num_heads: int, backend: str | None = None, layout: str = "qkv") -> torch.Tensor:
-    """``out = softmax(q @ k^T / sqrt(hd)) @ v`` over ``num_heads`` heads (non-causal). Forward-only.
+    """``out = softmax(q @ k^T / sqrt(hd)) @ v`` over ``num_heads`` heads (non-causal). Differentiable.
 
-    ``q``, ``k`` and ``v`` are strided views of ``qkv`` (no copies) handed to
+    Plain torch around SDPA, so autograd differentiates it with SDPA's own backward (no custom op,
+    no registered formula). ``q``, ``k`` and ``v`` are strided views of ``qkv`` (no copies) handed to
     ``F.scaled_dot_product_attention``; any ``head_dim`` (e.g. 72 or 32) works. Which SDPA kernel
     runs matters at DiT's head_dim 72 (FlashAttention pads it to a 96-wide kernel): by default it
     comes from :mod:`mosaic_kernels.configs` per shape (``{"sdpa_backend": ...}``, "auto" unless

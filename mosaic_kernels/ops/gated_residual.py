@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
-from . import _checks, _dispatch
-from ._registry import BenchCase, eager_providers, random_maker, register, row_triton_case
+from . import _autograd, _checks, _dispatch
+from ..op_registry import BenchCase, eager_providers, random_maker, register, row_triton_case
 
 OP = "gated_residual"
 
@@ -28,8 +28,11 @@ def _(res, gate, y):
     return torch.empty_like(res)
 
 
+_autograd.register_reference_backward(_gated_residual_op, ref.gated_residual_ref)
+
+
 def gated_residual(res: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``out = res + gate[:, None, :] * y``. Forward-only.
+    """``out = res + gate[:, None, :] * y``. Differentiable.
 
     Args:
         res: (B, L, D) contiguous residual stream.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference as ref
-from . import _checks, _dispatch
-from ._registry import BenchCase, eager_providers, random_maker, register, row_triton_case
+from . import _autograd, _checks, _dispatch
+from ..op_registry import BenchCase, eager_providers, random_maker, register, row_triton_case
 from .ln_modulate import ln_modulate_eager
 
 OP = "gated_residual_ln_modulate"
@@ -40,6 +40,9 @@ def _(res, gate, y, shift, scale, eps):
     return torch.empty_like(res), torch.empty_like(res)
 
 
+_autograd.register_reference_backward(_gated_residual_ln_modulate_op, ref.gated_residual_ln_modulate_ref)
+
+
 def gated_residual_ln_modulate(
     res: torch.Tensor,
     gate: torch.Tensor,
@@ -52,7 +55,7 @@ def gated_residual_ln_modulate(
 
     One pass over the rows: the residual update of one sub-block fused with the norm and
     modulation of the next. ``normed`` is computed from ``h`` before it is rounded to the
-    output dtype. Forward-only.
+    output dtype. Differentiable.
 
     Args:
         res: (B, L, D) contiguous residual stream.

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
-from . import _checks, _dispatch
-from ._registry import BenchCase, eager_providers, random_maker, register, row_triton_case
+from . import _autograd, _checks, _dispatch
+from ..op_registry import BenchCase, eager_providers, random_maker, register, row_triton_case
 
 OP = "layer_norm"
 
@@ -30,9 +30,12 @@ def _(x, weight, bias, eps):
     return torch.empty_like(x)
 
 
+_autograd.register_reference_backward(_layer_norm_op, ref.layer_norm_ref)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float = 1e-5) -> torch.Tensor:
-    """``y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias`` over the last dim. Forward-only.
+    """``y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias`` over the last dim. Differentiable.
 
     ``torch.nn.LayerNorm`` (biased variance), with either affine part optional
     (``elementwise_affine=False``: both None).

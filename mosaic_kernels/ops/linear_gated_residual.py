@@ -13,9 +13,9 @@ import math
 import torch
 
 from .. import reference as ref
-from . import _checks, _dispatch
+from . import _autograd, _checks, _dispatch
 from ._gemm import DIT_MLP_WIDTHS, DIT_PROJ_WIDTHS, DIT_WIDTH, GEMM_CHOICE, gemm_flops, gemm_providers, gemm_triton_case
-from ._registry import BenchCase, random_maker, register
+from ..op_registry import BenchCase, random_maker, register
 
 OP = "linear_gated_residual"
 
@@ -50,10 +50,13 @@ def _(x, weight, bias, gate, res):
     return torch.empty_like(res)
 
 
+_autograd.register_reference_backward(_linear_gated_residual_op, ref.linear_gated_residual_ref)
+
+
 def linear_gated_residual(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor, res: torch.Tensor
 ) -> torch.Tensor:
-    """``out = res + gate[:, None, :] * (x @ weight.T + bias)``. Forward-only.
+    """``out = res + gate[:, None, :] * (x @ weight.T + bias)``. Differentiable.
 
     On CUDA the default is the vendor path (cuBLAS ``addmm``, then the Triton ``gated_residual``
     kernel); the Triton GEMM with the gate/residual epilogue fused runs where

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
-from . import _checks, _dispatch
+from . import _autograd, _checks, _dispatch
 from ._gemm import GEMM_CHOICE, gemm_bias_inputs, gemm_bias_launch, gemm_flops, gemm_providers, gemm_triton_case
-from ._registry import BenchCase, random_maker, register
+from ..op_registry import BenchCase, register
 
 OP = "linear_geglu"
 
@@ -55,6 +55,9 @@ def _(x, weight, bias, gate_weight=None, gate_bias=None):
     return x.new_empty((*x.shape[:-1], inner))
 
 
+_autograd.register_reference_backward(_linear_geglu_op, ref.linear_geglu_ref)
+
+
 def _check_gate(x: torch.Tensor, weight: torch.Tensor, bias, gate_weight, gate_bias) -> None:
     """The separate gate operands: `gate_weight` shaped and typed as `weight`, biases both or neither."""
     if gate_weight is None:
@@ -76,7 +79,7 @@ def _check_gate(x: torch.Tensor, weight: torch.Tensor, bias, gate_weight, gate_b
 
 def linear_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  gate_weight: torch.Tensor | None = None, gate_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``h, gate = (x @ weight.T + bias).chunk(2, -1)``; ``y = h * gelu(gate)`` (exact erf GELU). Forward-only.
+    """``h, gate = (x @ weight.T + bias).chunk(2, -1)``; ``y = h * gelu(gate)`` (exact erf GELU). Differentiable.
 
     On CUDA the default is the vendor path (cuBLAS GEMM, then the GEGLU); the Triton GEMM with
     the GEGLU fused into its epilogue runs where :mod:`mosaic_kernels.configs` measured it

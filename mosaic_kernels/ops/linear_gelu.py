@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
-from . import _checks, _dispatch
+from . import _autograd, _checks, _dispatch
 from ._gemm import DIT_MLP_WIDTHS, DIT_WIDTH, GEMM_CHOICE, gemm_bias_inputs, gemm_bias_launch, gemm_flops, gemm_providers, gemm_triton_case
-from ._registry import BenchCase, register
+from ..op_registry import BenchCase, register
 
 OP = "linear_gelu"
 
@@ -66,8 +66,11 @@ def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+_autograd.register_reference_backward(_linear_gelu_op, ref.linear_gelu_ref)
+
+
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``y = gelu_tanh(x @ weight.T + bias)``. Forward-only.
+    """``y = gelu_tanh(x @ weight.T + bias)``. Differentiable.
 
     On CUDA the default is the vendor path (cuBLASLt GEMM with its bias + GELU epilogue); the
     Triton GEMM with a fused epilogue runs where :mod:`mosaic_kernels.configs` measured it

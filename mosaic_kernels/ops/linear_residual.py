@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
-from . import _checks, _dispatch
+from . import _autograd, _checks, _dispatch
 from ._gemm import GEMM_CHOICE, gemm_flops, gemm_providers, gemm_triton_case
-from ._registry import BenchCase, random_maker, register
+from ..op_registry import BenchCase, random_maker, register
 
 OP = "linear_residual"
 
@@ -45,9 +45,12 @@ def _(x, weight, bias, res):
     return torch.empty_like(res)
 
 
+_autograd.register_reference_backward(_linear_residual_op, ref.linear_residual_ref)
+
+
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     res: torch.Tensor) -> torch.Tensor:
-    """``out = res + (x @ weight.T + bias)``. Forward-only.
+    """``out = res + (x @ weight.T + bias)``. Differentiable.
 
     The un-gated residual update of an SD/SDXL transformer block: the out projection (or ``ff2``)
     and the residual add in one pass where no LayerNorm follows (the last block of a

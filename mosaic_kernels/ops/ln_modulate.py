@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
-from . import _checks, _dispatch
-from ._registry import BenchCase, eager_providers, random_maker, register, row_triton_case
+from . import _autograd, _checks, _dispatch
+from ..op_registry import BenchCase, eager_providers, random_maker, register, row_triton_case
 
 OP = "ln_modulate"
 _dispatch.declare_compiled_kernel(OP)
@@ -36,8 +36,11 @@ def _(x, shift, scale, eps):
     return torch.empty_like(x)
 
 
+_autograd.register_reference_backward(_ln_modulate_op, ref.ln_modulate_ref)
+
+
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :]`` (LayerNorm without affine). Forward-only.
+    """``y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :]`` (LayerNorm without affine). Differentiable.
 
     Args:
         x: (B, L, D) contiguous activations, float32/float16/bfloat16.

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference as ref
-from . import _checks, _dispatch
-from ._registry import BenchCase, eager_providers, random_maker, register, row_triton_case
+from . import _autograd, _checks, _dispatch
+from ..op_registry import BenchCase, eager_providers, random_maker, register, row_triton_case
 
 OP = "residual_layer_norm"
 
@@ -30,9 +30,12 @@ def _(res, y, weight, bias, eps):
     return torch.empty_like(res), torch.empty_like(res)
 
 
+_autograd.register_reference_backward(_residual_layer_norm_op, ref.residual_layer_norm_ref)
+
+
 def residual_layer_norm(res: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
                         bias: torch.Tensor | None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = res + y``; ``normed = LN(h) * weight + bias`` over the last dim. Forward-only.
+    """``h = res + y``; ``normed = LN(h) * weight + bias`` over the last dim. Differentiable.
 
     One pass over the rows: the residual update of one sub-block and the norm of the next
     (``norm2`` after self-attention, ``norm3`` after cross-attention). ``normed`` is computed

@@ -16,7 +16,7 @@ single store (the ``ACTIVATION`` pattern of the tutorial; :mod:`._epilogues`):
   then ``(acc + b[n]) * gelu_erf(acc_gate + bg[n])`` (``linear_geglu``). The value and gate
   weights are two (N, K) operands with their own strides: the two halves of one (2N, K)
   weight, or two separate views (a shared-producer U-Net block reads its kept value rows and
-  gate rows as two row ranges of one storage, ``mosaicdiff.unet_shared_producers``).
+  gate rows as two row ranges of one storage, ``mosaicdiff.families.unet.producers``).
 
 ``USE_TMA`` reads the tiles through host-built tensor descriptors
 (``triton.tools.tensor_descriptor.TensorDescriptor``: TMA bulk copies on Hopper, emulated by the

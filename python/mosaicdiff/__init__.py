@@ -12,20 +12,25 @@ Examples:
     >>> mosaic = mosaicdiff.prune(dense, Calibration(x0, labels, null_class=10), target_sparsity=0.5)
     >>> images = mosaicdiff.sample(mosaic, labels[:8], num_inference_steps=50)
 
-``mosaicdiff.prune`` is the function; its module is `mosaicdiff.pruning` (a submodule named
-like a package attribute would replace that attribute when first imported).
+``mosaicdiff.prune`` is the function; its module is `mosaicdiff.api` (a submodule named like a
+package attribute would replace that attribute when first imported).
+
+Layout (one concept a folder; imports run down this list only, `tests/test_imports.py`):
+``app``, ``search``, ``eval`` -> ``api`` -> ``families/<name>`` -> ``method`` -> ``core`` ->
+``mosaic_kernels``.
 """
 
 from mosaicdiff._version import __version__
 
 _LAZY = {
-    "prune": ("mosaicdiff.pruning", "prune"),
-    "MosaicDiT": ("mosaicdiff.mosaic", "MosaicDiT"),
-    "MosaicUNet": ("mosaicdiff.mosaic_unet", "MosaicUNet"),
+    "prune": ("mosaicdiff.api", "prune"),
+    "MosaicDiT": ("mosaicdiff.families.dit.model", "MosaicDiT"),
+    "MosaicUNet": ("mosaicdiff.families.unet.model", "MosaicUNet"),
     "Calibration": ("mosaicdiff.calibrate", "Calibration"),
+    "ConditionedCalibration": ("mosaicdiff.calibrate", "ConditionedCalibration"),
     "TextCalibration": ("mosaicdiff.calibrate", "TextCalibration"),
-    "sample": ("mosaicdiff.sampling", "sample"),
-    "stage_boundaries": ("mosaicdiff.schedule", "stage_boundaries"),
+    "sample": ("mosaicdiff.core.sampling", "sample"),
+    "stage_boundaries": ("mosaicdiff.method.schedule", "stage_boundaries"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,4 +1,4 @@
-"""mosaic_kernels.atomic_io: the project's one crash-safe writer."""
+"""mosaicdiff.core.atomic_io: the project's one crash-safe writer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from mosaic_kernels.atomic_io import atomic_write, write_json_atomic, write_text_atomic
+from mosaicdiff.core.atomic_io import atomic_write, write_json_atomic, write_text_atomic
 
 
 def _listing(folder):

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import mosaicdiff.pruning as prune_mod
-from mosaicdiff.calibrate import Calibration
-from mosaicdiff.integrations import diffusers_dit as dit
-from mosaicdiff.pruning import plan_stages, prune, prune_stages
+import mosaicdiff.method.pruning as prune_mod
+from mosaicdiff.method.calibrate import Calibration
+from mosaicdiff.families.dit import adapter as dit
+from mosaicdiff.method.pruning import plan_stages
+from mosaicdiff.api import prune, prune_stages
 
 FAST = dict(samples_per_stage=2, align=None, progress=False)
 

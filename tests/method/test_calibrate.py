@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff import calibrate, schedule
-from mosaicdiff.calibrate import Calibration, collect_hessians, stage_inputs
-from mosaicdiff.integrations import diffusers_dit as dit
+from mosaicdiff.method import calibrate, schedule
+from mosaicdiff.families import adapter_for
+from mosaicdiff.families.dit.adapter import DIT
+from mosaicdiff.method.calibrate import Calibration, collect_hessians, stage_inputs
+from mosaicdiff.families.dit import adapter as dit
 
 
 def tiny_dit(seed: int = 0):
@@ -44,7 +46,9 @@ def test_x0_sq_norm():
 def test_stage_inputs_shapes_cfg_and_t_range():
     calib = Calibration(torch.randn(5, 4, 8, 8), torch.arange(5), null_class=10)
     g = torch.Generator().manual_seed(0)
-    x_t, t, labels = stage_inputs(calib, 200, 600, 12, cfg=True, generator=g)
+    x_t, t, cond = stage_inputs(calib, 200, 600, 12, cfg=True, generator=g)
+    assert set(cond) == {"class_labels"}, "a Calibration's conditions are the DiT's class_labels"
+    labels = cond["class_labels"]
     assert x_t.shape == (24, 4, 8, 8) and t.shape == (24,) and labels.shape == (24,)
     assert ((t >= 200) & (t < 600)).all(), t
     assert torch.equal(t[:12], t[12:]) and torch.equal(x_t[:12], x_t[12:])
@@ -111,13 +115,13 @@ def _captured_inputs(model, x, t, labels, batch_size):
 def test_collect_hessians_matches_direct_computation(monkeypatch):
     model = tiny_dit()
     calib = Calibration(torch.randn(6, 4, 8, 8), torch.arange(6) % 10, null_class=10)
-    x_t, t, labels = stage_inputs(calib, 0, 1000, 5, generator=torch.Generator().manual_seed(0))
+    x_t, t, cond = stage_inputs(calib, 0, 1000, 5, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(calibrate, "_CHUNK_ELEMENTS", 1000)  # exercise the chunked accumulation
     model.train()
-    hs = collect_hessians(model, x_t, t, labels, batch_size=3, progress=False)
+    hs = collect_hessians(model, x_t, t, cond, batch_size=3, progress=False, adapter=DIT)
     assert model.training, "training mode must be restored"
     model.eval()
-    ref = _captured_inputs(model, x_t, t, labels, batch_size=3)
+    ref = _captured_inputs(model, x_t, t, cond["class_labels"], batch_size=3)
     assert len(hs) == 2
     for i, (got, exp) in enumerate(zip(hs, ref)):
         for name in ("proj", "fc2"):
@@ -136,10 +140,14 @@ def test_collect_hessians_errors():
     model = tiny_dit()
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match="expected x_t"):
-        collect_hessians(model, x, torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+        collect_hessians(model, x, torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.long), adapter=DIT)
     with pytest.raises(ValueError, match="batch_size"):
-        collect_hessians(model, x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), batch_size=0)
+        collect_hessians(model, x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), batch_size=0,
+                         adapter=DIT)
     with pytest.raises(ValueError, match=r"^mosaicdiff.prune: no model adapter for this model; supported: diffusers "
                                          r"DiTTransformer2DModel, diffusers UNet2DConditionModel \(SD 1.x/2.x, SDXL\); "
                                          r"got Linear"):
-        collect_hessians(torch.nn.Linear(2, 2), x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+        adapter_for(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="DiT"):  # the adapter refuses a model not of its family
+        collect_hessians(torch.nn.Linear(2, 2), x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                         adapter=DIT)

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from mosaicdiff import compact, obs
-from mosaicdiff.integrations import diffusers_dit as dit
-from mosaicdiff.integrations import schedulers
+from mosaicdiff.method import compact, obs
+from mosaicdiff.families.dit import adapter as dit
+from mosaicdiff.core import schedulers
 
 
 def tiny_dit(heads: int = 4, head_dim: int = 8, layers: int = 2, seed: int = 0):

@@ -1,6 +1,6 @@
 """Data-parallel calibration: 2 gloo processes give the Hessians and the pruned model of one process.
 
-One 2-process launch (`mosaicdiff.distributed.spawn_local`, the environment ``torchrun`` sets,
+One 2-process launch (`mosaicdiff.core.distributed.spawn_local`, the environment ``torchrun`` sets,
 bounded in time) runs every distributed case; each rank saves what it computed and the tests
 below compare it with the same calls made here, in one process without a process group.
 
@@ -22,8 +22,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff import distributed
-from mosaicdiff.calibrate import Calibration, collect_hessians, stage_inputs
+from mosaicdiff.core import distributed
+from mosaicdiff.families.dit.adapter import DIT
+from mosaicdiff.method.calibrate import Calibration, collect_hessians, stage_inputs
 
 RTOL_H = 1e-12
 ATOL_H = 1e-12  # times the largest |H| entry
@@ -75,9 +76,9 @@ def _rank_main(out: str, model_dir: str, calib_file: str, second_port: str) -> N
 
     import torch.distributed as dist
 
-    from mosaicdiff.cli import main
-    from mosaicdiff.mosaic import MosaicDiT
-    from mosaicdiff.pruning import prune
+    from mosaicdiff.app.cli import main
+    from mosaicdiff.families.dit.model import MosaicDiT
+    from mosaicdiff.api import prune
 
     torch.set_num_threads(1)
     out = Path(out)
@@ -94,8 +95,8 @@ def _rank_main(out: str, model_dir: str, calib_file: str, second_port: str) -> N
     dist.init_process_group("gloo")  # env://, as torchrun sets it
     report.update(world=distributed.world_size(), main=distributed.is_main_process())
     model = tiny_dit()
-    x_t, t, labels = calibration_inputs()
-    hessians = collect_hessians(model, x_t, t, labels, batch_size=BATCH, progress=False)
+    x_t, t, cond = calibration_inputs()
+    hessians = collect_hessians(model, x_t, t, cond, batch_size=BATCH, progress=False, adapter=DIT)
     torch.save(hessians, out / f"hessians-{rank}.pt")
 
     mosaic = prune(model, tiny_calibration(), 0.4, **PRUNE_KWARGS)
@@ -104,7 +105,7 @@ def _rank_main(out: str, model_dir: str, calib_file: str, second_port: str) -> N
     # a rank launched with another seed: every rank raises, none is left waiting
     other = calibration_inputs(seed=1 + rank)
     try:
-        collect_hessians(model, *other, batch_size=BATCH, progress=False)
+        collect_hessians(model, *other, batch_size=BATCH, progress=False, adapter=DIT)
         report["mismatch_error"] = None
     except ValueError as exc:
         report["mismatch_error"] = str(exc)
@@ -168,8 +169,9 @@ def test_batch_shard_deals_whole_batches_in_contiguous_runs(rows, batch, world):
 def test_one_process_result_is_unchanged(one_thread):
     """No process group: one pass over every batch, H = X^T X / tokens (hooks, not the code under test)."""
     model = tiny_dit()
-    x_t, t, labels = calibration_inputs()
-    got = collect_hessians(model, x_t, t, labels, batch_size=BATCH, progress=False)
+    x_t, t, cond = calibration_inputs()
+    got = collect_hessians(model, x_t, t, cond, batch_size=BATCH, progress=False, adapter=DIT)
+    labels = cond["class_labels"]
     caught = [{"proj": [], "fc2": []} for _ in model.transformer_blocks]
     handles = [lin.register_forward_hook(lambda m, a, o, xs=e[n]: xs.append(a[0].reshape(-1, a[0].shape[-1])))
                for e, b in zip(caught, model.transformer_blocks)
@@ -188,8 +190,8 @@ def test_one_process_result_is_unchanged(one_thread):
 # ----------------------------------------------------------------------------- 2 ranks vs 1 process
 
 def test_two_ranks_hessians_equal_one_process(two_ranks, one_thread):
-    x_t, t, labels = calibration_inputs()
-    single = collect_hessians(tiny_dit(), x_t, t, labels, batch_size=BATCH, progress=False)
+    x_t, t, cond = calibration_inputs()
+    single = collect_hessians(tiny_dit(), x_t, t, cond, batch_size=BATCH, progress=False, adapter=DIT)
     per_rank = [torch.load(two_ranks / f"hessians-{r}.pt") for r in range(2)]
     for rank, hessians in enumerate(per_rank):
         for i, (got, want) in enumerate(zip(hessians, single)):
@@ -203,7 +205,7 @@ def test_two_ranks_hessians_equal_one_process(two_ranks, one_thread):
 
 
 def test_two_ranks_prune_the_same_model_as_one_process(two_ranks, one_thread):
-    from mosaicdiff.pruning import prune
+    from mosaicdiff.api import prune
 
     single = prune(tiny_dit(), tiny_calibration(), 0.4, **PRUNE_KWARGS)
     want = single.state_dict()
@@ -226,7 +228,7 @@ def test_ranks_with_other_inputs_fail_on_every_rank(two_ranks):
 def test_cli_prune_under_two_ranks_saves_once_the_one_process_model(two_ranks, inputs_on_disk, one_thread):
     from safetensors.torch import load_file
 
-    from mosaicdiff.cli import main
+    from mosaicdiff.app.cli import main
 
     model_dir, calib_file = inputs_on_disk
     reports = [json.loads((two_ranks / f"report-{r}.json").read_text()) for r in range(2)]

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import mosaicdiff
-import mosaicdiff.models as models
-from mosaicdiff import compact
-from mosaicdiff.calibrate import Calibration, cat_rows, collect_hessians, take_rows
-from mosaicdiff.integrations.base import ModelAdapter, PrunableGroup, linear_bias
-from mosaicdiff.integrations.diffusers_dit import DIT
-from mosaicdiff.mosaic import MosaicDiT
+import mosaicdiff.families as models
+from mosaicdiff.method import compact
+from mosaicdiff.method.calibrate import Calibration, cat_rows, collect_hessians, take_rows
+from mosaicdiff.core.adapter import ModelAdapter, PrunableGroup, linear_bias
+from mosaicdiff.families.dit.adapter import DIT
+from mosaicdiff.families.dit.model import MosaicDiT
 
 
 def tiny_dit():
@@ -165,7 +165,7 @@ def test_a_geglu_group_slices_both_producer_halves():
 
 
 def test_prune_dispatches_through_the_registered_family(monkeypatch):
-    """A family registered in `mosaicdiff.models.FAMILIES` is pruned without touching the method."""
+    """A family registered in `mosaicdiff.families.FAMILIES` is pruned without touching the method."""
     built = {}
 
     class _Mosaic:
@@ -174,8 +174,8 @@ def test_prune_dispatches_through_the_registered_family(monkeypatch):
             built.update(stages=stages, source=source, meta=meta, share_producers=share_producers)
             return "mosaic"
 
-    family = models.ModelFamily(_GegluAdapter(), _Mosaic, "the test GEGLU model")
-    monkeypatch.setattr(models, "FAMILIES", (*models.FAMILIES, family))
+    family = models.Family("geglu", "the test GEGLU model", _GegluAdapter(), _Mosaic)
+    monkeypatch.setattr(models, "FAMILIES", [*models.FAMILIES, family])
     model = _GegluModel()
     out = mosaicdiff.prune(model, None, 0.25, method="magnitude", align=None, progress=False)
     assert out == "mosaic" and built["source"] == "_GegluModel"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff import obs
+from mosaicdiff.method import obs
 
 F64 = torch.float64
 

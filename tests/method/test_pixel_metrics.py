@@ -1,4 +1,4 @@
-"""KID, speckle rate, pixel W1 and SSIM (`mosaicdiff.pixel_metrics`): known answers, independent
+"""KID, speckle rate, pixel W1 and SSIM (`mosaicdiff.eval.pixel_metrics`): known answers, independent
 formulations (explicit loops, scipy, sorted-sample W1) and bad-input errors."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mosaicdiff import pixel_metrics as pm
+from mosaicdiff.eval import pixel_metrics as pm
 from mosaicdiff.zoo.data import load_digits_tensors
 
 

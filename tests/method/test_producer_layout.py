@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mosaicdiff.producer_layout import interval_order, unit_ranges
+from mosaicdiff.method.producer_layout import interval_order, unit_ranges
 
 
 def _runs(order, sets):

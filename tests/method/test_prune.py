@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import mosaicdiff.pruning as prune_mod
-from mosaicdiff import compact, schedule
-from mosaicdiff.calibrate import Calibration
-from mosaicdiff.integrations import diffusers_dit as dit
-from mosaicdiff.integrations.schedulers import sampler_timesteps
-from mosaicdiff.pruning import plan_stages, prune, prune_stages
+import mosaicdiff.method.pruning as prune_mod
+from mosaicdiff.method import compact, schedule
+from mosaicdiff.method.calibrate import Calibration
+from mosaicdiff.families.dit import adapter as dit
+from mosaicdiff.core.schedulers import sampler_timesteps
+from mosaicdiff.method.pruning import plan_stages
+from mosaicdiff.api import prune, prune_stages
 
 
 def tiny_dit(heads: int = 4, seed: int = 0):
@@ -190,7 +191,7 @@ def _rel_err(model, ref_model, x, t, y):
 
 
 def test_prune_end_to_end_mosaic():
-    pytest.importorskip("mosaicdiff.mosaic")
+    pytest.importorskip("mosaicdiff.families.dit.model")
     dense, calib = tiny_dit(), tiny_calibration(16)
     mosaic = prune(dense, calib, 0.4, samples_per_stage=16, align=None, progress=False)
     # default boundaries: closed form with r = ||x0||^2 / d of the calibration data
@@ -230,8 +231,9 @@ def test_prune_end_to_end_mosaic():
 # ----------------------------------------------------------------- the statistics each block is pruned with
 
 
-def _direct_hessians(model, x_t, t, labels, batch_size):
+def _direct_hessians(model, x_t, t, condition, batch_size):
     """Each block's proj / fc2 input Hessians from forward hooks (not the code under test)."""
+    labels = condition["class_labels"]
     caught = [{"proj": [], "fc2": []} for _ in model.transformer_blocks]
     handles = []
     for entry, block in zip(caught, model.transformer_blocks):
@@ -267,7 +269,7 @@ def test_each_block_is_pruned_with_its_own_stage_statistics(cfg):
 
     hessians, inputs = draws()
     other_cfg, _ = draws(flip_cfg=True)
-    assert all(bool((labels == calib.null_class).any()) == cfg for _, _, labels in inputs)
+    assert all(bool((cond["class_labels"] == calib.null_class).any()) == cfg for _, _, cond in inputs)
 
     def pruned(i, h, sp):
         return dit.prune_block(dit.block_linears(model.transformer_blocks[i]), h, 4, sp, sp, align=None)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mosaicdiff import schedule
+from mosaicdiff.method import schedule
 
 T = 1000
 
@@ -260,7 +260,7 @@ def test_empirical_curve_hand_values():
 
 
 def test_plot_stage_curves_writes_png(tmp_path):
-    from mosaicdiff.plots import plot_stage_curves
+    from mosaicdiff.eval.plots import plot_stage_curves
 
     abar = schedule.linear_alphas_cumprod()
     p1 = plot_stage_curves(tmp_path / "a.png", abar, (111, 576))

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import mosaicdiff.schedule_search_cache as cache_mod
-from mosaicdiff import compact
-from mosaicdiff.calibrate import Calibration
-from mosaicdiff.integrations.schedulers import default_scheduler, sampler_timesteps
-from mosaicdiff.pruning import prune_stages
-from mosaicdiff.schedule_search import search_schedule, uniform_stages
-from mosaicdiff.schedule_search_cache import StagePruneCache
-from mosaicdiff.schedule_search_es import EvolutionConfig, SparsityGrid, evolve
-from mosaicdiff.schedule_search_fitness import HeldOutFidelity
+import mosaicdiff.search.cache as cache_mod
+from mosaicdiff.method import compact
+from mosaicdiff.method.calibrate import Calibration
+from mosaicdiff.core.schedulers import default_scheduler, sampler_timesteps
+from mosaicdiff.api import prune_stages
+from mosaicdiff.search.search import search_schedule, uniform_stages
+from mosaicdiff.search.cache import StagePruneCache
+from mosaicdiff.search.es import EvolutionConfig, SparsityGrid, evolve
+from mosaicdiff.search.fitness import HeldOutFidelity
 
 
 def tiny_dit(heads: int = 4, seed: int = 0):

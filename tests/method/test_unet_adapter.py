@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff import compact
-from mosaicdiff.calibrate import collect_hessians, stage_inputs
-from mosaicdiff.integrations.diffusers_unet import UNET, transformer_blocks
-from mosaicdiff.mosaic_unet import MosaicUNet
-from mosaicdiff.text_calibration import TextCalibration
-from mosaicdiff.types import StageSpec
+from mosaicdiff.method import compact
+from mosaicdiff.method.calibrate import collect_hessians, stage_inputs
+from mosaicdiff.families.unet.adapter import UNET, transformer_blocks
+from mosaicdiff.families.unet.model import MosaicUNet
+from mosaicdiff.method.text_calibration import TextCalibration
+from mosaicdiff.core.stages import StageSpec
 
 TIME_IDS = torch.tensor([[16.0, 16, 0, 0, 16, 16]])
 
@@ -129,14 +129,21 @@ def test_uncompensated_stages_equal_the_zeroed_dense_unet():
             want = _zeroed(unet, kept[name])(x, tt, text, added_cond_kwargs=added).sample
             got = mosaic(x, tt, text, added_cond_kwargs=added).sample
         assert_close(got, want, atol=2e-5, rtol=1e-5, msg=lambda m: f"stage {name}\n{m}")
-    with pytest.raises(ValueError, match="one stage"):
-        mosaic(x, torch.tensor([100, 800]), text, added_cond_kwargs=added)
+    mixed = torch.tensor([100, 800])  # a batch over two stages: each row as run alone
+    with torch.no_grad():
+        got = mosaic(x, mixed, text, added_cond_kwargs=added).sample
+        want = [mosaic(x[i:i + 1], mixed[i:i + 1], text[i:i + 1],
+                       added_cond_kwargs={k: v[i:i + 1] for k, v in added.items()}).sample for i in range(2)]
+    assert_close(got, torch.cat(want), atol=2e-5, rtol=1e-5)
 
 
 def test_obs_on_text_conditioned_hessians_beats_magnitude():
     unet, cal = tiny_unet(), calibration(8)
     x_t, t, cond = stage_inputs(cal, 0, 1000, 8, generator=torch.Generator().manual_seed(0))
-    assert x_t.shape[0] == 16 and torch.equal(cond["prompt_embeds"][8:], torch.zeros(8, 7, TEXT))  # CFG: zeros
+    text = cond["encoder_hidden_states"]
+    assert x_t.shape[0] == 16 and torch.equal(text[8:], torch.zeros(8, 7, TEXT))  # CFG: zeros
+    assert torch.equal(cond["added_cond_kwargs"]["text_embeds"][8:], torch.zeros(8, 32))
+    assert torch.equal(cond["added_cond_kwargs"]["time_ids"], TIME_IDS.expand(16, 6)), "time ids: both branches"
     hessians = collect_hessians(unet, x_t, t, cond, batch_size=8, progress=False, adapter=UNET)
     blocks = transformer_blocks(unet)
     assert set(hessians[0]) == {"attn1", "attn2", "ff"}
@@ -173,8 +180,10 @@ def test_text_calibration_refuses_bad_input():
     neg = torch.randn(1, 7, TEXT)
     cal = TextCalibration(x, e, negative_prompt_embeds=neg)
     cond = cal.condition_rows(torch.tensor([2, 0]))
-    null = cal.null_condition(cond)
-    assert torch.equal(cond["prompt_embeds"], e[[2, 0]]) and torch.equal(null["prompt_embeds"], neg.expand(2, 7, TEXT))
+    null = cal.null_condition_rows(torch.tensor([2, 0]))
+    assert set(cond) == set(null) == {"encoder_hidden_states"}  # SD 1.x/2.x: no added_cond_kwargs
+    assert torch.equal(cond["encoder_hidden_states"], e[[2, 0]])
+    assert torch.equal(null["encoder_hidden_states"], neg.expand(2, 7, TEXT))
 
 
 def test_calibration_that_does_not_fit_the_unet_is_refused():

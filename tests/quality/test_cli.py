@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaicdiff.cli import build_parser, main
+from mosaicdiff.app.cli import build_parser, main
 
 
 def test_parser_has_all_subcommands():
@@ -115,16 +115,16 @@ def test_eval_via_main(tmp_path, capsys):
 
 
 def test_sample_labels_and_guidance_reach_the_sampler(tmp_path, monkeypatch):
-    import mosaicdiff.sampling
+    import mosaicdiff.core.sampling
 
     seen = {}
-    real = mosaicdiff.sampling.sample
+    real = mosaicdiff.core.sampling.sample
 
     def spy(model, labels, **kwargs):
         seen.update(labels=labels.tolist(), **kwargs)
         return real(model, labels, **kwargs)
 
-    monkeypatch.setattr(mosaicdiff.sampling, "sample", spy)
+    monkeypatch.setattr(mosaicdiff.core.sampling, "sample", spy)
     png = tmp_path / "s.png"
     assert main(["sample", "--out", str(png), "--labels", "7, 3", "--guidance-scale", "2.5", "--steps", "1",
                  "--nrow", "1", "--no-progress"]) == 0
@@ -139,7 +139,7 @@ class _Stop(Exception):
 @pytest.mark.parametrize("flags", [["--speed-threshold", "0.5", "--log-snr-weight", "0.1"],
                                    ["--M", "0.5", "--lam", "0.1"]], ids=["new names", "paper symbols"])
 def test_stage_split_flags_reach_prune(flags, tmp_path, monkeypatch, capsys):
-    import mosaicdiff.pruning
+    import mosaicdiff.api
 
     seen = {}
 
@@ -147,7 +147,7 @@ def test_stage_split_flags_reach_prune(flags, tmp_path, monkeypatch, capsys):
         seen.update(kwargs)
         raise _Stop
 
-    monkeypatch.setattr(mosaicdiff.pruning, "prune", spy)
+    monkeypatch.setattr(mosaicdiff.api, "prune", spy)
     assert main(["prune", "--out", str(tmp_path / "m"), "--method", "magnitude", *flags, "--no-progress"]) == 1
     assert "_Stop" in capsys.readouterr().err
     assert seen["speed_threshold"] == 0.5 and seen["log_snr_weight"] == 0.1, seen
@@ -156,7 +156,7 @@ def test_stage_split_flags_reach_prune(flags, tmp_path, monkeypatch, capsys):
 
 
 def test_independent_stages_flag_reaches_prune(tmp_path, monkeypatch, capsys):
-    import mosaicdiff.pruning
+    import mosaicdiff.api
 
     seen = {}
 
@@ -164,7 +164,7 @@ def test_independent_stages_flag_reaches_prune(tmp_path, monkeypatch, capsys):
         seen.update(kwargs)
         raise _Stop
 
-    monkeypatch.setattr(mosaicdiff.pruning, "prune", spy)
+    monkeypatch.setattr(mosaicdiff.api, "prune", spy)
     assert main(["prune", "--out", str(tmp_path / "m"), "--method", "magnitude", "--independent-stages",
                  "--no-progress"]) == 1
     assert seen["share_producers"] is False
@@ -190,8 +190,8 @@ def test_method_names(tmp_path):
         assert parser.parse_args([cmd]).methods == ["mosaic", "uniform", "magnitude"]
 
 
-@pytest.mark.parametrize("cmd,module,function", [("demo", "mosaicdiff.demo", "run_demo"),
-                                                 ("eval", "mosaicdiff.evaluate", "run_eval")])
+@pytest.mark.parametrize("cmd,module,function", [("demo", "mosaicdiff.app.demo", "run_demo"),
+                                                 ("eval", "mosaicdiff.app.evaluate", "run_eval")])
 def test_experiment_flags_reach_the_run(cmd, module, function, tmp_path, monkeypatch):
     import importlib
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosaicdiff.cli import main
+from mosaicdiff.app.cli import main
 
 # The exit statuses the CLI documents (literal here, so that the contract itself is under test).
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -244,14 +244,14 @@ def unwritable(tmp_path):
     ["eval", "--out", "{ro}"],
 ], ids=["prune", "sample", "demo", "eval"])
 def test_unwritable_output_refused_before_work(argv, unwritable, work, capsys, monkeypatch):
-    import mosaicdiff.pruning
-    import mosaicdiff.sampling
+    import mosaicdiff.api
+    import mosaicdiff.core.sampling
 
     def never(*a, **k):
         raise AssertionError("the long work started before the output folder was checked")
 
-    monkeypatch.setattr(mosaicdiff.sampling, "sample", never)
-    monkeypatch.setattr(mosaicdiff.pruning, "prune", never)
+    monkeypatch.setattr(mosaicdiff.core.sampling, "sample", never)
+    monkeypatch.setattr(mosaicdiff.api, "prune", never)
     before = sorted(os.listdir(unwritable))
     code = main([a.replace("{ro}", str(unwritable)) for a in argv])
     line = error_line(capsys.readouterr().err, argv[0])
@@ -277,9 +277,9 @@ def _raise(exc):
     (KeyboardInterrupt(), EXIT_INTERRUPTED, None),
 ], ids=["runtime", "zerodiv", "enospc", "permission", "exists", "ctrl-c"])
 def test_failures_are_one_line(exc, code, fragment, work, capsys, monkeypatch):
-    import mosaicdiff.sampling
+    import mosaicdiff.core.sampling
 
-    monkeypatch.setattr(mosaicdiff.sampling, "sample", _raise(exc))
+    monkeypatch.setattr(mosaicdiff.core.sampling, "sample", _raise(exc))
     assert main(["sample", "--num-samples", "2", "--steps", "1", "--out", str(work / "s.png"), "--no-progress"]) == code
     err = capsys.readouterr().err
     if fragment is None:
@@ -301,9 +301,9 @@ def test_safetensors_error_is_input_error(work, capsys, monkeypatch):
 
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_shows_the_traceback(where, work, capsys, monkeypatch):
-    import mosaicdiff.sampling
+    import mosaicdiff.core.sampling
 
-    monkeypatch.setattr(mosaicdiff.sampling, "sample", _raise(RuntimeError("boom")))
+    monkeypatch.setattr(mosaicdiff.core.sampling, "sample", _raise(RuntimeError("boom")))
     tail = ["--num-samples", "2", "--out", str(work / "s.png")]
     argv = ["--debug", "sample", *tail] if where == "before" else ["sample", *tail, "--debug"]
     assert main(argv) == EXIT_FAILURE
@@ -381,7 +381,7 @@ print("ok")
 
 @pytest.mark.parametrize("prelude", [
     "",
-    "import mosaicdiff.pruning as prune_mod\nfrom mosaicdiff.pruning import prune_stages\n"
+    "import mosaicdiff.api\nimport mosaicdiff.method.pruning as prune_mod\nfrom mosaicdiff.api import prune_stages\n"
     "assert callable(prune_stages) and callable(prune_mod.plan_stages) and callable(mosaicdiff.prune)",
 ], ids=["plain", "submodule-imported-first"])
 def test_prune_callable_twice_in_a_fresh_interpreter(prelude, tmp_path):

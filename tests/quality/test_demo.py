@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mosaicdiff.cli import main
+from mosaicdiff.app.cli import main
 
 METRIC_KEYS = {"fid", "class_accuracy", "psnr_to_dense", "seconds_per_sample"}
 
@@ -60,13 +60,13 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_demo_keeps_partial_results_on_failure(tmp_path, monkeypatch):
-    import mosaicdiff.pruning
-    from mosaicdiff.demo import run_demo
+    import mosaicdiff.api
+    from mosaicdiff.app.demo import run_demo
 
     def broken(*args, **kwargs):
         raise RuntimeError("pruning exploded")
 
-    monkeypatch.setattr(mosaicdiff.pruning, "prune", broken)
+    monkeypatch.setattr(mosaicdiff.api, "prune", broken)
     with pytest.raises(RuntimeError, match="exploded"):
         run_demo(tmp_path, num_samples=4, steps=3, samples_per_stage=4, methods=("uniform",), progress=False)
     report = json.loads((tmp_path / "report.json").read_text())

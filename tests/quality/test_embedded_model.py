@@ -36,7 +36,7 @@ def test_loads_offline_and_denoises(monkeypatch):
 
 def test_structure_matches_dit():
     """Same block structure as the converted DiT-XL/2: ada_norm_zero blocks, identical embedders."""
-    from mosaicdiff.integrations.diffusers_dit import embedders_identical, validate_dit
+    from mosaicdiff.families.dit.adapter import embedders_identical, validate_dit
 
     model = load_digits_dit()
     validate_dit(model)

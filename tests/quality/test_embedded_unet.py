@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from mosaicdiff import quality
+from mosaicdiff.eval import quality
 from mosaicdiff.zoo import DIGITS_UNET_DIR, digits_unet_scheduler, load_digits_label_tokens, load_digits_unet
 from mosaicdiff.zoo.data import NUM_CLASSES, load_digits_tensors, train_test_split
 from mosaicdiff.zoo.train_unet import LabelTokens, held_out_loss
@@ -33,7 +33,7 @@ def test_loads_offline_and_denoises(monkeypatch):
 def test_samples_are_the_requested_digits():
     """20 samples (two per digit), DDIM 20 steps, guidance 1.5: the shipped classifier reads at
     least 16 as their requested digit (measured: 200 samples at 50 steps, 0.99)."""
-    from mosaicdiff.text_sampling import sample_with_text
+    from mosaicdiff.core.text_sampling import sample_with_text
 
     unet, table = load_digits_unet(), load_digits_label_tokens()
     labels = torch.arange(20) % NUM_CLASSES

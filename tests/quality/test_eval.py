@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mosaicdiff.evaluate import format_eval_table, run_eval
+from mosaicdiff.app.evaluate import format_eval_table, run_eval
 
 
 def test_eval_sweep_writes_json_and_plot(tmp_path):

@@ -1,4 +1,4 @@
-"""`mosaicdiff.app.measure`: intervals per metric and paired differences between methods."""
+"""`mosaicdiff.eval.measure`: intervals per metric and paired differences between methods."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mosaicdiff.app import measure
+from mosaicdiff.eval import measure
 from mosaicdiff.zoo.data import load_digits_tensors
 
 

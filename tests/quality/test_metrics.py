@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from mosaicdiff import quality
+from mosaicdiff.eval import quality
 from mosaicdiff.zoo.data import load_digits_tensors, train_test_split
 
 

@@ -1,4 +1,4 @@
-"""`mosaicdiff.sampling.sample` against diffusers' own DiT pipeline, and its options."""
+"""`mosaicdiff.core.sampling.sample` against diffusers' own DiT pipeline, and its options."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mosaicdiff.sampling import default_scheduler, make_noise, sample
+from mosaicdiff.core.sampling import default_scheduler, make_noise, sample
 
 
 def tiny_dit(out_channels: int = 1, num_classes: int = 1000, seed: int = 0):
@@ -88,7 +88,7 @@ def test_trajectory_and_batching():
 
 def test_mosaic_unpruned_matches_dense():
     """A MosaicDiT holding the dense blocks (no pruning) samples the same images through `sample`."""
-    from mosaicdiff.mosaic import MosaicDiT
+    from mosaicdiff.families.dit.model import MosaicDiT
 
     model = tiny_dit(num_classes=10)
     mosaic = MosaicDiT.from_dense_unpruned(model)

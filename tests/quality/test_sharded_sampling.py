@@ -1,6 +1,6 @@
 """`mosaicdiff sample --num-images N --out DIR`: shards, resume, 1 vs 2 ranks, the .npz layout, errors.
 
-One 2-process gloo launch (`mosaicdiff.distributed.spawn_local`: the environment ``torchrun``
+One 2-process gloo launch (`mosaicdiff.core.distributed.spawn_local`: the environment ``torchrun``
 sets, bounded in time) runs every distributed case through the CLI; each rank saves its exit
 codes and stderr, and the tests compare with runs made here in one process.
 
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from mosaicdiff import distributed, sampling, sharded_sampling as ss
-from mosaicdiff.cli import main
+from mosaicdiff.core import distributed, sampling, sharded_sampling as ss
+from mosaicdiff.app.cli import main
 
 # 12 images in shards of 3 (2 batches of 2 and 1 each): rank 0 samples shards 0 and 2, rank 1 shards 1 and 3
 N, SHARD, BATCH = 12, 3, 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mosaicdiff.stats import bootstrap, paired_difference
+from mosaicdiff.eval.stats import bootstrap, paired_difference
 
 
 def test_interval_of_a_mean_matches_the_normal_interval():

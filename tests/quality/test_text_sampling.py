@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mosaicdiff.text_sampling import sample_with_text
+from mosaicdiff.core.text_sampling import sample_with_text
 
 
 @pytest.fixture(scope="module")

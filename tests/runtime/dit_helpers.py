@@ -11,7 +11,8 @@ import copy
 
 import torch
 
-from mosaicdiff.types import CompactBlockWeights, StageSpec
+from mosaicdiff.families.dit.weights import CompactBlockWeights
+from mosaicdiff.core.stages import StageSpec
 
 #: fp32 tolerance of mosaic-vs-diffusers comparisons: same math, different summation order
 #: (batched adaLN GEMM, fused qkv GEMM, fp32 reference kernels).

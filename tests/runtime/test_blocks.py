@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff.blocks import CompactDiTBlock, SharedConditioning
+from mosaicdiff.families.dit.blocks import CompactDiTBlock, SharedConditioning
 from tests.runtime.dit_helpers import ATOL, HEAD_DIM, HEADS, RTOL, inputs, sliced_block, tiny_dit, zeroed_reference
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff.mosaic import MosaicDiT
-from mosaicdiff.sampling import sample
+from mosaicdiff.families.dit.model import MosaicDiT
+from mosaicdiff.core.sampling import sample
 from tests.runtime.dit_helpers import ATOL, RTOL, inputs, tiny_dit, two_stage_specs
 
 

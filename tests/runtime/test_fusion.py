@@ -13,8 +13,8 @@ import torch
 from torch.testing import assert_close
 
 from mosaic_kernels import ops
-from mosaicdiff.mosaic import MosaicDiT
-from mosaicdiff.types import StageSpec
+from mosaicdiff.families.dit.model import MosaicDiT
+from mosaicdiff.core.stages import StageSpec
 from tests.runtime.dit_helpers import ATOL, HEAD_DIM, HEADS, LAYERS, RTOL, inputs, sliced_block, tiny_dit, zeroed_reference
 
 MLP = 4 * HEADS * HEAD_DIM

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff import graphs
-from mosaicdiff.graphs import StageGraphRunner, _Captured
-from mosaicdiff.mosaic import MosaicDiT
+from mosaicdiff.core import graphs
+from mosaicdiff.core.graphs import StageGraphRunner, _Captured
+from mosaicdiff.families.dit.model import MosaicDiT
 from tests.runtime.dit_helpers import inputs, tiny_dit, two_stage_specs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -32,7 +32,7 @@ def test_cpu_falls_back_to_eager_and_logs_once(caplog):
     eager = [_run(mosaic, x, t, labels) for t in (900, 100)]
     mosaic.enable_cuda_graphs(True)
     assert mosaic.cuda_graphs_enabled and "cuda_graphs=True" in repr(mosaic)
-    with caplog.at_level(logging.INFO, logger="mosaicdiff.graphs"):
+    with caplog.at_level(logging.INFO, logger="mosaicdiff.core.graphs"):
         got = [_run(mosaic, x, t, labels) for t in (900, 100, 900)]
     assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1]) and torch.equal(got[2], eager[0])
     assert caplog.text.count("running eagerly: inputs are on cpu") == 1
@@ -55,7 +55,7 @@ def test_capture_error_falls_back_to_eager(monkeypatch, caplog):
     x, labels = inputs(batch=2)
     t = torch.full((2,), 900.0)
     want = mosaic.forward_stage(1, x, t, labels)
-    with caplog.at_level(logging.WARNING, logger="mosaicdiff.graphs"):
+    with caplog.at_level(logging.WARNING, logger="mosaicdiff.core.graphs"):
         outs = [runner(1, x, t, labels) for _ in range(3)]
     assert all(torch.equal(o, want) for o in outs)
     assert calls == [1], "a failed signature is not captured again"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mosaicdiff.graphs import StageGraphRunner, _Captured
+from mosaicdiff.core.graphs import StageGraphRunner, _Captured
 
 
 def stage_fn(stage, x, t, labels):
@@ -142,7 +142,7 @@ def test_blockers(monkeypatch):
 def test_blocked_inputs_run_eagerly_and_log_each_reason_once(caplog):
     runner = StageGraphRunner(stage_fn)
     x, t, y = _args(2)
-    with caplog.at_level(logging.INFO, logger="mosaicdiff.graphs"):
+    with caplog.at_level(logging.INFO, logger="mosaicdiff.core.graphs"):
         for stage in (0, 1, 0):
             assert torch.equal(runner(stage, x, t, y), stage_fn(stage, x, t, y))
     assert caplog.text.count("running eagerly: inputs are on cpu, not CUDA") == 1
@@ -150,7 +150,7 @@ def test_blocked_inputs_run_eagerly_and_log_each_reason_once(caplog):
 
 
 def test_mosaic_fusion_switch_drops_graphs(monkeypatch):
-    from mosaicdiff.mosaic import MosaicDiT
+    from mosaicdiff.families.dit.model import MosaicDiT
     from tests.runtime.dit_helpers import inputs, tiny_dit, two_stage_specs
 
     dense = tiny_dit()

@@ -7,8 +7,8 @@ import gc
 import pytest
 import torch
 
-from mosaicdiff.mosaic import MosaicDiT
-from mosaicdiff.pruning import prune_stages
+from mosaicdiff.families.dit.model import MosaicDiT
+from mosaicdiff.api import prune_stages
 
 #: DiT-XL/2 at 256 px (facebook/DiT-XL-2-256), random weights.
 XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff.mosaic import MosaicDiT
-from mosaicdiff.types import StageSpec
+from mosaicdiff.families.dit.model import MosaicDiT
+from mosaicdiff.core.stages import StageSpec
 from tests.runtime.dit_helpers import (
     ATOL,
     NUM_CLASSES,
@@ -93,12 +93,28 @@ def test_stage_switching_runs_the_right_stage(dense):
     assert seen == ["late", "early", "late"]
 
 
-def test_mixed_stage_batch_raises():
+def test_mixed_stage_batch_equals_its_rows_one_by_one():
+    """A server batching requests at different steps: each stage runs on its rows, in row order."""
+    dense = tiny_dit()
+    mosaic = _two_stage(dense)
+    x, labels = inputs(batch=4)
+    t = torch.tensor([399, 400, 10, 999])  # late, early, late, early
+    got = _run(mosaic, x, t, labels)
+    want = torch.cat([_run(mosaic, x[i:i + 1], t[i:i + 1], labels[i:i + 1]) for i in range(4)])
+    assert_close(got, want, atol=ATOL, rtol=RTOL)
+    # not a stage's output for every row: the rows really took different stages
+    assert (got[0] - _run(mosaic, x, torch.full((4,), 400), labels)[0]).abs().max() > 1e-3
+    (late, late_rows), (early, early_rows) = mosaic.stage_rows(t, 4)
+    assert mosaic.stage_names[late] == "late" and late_rows.tolist() == [0, 2] and early_rows.tolist() == [1, 3]
+    with pytest.raises(ValueError, match="span stages"):
+        mosaic.stage_for(t)
+    assert mosaic.stage_for(torch.tensor([400, 999])) == early  # one semantics: all rows in one stage
+
+
+def test_forward_input_errors():
     dense = tiny_dit()
     mosaic = _two_stage(dense)
     x, labels = inputs(batch=2)
-    with pytest.raises(ValueError, match=r"mixes timesteps of stages 'late' and 'early'"):
-        _run(mosaic, x, torch.tensor([399, 400]), labels)
     with pytest.raises(ValueError, match="outside every stage"):
         _run(mosaic, x, 1000, labels)
     with pytest.raises(ValueError, match="timestep must be"):
@@ -170,7 +186,7 @@ def test_to_dtype_and_repr():
     text = repr(mosaic)
     assert "late[0,400)" in text and "early[400,1000)" in text and "CompactDiTBlock" in text
     # the mosaic's diffusers config repeats the dense architecture (what DiTPipeline and sample read)
-    from mosaicdiff.integrations.diffusers_dit import DIT_CONFIG_KEYS
+    from mosaicdiff.families.dit.adapter import DIT_CONFIG_KEYS
     assert {k: mosaic.config[k] for k in DIT_CONFIG_KEYS} == {k: dense.config[k] for k in DIT_CONFIG_KEYS}
     assert mosaic.meta["source"] == "tiny-random-dit"
 
@@ -208,7 +224,7 @@ def test_kernel_config_selection_on_stage_change(monkeypatch, caplog):
         raise RuntimeError("no table")
 
     monkeypatch.setattr(configs, "select_configs_for_shapes", boom)
-    with caplog.at_level(logging.WARNING, logger="mosaicdiff.mosaic"):
+    with caplog.at_level(logging.WARNING, logger="mosaicdiff.families.dit.model"):
         out = _run(mosaic, x, 900, labels)  # still runs
     assert out.shape == (2, 8, 8, 8) and "kernel config selection failed" in caplog.text
 

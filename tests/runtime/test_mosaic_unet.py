@@ -7,10 +7,10 @@ import torch
 from torch.testing import assert_close
 
 import mosaicdiff
-from mosaicdiff import schedule
-from mosaicdiff.integrations.diffusers_unet import UNET
-from mosaicdiff.integrations.schedulers import scheduler_alphas_cumprod
-from mosaicdiff.mosaic_unet import MosaicUNet
+from mosaicdiff.method import schedule
+from mosaicdiff.families.unet.adapter import UNET
+from mosaicdiff.core.schedulers import scheduler_alphas_cumprod
+from mosaicdiff.families.unet.model import MosaicUNet
 from tests.method.test_unet_adapter import TEXT, calibration, tiny_unet
 
 
@@ -38,7 +38,7 @@ def test_prune_returns_a_stage_switching_unet(method):
 
 
 def test_prune_refuses_class_calibration_for_a_unet():
-    from mosaicdiff.calibrate import Calibration
+    from mosaicdiff.method.calibrate import Calibration
 
     with pytest.raises(TypeError, match="TextCalibration"):
         mosaicdiff.prune(tiny_unet(), Calibration(torch.randn(2, 4, 16, 16), torch.zeros(2)), 0.4, progress=False)
@@ -139,7 +139,7 @@ def test_load_refuses_folders_that_do_not_fit(tmp_path):
     tensors = load_file(str(weights))
     key = next(k for k in tensors if k.startswith("stage_blocks.0.3.ff2_weight"))
     save_file({**tensors, key: tensors[key][:, :-1].contiguous()}, str(weights))
-    with pytest.raises(ValueError, match=r"tensor 'stage_blocks.0.3.ff2_weight' has shape"):
+    with pytest.raises(ValueError, match=r"tensor 'stage_blocks.0.3.ff2_weight' in .*model.safetensors has shape"):
         MosaicUNet.from_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "format": "mosaicdiff.MosaicDiT"}))
@@ -147,3 +147,66 @@ def test_load_refuses_folders_that_do_not_fit(tmp_path):
         MosaicUNet.from_pretrained(tmp_path / "m")
     with pytest.raises(FileExistsError, match="saving a MosaicUNet there"):
         mosaic.save_pretrained(tmp_path / "m")  # the folder now holds another kind of mosaic
+
+
+def test_cuda_graph_path_and_per_stage_kernel_shapes():
+    """The graph path (`forward_stage`: tensors only) gives the eager output (off CUDA the runner
+    runs it eagerly); the kernel shapes follow each block's resolution level."""
+    from mosaicdiff.families.unet.testing import call, tiny_dense, tiny_inputs
+
+    dense = tiny_dense()
+    mosaic = mosaicdiff.prune(dense, None, 0.3, method="magnitude", boundaries=(300, 700), align=None,
+                              progress=False)
+    x, cond = tiny_inputs(dense, 2)
+    t = torch.tensor([100, 900])  # two stages in one batch
+    want = call(mosaic, x, t, cond)
+    mosaic.enable_cross_kv_cache(True)
+    mosaic.enable_cuda_graphs(True)
+    assert mosaic.cuda_graphs_enabled and not any(b.cache_cross_kv for s in mosaic.stage_blocks for b in s)
+    assert_close(call(mosaic, x, t, cond), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        mosaic.enable_cross_kv_cache(True)
+    assert mosaic._block_levels == _measured_levels(dense, x, cond)
+    shapes = mosaic.stage_kernel_shapes(0, 2, 16 * 16, torch.float32)
+    attention = {shape for op, shape, _ in shapes if op == "attention"}
+    assert attention and all(s[:2] == (2, 64) and s[3] == 16 for s in attention), attention
+    assert mosaic.autotune_kernels(2, 16 * 16, ops=("attention",)) is not None
+
+
+def _measured_levels(dense, x, cond) -> list[int]:
+    """Each transformer block's halvings of the latent, read off the tokens it sees in a forward."""
+    from mosaicdiff.families.unet.adapter import transformer_blocks
+
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+             for b in transformer_blocks(dense)]
+    with torch.no_grad():
+        dense(x, torch.tensor([10, 10]), **cond)
+    for h in hooks:
+        h.remove()
+    order = {id(b): i for i, b in enumerate(transformer_blocks(dense))}
+    assert len(seen) == len(order)
+    tokens = x.shape[-2] * x.shape[-1]
+    # hooks fire in execution order (down, mid, up); transformer_blocks order is the module order
+    by_block = dict(zip([id(b) for b in _execution_order(dense)], seen))
+    return [{tokens // 4 ** k: k for k in range(6)}[by_block[i]] for i in sorted(by_block, key=order.get)]
+
+
+def _execution_order(dense):
+    from mosaicdiff.families.unet.adapter import transformer_blocks
+
+    blocks = transformer_blocks(dense)
+    names = {id(m): n for n, m in dense.named_modules()}
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    return sorted(blocks, key=lambda b: (rank[names[id(b)].split(".")[0]], names[id(b)]))
+
+
+def test_block_levels_of_an_sd15_layout():
+    from mosaicdiff.families.unet.testing import tiny_inputs
+
+    dense = tiny_unet(sdxl=False)
+    mosaic = mosaicdiff.prune(dense, None, 0.3, method="magnitude", align=None, progress=False)
+    x, cond = tiny_inputs(dense, 2)
+    cond = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    levels = _measured_levels(dense, x, cond)
+    assert set(levels) == {0, 1} and mosaic._block_levels == levels

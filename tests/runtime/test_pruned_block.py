@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mosaicdiff.blocks import CompactDiTBlock
-from mosaicdiff.integrations import diffusers_dit as dit
+from mosaicdiff.families.dit.blocks import CompactDiTBlock
+from mosaicdiff.families.dit import adapter as dit
 from tests.runtime.dit_helpers import ATOL, HEAD_DIM, HEADS, RTOL, tiny_dit
 
 

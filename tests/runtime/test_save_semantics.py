@@ -21,13 +21,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mosaicdiff import model_folder, serialization
-from mosaicdiff.mosaic import MosaicDiT
-from mosaicdiff.serialization import STAGING_PREFIX, validate_save_directory
-from mosaicdiff.types import StageSpec
+from mosaicdiff.core import model_folder, serialization
+from mosaicdiff.families.dit.model import MosaicDiT
+from mosaicdiff.core.model_folder import STAGING_PREFIX
+from mosaicdiff.core.stages import StageSpec
 from tests.runtime.dit_helpers import inputs, tiny_dit, two_stage_specs
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def validate_save_directory(path):
+    return model_folder.validate_save_directory(path, MosaicDiT.format_name)
 
 
 def _mosaic(seed=0):
@@ -85,6 +89,7 @@ def test_resave_keeps_the_users_files(tmp_path, old_new):
     (target / "README.md").write_text("my notes")
     (target / "samples").mkdir()
     (target / "samples" / "grid.png").write_bytes(b"\x89PNG fake")
+    (target / "model.ema.safetensors").write_bytes(b"named like a variant no config listed")
     before = _tree(target)
     new.save_pretrained(target)
     after = _tree(target)
@@ -117,11 +122,27 @@ def test_modes_follow_the_umask(tmp_path, umask, old_new):
 # ------------------------------------------------------------------ 3. crashes and leftovers
 
 
-def test_a_crash_at_any_step_leaves_the_old_or_the_new_model(tmp_path, monkeypatch, old_new):
-    """Snapshot the folder at every step boundary of a save (= the disk after a crash there)."""
+#: Weights layouts of the old and the new save: one file, or shards of ~3 / ~2 files (204 kB of weights).
+LAYOUTS = {"file": {}, "3-shards": {"max_shard_size": "80KB"}, "2-shards": {"max_shard_size": "120KB"}}
+
+
+def _weights_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("model") and p.is_file())
+
+
+@pytest.mark.parametrize("layouts", [("file", "file"), ("file", "3-shards"), ("3-shards", "2-shards"),
+                                     ("2-shards", "file")], ids="-to-".join)
+def test_a_crash_at_any_step_leaves_the_old_or_the_new_model(tmp_path, monkeypatch, old_new, layouts):
+    """Snapshot the folder at every step boundary of a save (= the disk after a crash there), for a
+    save changing the weights' layout (one file, sharded, another shard count): every snapshot loads
+    as the old or the new model, and the next save leaves exactly the new layout's files."""
     old, new = old_new
+    old_kwargs, new_kwargs = LAYOUTS[layouts[0]], LAYOUTS[layouts[1]]
     target = tmp_path / "m"
-    old.save_pretrained(target)
+    new.save_pretrained(tmp_path / "clean", **new_kwargs)
+    clean_files = _weights_files(tmp_path / "clean")
+    shutil.rmtree(tmp_path / "clean")
+    old.save_pretrained(target, **old_kwargs)
     (target / "README.md").write_text("keep")
     snaps: list[Path] = []
 
@@ -152,8 +173,9 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_model(tmp_path, monkeypat
     monkeypatch.setattr(model_folder, "save_file", save_file)
     monkeypatch.setattr(model_folder, "fsync_path", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    new.save_pretrained(target)
+    new.save_pretrained(target, **new_kwargs)
     monkeypatch.undo()
+    assert _weights_files(target) == clean_files
 
     labels = [s.name for s in snaps]
     missing = [s.name for s in snaps if not s.exists()]
@@ -169,9 +191,11 @@ def test_a_crash_at_any_step_leaves_the_old_or_the_new_model(tmp_path, monkeypat
 
     for s in snaps:
         assert (s / "README.md").read_text() == "keep"
-        # Cleanup on start: the next save finishes or discards the crashed one; no hidden leftovers.
-        new.save_pretrained(s)
+        # Cleanup on start: the next save finishes or discards the crashed one; no hidden leftovers,
+        # no weights files of another layout.
+        new.save_pretrained(s, **new_kwargs)
         assert _hidden(s) == [] and _which(s, old_new) == "new", s.name
+        assert _weights_files(s) == clean_files, s.name
 
 
 def test_a_failing_save_after_a_crash_mid_commit_keeps_the_committed_model(tmp_path, monkeypatch, old_new):
@@ -201,6 +225,39 @@ def test_a_failing_save_after_a_crash_mid_commit_keeps_the_committed_model(tmp_p
     with pytest.raises(OSError, match="No space left on device"):
         old.save_pretrained(target)
     assert _which(target, old_new) == "new" and _hidden(target) == []
+
+
+def test_an_interrupted_sharded_variant_save(tmp_path, monkeypatch, old_new):
+    """A sharded variant save killed between the commit and the moves: the variant loads as the new
+    model (from the staging folder), the default weights of the old model are no longer listed,
+    and the next save finishes the commit, keeps the variant and removes the stale files."""
+    old, new = old_new
+    target = tmp_path / "m"
+    old.save_pretrained(target)
+    old.save_pretrained(target, variant="fp16")  # the same model: both sets kept
+    assert _weights_files(target) == ["model.fp16.safetensors", "model.safetensors"]
+    real_replace, dead = os.replace, []
+
+    def crash_after_commit(src, dst):
+        if dead:
+            raise OSError(errno.EIO, "dead")
+        real_replace(src, dst)
+        if Path(dst) == target / "config.json":
+            dead.append(True)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", crash_after_commit)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(target, variant="fp16", max_shard_size="120KB")
+    monkeypatch.undo()
+    got = _out(MosaicDiT.from_pretrained(target, variant="fp16"))
+    assert torch.equal(got, _out(new))
+    with pytest.raises(FileNotFoundError, match="holds variant 'fp16'"):
+        MosaicDiT.from_pretrained(target)  # the config is the new model's: the old default is not its
+    new.save_pretrained(target)
+    assert _hidden(target) == [] and _which(target, old_new) == "new"
+    assert _weights_files(target) == ["model.fp16-00001-of-00002.safetensors", "model.fp16-00002-of-00002.safetensors",
+                                      "model.safetensors", "model.safetensors.index.fp16.json"]
+    assert torch.equal(_out(MosaicDiT.from_pretrained(target, variant="fp16")), _out(new))
 
 
 def test_a_killed_save_is_cleaned_up_by_the_next_one(tmp_path, old_new):
@@ -448,13 +505,13 @@ def test_a_load_racing_a_save_rereads_the_config(tmp_path, monkeypatch, old_new)
     it re-reads the config instead of failing (or pairing the old config with the new weights)."""
     target = tmp_path / "m"
     old_new[0].save_pretrained(target)
-    stale = serialization.read_config(target)
+    stale = serialization.read_config(MosaicDiT, target)
     old_new[1].save_pretrained(target)
     real_read, calls = serialization.read_config, []
 
-    def read_config(path):
+    def read_config(cls, path):
         calls.append(path)
-        return stale if len(calls) == 1 else real_read(path)
+        return stale if len(calls) == 1 else real_read(cls, path)
 
     monkeypatch.setattr(serialization, "read_config", read_config)
     assert _which(target, old_new) == "new" and len(calls) == 2

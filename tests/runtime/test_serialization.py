@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mosaicdiff import model_folder, serialization
+from mosaicdiff.core import model_folder
 from mosaicdiff._version import __version__
-from mosaicdiff.mosaic import MosaicDiT
+from mosaicdiff.families.dit.model import MosaicDiT
 from tests.runtime.dit_helpers import inputs, tiny_dit, two_stage_plan, two_stage_specs
 
 
@@ -52,7 +52,7 @@ def test_round_trip_is_bitwise(tmp_path, identical):
     assert loaded.config.sample_size == 8 and loaded.config.in_channels == 4 and loaded.config.out_channels == 8
 
     config = json.loads((target / "config.json").read_text())
-    assert config["format_version"] == serialization.FORMAT_VERSION and config["package_version"] == __version__
+    assert config["format_version"] == MosaicDiT.format_version and config["package_version"] == __version__
     assert config["meta"] == {"method": "manual-slice", "boundaries": [400], "target_sparsity": 0.5,
                               "source": "tiny-random-dit"}
     plan = two_stage_plan()
@@ -179,7 +179,7 @@ def test_missing_and_unexpected_keys(saved):
 def test_format_version_mismatch_names_both_versions(saved):
     _edit_config(saved, lambda c: c.__setitem__("format_version", "4.0"))
     with pytest.raises(ValueError, match=rf"format version 4\.0 .* reads format versions 1\.x, 2\.x, 3\.x \(writes "
-                                         rf"{re.escape(serialization.FORMAT_VERSION)}\)"):
+                                         rf"{re.escape(MosaicDiT.format_version)}\)"):
         MosaicDiT.from_pretrained(saved)
     _edit_config(saved, lambda c: c.__setitem__("format", "something-else"))
     with pytest.raises(ValueError, match="expected 'mosaicdiff.MosaicDiT'"):
@@ -191,9 +191,9 @@ def test_format_version_mismatch_names_both_versions(saved):
 
 def test_newer_minor_version_loads_with_warning(saved, caplog):
     _edit_config(saved, lambda c: c.__setitem__("format_version", "3.99"))
-    with caplog.at_level("WARNING", logger="mosaicdiff.serialization"):
+    with caplog.at_level("WARNING", logger="mosaicdiff.core.serialization"):
         MosaicDiT.from_pretrained(saved)
-    assert f"newer than {serialization.FORMAT_VERSION}" in caplog.text
+    assert f"newer than {MosaicDiT.format_version}" in caplog.text
 
 
 # ------------------------------------------------------------------ invalid configs and arguments
@@ -235,7 +235,7 @@ def _set(*keys_and_value):
      r"stages\[1\]\.blocks\[0\]\.kept_heads must be a list of integers, got \['1'\]"),
     (_set("stages", 0, "blocks", 1, "kept_heads", [9]),
      r"stage 'late' block 1: kept_heads must lie in \[0, 4\), got \[9, 9\]"),
-    (_set("sample_size", "big"), r"the config does not describe a DiT"),
+    (_set("sample_size", "big"), r"the config does not describe a MosaicDiT"),
 ])
 def test_invalid_config_is_one_clear_error_naming_the_file(saved, edit, match):
     _edit_config(saved, edit)
@@ -359,14 +359,14 @@ def test_format_1_1_folder_still_loads(tmp_path):
     with pytest.raises(ValueError, match=r"is not the weights .*config\.json was saved with"):
         MosaicDiT.from_pretrained(folder)
     loaded.save_pretrained(tmp_path / "new")
-    assert json.loads((tmp_path / "new" / "config.json").read_text())["format_version"] == serialization.FORMAT_VERSION
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["format_version"] == MosaicDiT.format_version
 
 
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.pop("runtime"), r"config\.json lacks the key 'runtime'"),
     (_set("dense_config", None), r"config\.json: dense_config must be an object, got None"),
     (_set("runtime", "x"), r"config\.json: runtime must be an object, got 'x'"),
-    (_set("dense_config", "sample_size", "big"), r"config\.json: the config does not describe a DiT"),
+    (_set("dense_config", "sample_size", "big"), r"config\.json: the config does not describe a MosaicDiT"),
 ])
 def test_format_1_1_config_errors_name_the_legacy_field(tmp_path, edit, match):
     import shutil

@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from torch.testing import assert_close
 
-from mosaicdiff.mosaic import MosaicDiT
-from mosaicdiff.shared_producers import SharedProducerBlock
-from mosaicdiff.types import StageSpec
+from mosaicdiff.families.dit.model import MosaicDiT
+from mosaicdiff.families.dit.producers import SharedProducerBlock
+from mosaicdiff.core.stages import StageSpec
 from tests.runtime.dit_helpers import ATOL, HEAD_DIM, HEADS, RTOL, inputs, sliced_block, two_stage_specs, \
     zeroed_reference
 

@@ -18,7 +18,7 @@ from torch.testing import assert_close
 
 import mosaicdiff
 from mosaic_kernels import ops
-from mosaicdiff.mosaic_unet import StageSwitchedChain
+from mosaicdiff.families.unet.model import StageSwitchedChain
 from tests.method.test_unet_adapter import TEXT, tiny_unet, unet_inputs
 
 

@@ -1,4 +1,4 @@
-"""Shared producer storage of `MosaicUNet` (`mosaicdiff.unet_shared_producers`) against per-stage copies.
+"""Shared producer storage of `MosaicUNet` (`mosaicdiff.families.unet.producers`) against per-stage copies.
 
 The oracle is the copy mosaic of the same stages (every stage owning its q/k/v, kv2 and GEGLU ff1
 rows, as before sharing), run through the SDXL pipeline; the memory saving is checked against the
@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 import mosaicdiff
-from mosaicdiff.mosaic_unet import MosaicUNet
-from mosaicdiff.pruning import prune_stages
-from mosaicdiff.unet_blocks import CompactUNetBlock
-from mosaicdiff.unet_shared_producers import CONSUMER_FIELDS, PRODUCER_FIELDS, SharedUNetBlock
+from mosaicdiff.families.unet.model import MosaicUNet
+from mosaicdiff.api import prune_stages
+from mosaicdiff.families.unet.blocks import CompactUNetBlock
+from mosaicdiff.families.unet.producers import CONSUMER_FIELDS, PRODUCER_FIELDS, SharedUNetBlock
 from tests.method.test_unet_adapter import TEXT, tiny_unet, unet_inputs
 from tests.runtime.test_mosaic_unet import _pipeline
 
@@ -133,7 +133,7 @@ def _producer_elements(h1: int, h2: int, f: int, hd: int, width: int, text: int)
 
 
 def test_memory_report_saving_is_exactly_the_producer_rows_not_copied(shared, copies, unet):
-    from mosaicdiff.integrations.diffusers_unet import transformer_blocks
+    from mosaicdiff.families.unet.adapter import transformer_blocks
 
     dense_blocks = transformer_blocks(unet)
     saving = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
+
 def finite_float(text: str) -> float:
     """A finite number (no nan, inf)."""
     try:

@@ -15,7 +15,6 @@ from mosaicdiff.app.errors import EXIT_FAILURE, UsageError, one_line
 from mosaicdiff.app.inputs import load_calibration, load_digits_shaped_model, load_model, sample_labels
 from mosaicdiff.app.outputs import check_model_folder, check_output_folder, check_output_image
 
-
 # ----------------------------------------------------------------------------- demo, eval
 
 def _experiment_model(args) -> dict:
@@ -41,7 +40,7 @@ def _experiment_kwargs(args) -> dict:
 
 
 def cmd_demo(args) -> int:
-    from mosaicdiff import demo
+    from mosaicdiff.app import demo
 
     check_output_folder(args.out)
     t0 = time.perf_counter()
@@ -53,7 +52,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mosaicdiff import evaluate
+    from mosaicdiff.app import evaluate
 
     check_output_folder(args.out)
     result = evaluate.run_eval(args.out, sparsities=args.sparsities, guidance_scales=args.guidance_scales,
@@ -72,7 +71,7 @@ def check_prune_flags(args) -> None:
         UsageError: a flag that the method ignores, the wrong number of --stage-sparsities, or a
             --sparsity the per-stage cap cannot reach.
     """
-    from mosaicdiff.pruning import default_s_max
+    from mosaicdiff.method.pruning import default_s_max
 
     prog = "mosaicdiff prune"
     mosaic = args.method == "mosaic"
@@ -100,7 +99,7 @@ def check_prune_flags(args) -> None:
 
 def _largest_stage_sparsity(args) -> tuple[float, str]:
     """The largest sparsity `prune` may give a stage, and the flag to change it."""
-    from mosaicdiff.pruning import default_s_max
+    from mosaicdiff.method.pruning import default_s_max
 
     if args.stage_sparsities is not None:
         return max(args.stage_sparsities), "keep every --stage-sparsities value"
@@ -113,7 +112,7 @@ def _largest_stage_sparsity(args) -> tuple[float, str]:
 
 def check_heads_kept(model, args) -> None:
     """Every stage keeps at least one attention head (checked on the loaded model, before pruning)."""
-    from mosaicdiff.compact import heads_to_remove
+    from mosaicdiff.method.compact import heads_to_remove
 
     heads = int(model.config.num_attention_heads)
     largest, advice = _largest_stage_sparsity(args)
@@ -139,8 +138,9 @@ def cmd_prune(args) -> int:
     would need the pruned model broadcast; this way `mosaicdiff.prune` returns the model on
     every rank, as without a process group.
     """
-    from mosaicdiff import distributed, pruning
-    from mosaicdiff.sampling import default_scheduler
+    from mosaicdiff import api
+    from mosaicdiff.core import distributed
+    from mosaicdiff.core.sampling import default_scheduler
 
     check_prune_flags(args)
     scheduler = default_scheduler()
@@ -154,7 +154,7 @@ def cmd_prune(args) -> int:
         check_heads_kept(model, args)
         needs_data = args.method in ("mosaic", "uniform") or args.calibration is not None
         calib = load_calibration(args.calibration, model) if needs_data else None
-        mosaic = pruning.prune(
+        mosaic = api.prune(
             model, calib, args.sparsity, method=args.method, boundaries=args.boundaries,
             stage_sparsities=args.stage_sparsities, num_inference_steps=args.steps, scheduler=scheduler,
             samples_per_stage=args.samples_per_stage, speed_threshold=args.speed_threshold,
@@ -177,7 +177,7 @@ def quiet_other_ranks() -> None:
     """Under a process group, INFO records on rank 0 only (warnings and errors from every rank)."""
     import logging
 
-    from mosaicdiff import distributed
+    from mosaicdiff.core import distributed
 
     if not distributed.is_main_process():
         logging.getLogger("mosaicdiff").setLevel(logging.WARNING)
@@ -185,7 +185,7 @@ def quiet_other_ranks() -> None:
 
 def check_same_command_line(args) -> None:
     """Under a process group: every rank was given the same flags (a per-rank seed is an error)."""
-    from mosaicdiff import distributed
+    from mosaicdiff.core import distributed
 
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items()) if k != "func"}
     try:
@@ -197,7 +197,7 @@ def check_same_command_line(args) -> None:
 def _warn_if_ranks_pruned_differently(mosaic) -> None:
     import logging
 
-    from mosaicdiff import distributed
+    from mosaicdiff.core import distributed
 
     if not distributed.is_distributed():
         return
@@ -227,8 +227,8 @@ def cmd_sample(args) -> int:
     """A PNG grid (``--out FILE``), or with ``--num-images N`` N images in ``--out DIR/samples.npz``."""
     if sample_mode(args) == "folder":
         return _sample_to_folder(args)
-    from mosaicdiff import sampling
-    from mosaicdiff.plots import save_image_grid
+    from mosaicdiff.core import sampling
+    from mosaicdiff.eval.plots import save_image_grid
 
     out = Path("samples.png") if args.out is None else args.out
     check_output_image(out)
@@ -278,7 +278,7 @@ def sample_mode(args) -> str:
 
 
 def _sample_to_folder(args) -> int:
-    from mosaicdiff import distributed, sharded_sampling
+    from mosaicdiff.core import distributed, sharded_sampling
 
     check_output_folder(args.out)
     # an hour: ranks wait at the end for the slowest one's last shard and for rank 0's assembly

@@ -2,7 +2,7 @@
 
 An `Experiment` holds what every compared model sees: the dense model, its calibration data,
 the stage boundaries, the labels and one initial noise. Its `prune` and `sample` time the work;
-`mosaicdiff.app.measure` scores images; a `ReportFile` is the JSON report, rewritten atomically after
+`mosaicdiff.eval.measure` scores images; a `ReportFile` is the JSON report, rewritten atomically after
 every finished step so that an interrupted run keeps what finished.
 
 The defaults below were chosen by measurements recorded in docs/results.md ("Demo settings").
@@ -11,7 +11,6 @@ The defaults below were chosen by measurements recorded in docs/results.md ("Dem
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import time
@@ -23,9 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mosaic_kernels.atomic_io import write_json_atomic
-from mosaicdiff import pruning, quality, sampling, schedule
+from mosaicdiff import api
 from mosaicdiff.app.inputs import sample_labels
+from mosaicdiff.core import sampling
+from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
+from mosaicdiff.eval import quality
+from mosaicdiff.method import pruning, schedule
 from mosaicdiff.zoo.data import NUM_CLASSES
 
 #: Methods compared with the dense model by default: all of `pruning.METHODS` except "random"
@@ -85,9 +87,9 @@ class Experiment:
         return schedule.stages_from_boundaries(*self.boundaries, T=len(self.scheduler.alphas_cumprod))
 
     def prune(self, method: str, sparsity: float) -> tuple[nn.Module, float]:
-        """`pruning.prune` of the dense model at this run's stages; returns (mosaic, seconds)."""
+        """`mosaicdiff.prune` of the dense model at this run's stages; returns (mosaic, seconds)."""
         t0 = time.perf_counter()
-        pruned = pruning.prune(
+        pruned = api.prune(
             self.dense, self.calibration, sparsity, method=method, boundaries=self.boundaries,
             num_inference_steps=self.steps, scheduler=self.subject.scheduler(),
             samples_per_stage=self.samples_per_stage, speed_threshold=self.speed_threshold,
@@ -184,23 +186,6 @@ def environment() -> dict:
 
 
 # ----------------------------------------------------------------------------- the report file
-
-def json_safe(v: Any) -> Any:
-    """`v` with tensors, numpy scalars and paths as JSON values, and NaN/inf as null (JSON has neither)."""
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    if isinstance(v, torch.Tensor):
-        return json_safe(v.tolist())
-    if hasattr(v, "item") and callable(v.item):  # numpy scalars
-        return v.item()
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
 
 class ReportFile:
     """A JSON report (`data`) at `path`; `save` rewrites it atomically with the wall time so far."""

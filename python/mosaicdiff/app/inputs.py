@@ -59,19 +59,17 @@ def load_model(path: str | None, device: str = "cpu", *, allow_mosaic: bool = Tr
         ValueError: invalid config.json, another model class, a mosaic where `allow_mosaic` is
             False, or weights diffusers cannot load.
     """
-    from mosaicdiff.serialization import FORMAT_NAME
+    from mosaicdiff.families.dit.model import MosaicDiT
 
     if path is None:
         return zoo.load_digits_dit(device)
     p = Path(path)
     config_path, subfolder = _model_config(p)
     config = _read_config(config_path)
-    if config.get("format") == FORMAT_NAME:
+    if config.get("format") == MosaicDiT.format_name:
         if not allow_mosaic:
             raise ValueError(f"model {p} is an already pruned MosaicDiT; pass the dense {DIT_CLASS_NAME} "
                              f"it was pruned from")
-        from mosaicdiff.mosaic import MosaicDiT
-
         return MosaicDiT.from_pretrained(str(p), device=device).eval()
     found = config.get("_class_name")
     if found != DIT_CLASS_NAME:
@@ -97,7 +95,7 @@ def load_calibration(path: str | None, model):
             the model (`Calibration.check_model`), or no file given for a model that is not
             digits-shaped (1 x 16 x 16).
     """
-    from mosaicdiff.calibrate import Calibration
+    from mosaicdiff.method.calibrate import Calibration
 
     null_class = int(model.config.num_embeds_ada_norm)
     model_device = next(model.parameters()).device
@@ -145,7 +143,7 @@ def _read_calibration_file(p: Path):
 
 def digits_calibration(null_class: int = 10, split: str = "train"):
     """A `Calibration` from the real digits (`zoo.data`; `split` "train" = the DiT's training split, or "all")."""
-    from mosaicdiff.calibrate import Calibration
+    from mosaicdiff.method.calibrate import Calibration
     from mosaicdiff.zoo.data import load_digits_tensors, train_test_split
 
     images, labels = load_digits_tensors()

@@ -23,7 +23,7 @@ def check_writable_folder(folder: Path, flag: str, target: Path) -> None:
     Raises:
         PermissionError: `folder` cannot be written.
     """
-    from mosaicdiff.serialization import write_probe_error
+    from mosaicdiff.core.model_folder import write_probe_error
 
     exc = write_probe_error(folder)
     if exc is None:
@@ -75,11 +75,12 @@ def check_output_image(path: Path, flag: str = "--out") -> None:
 
 
 def check_model_folder(path: Path, flag: str = "--out") -> Path:
-    """`serialization.validate_save_directory`, its message in CLI terms (writes nothing)."""
-    from mosaicdiff.serialization import validate_save_directory
+    """`model_folder.validate_save_directory` for a MosaicDiT, its message in CLI terms (writes nothing)."""
+    from mosaicdiff.core.model_folder import validate_save_directory
+    from mosaicdiff.families.dit.model import MosaicDiT
 
     try:
-        return validate_save_directory(path)
+        return validate_save_directory(path, MosaicDiT.format_name)
     except (FileExistsError, NotADirectoryError, PermissionError) as exc:
         message = str(exc).removeprefix("save_pretrained: ")
         raise type(exc)(f"{flag} {path}: {message}") from None

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mosaicdiff import sampling, zoo
+from mosaicdiff import zoo
+from mosaicdiff.core import sampling
 from mosaicdiff.zoo.data import NUM_CLASSES
 
 __all__ = ["SUBJECTS", "DigitsDiT", "DigitsUNet", "subject_named"]
@@ -77,7 +78,7 @@ class DigitsUNet:
 
     def calibration(self, dense: nn.Module):
         from mosaicdiff.app.inputs import digits_calibration
-        from mosaicdiff.calibrate import TextCalibration
+        from mosaicdiff.method.calibrate import TextCalibration
 
         digits = digits_calibration(NUM_CLASSES)
         table = self._tokens()
@@ -89,7 +90,7 @@ class DigitsUNet:
 
     def sample(self, model: nn.Module, labels: torch.Tensor, noise: torch.Tensor, *, steps: int,
                guidance_scale: float, progress: bool, return_trajectory: bool = False):
-        from mosaicdiff.text_sampling import sample_with_text
+        from mosaicdiff.core.text_sampling import sample_with_text
 
         table = self._tokens()
         return sample_with_text(model, table[labels], table[NUM_CLASSES:NUM_CLASSES + 1], scheduler=self.scheduler(),

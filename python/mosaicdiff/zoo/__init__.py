@@ -9,7 +9,7 @@
   label tokens (the text states; the last row is the null prompt) and `digits_unet_scheduler()`
   its sampler (see `zoo.train_unet`).
 - `load_digits_classifier()`: a small CNN on the same images (see `zoo.classifier`), used as the
-  feature extractor for FID and for class accuracy (`mosaicdiff.quality`).
+  feature extractor for FID and for class accuracy (`mosaicdiff.eval.quality`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ batch 64, 30 epochs. The held-out accuracy and training time are written to `con
 (`"training"`); the shipped weights' numbers are in docs/results.md ("The embedded models").
 
 The penultimate layer (`feature_dim` = 64 post-ReLU activations) is the feature space of
-`mosaicdiff.quality.fid`, playing the role Inception-v3's pool features play for ImageNet FID.
+`mosaicdiff.eval.quality.fid`, playing the role Inception-v3's pool features play for ImageNet FID.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def save(model: DigitsClassifier, out: Path, training: dict | None = None) -> No
     """Write `config.json` and `model.safetensors` to `out` (created if missing), each atomically."""
     from safetensors.torch import save
 
-    from mosaic_kernels.atomic_io import write_bytes_atomic, write_json_atomic
+    from mosaicdiff.core.atomic_io import write_bytes_atomic, write_json_atomic
 
     out = Path(out)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mosaic_kernels.atomic_io import atomic_write, write_json_atomic
+from mosaicdiff.core.atomic_io import atomic_write, write_json_atomic
 from mosaicdiff.zoo.data import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors, train_test_split
 
 MODEL_CONFIG = dict(

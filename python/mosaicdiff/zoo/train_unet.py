@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from mosaic_kernels.atomic_io import atomic_write, write_json_atomic
+from mosaicdiff.core.atomic_io import atomic_write, write_json_atomic
 from mosaicdiff.zoo.data import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors, train_test_split
 
 TEXT_WIDTH = 64

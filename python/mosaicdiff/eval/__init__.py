@@ -1,0 +1,1 @@
+"""Quality measurement: FID, pixel metrics, bootstrap statistics, plots."""

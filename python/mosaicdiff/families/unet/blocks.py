@@ -1,0 +1,261 @@
+"""The compact U-Net transformer block (SD / SDXL ``BasicTransformerBlock``) on `mosaic_kernels.ops`.
+
+A diffusers ``BasicTransformerBlock`` with ``norm_type="layer_norm"`` computes::
+
+    h = h + attn1(LN1(h))                       # self-attention, heads of head_dim
+    h = h + attn2(LN2(h), text)                 # cross-attention: q from h, k/v from the text states
+    h = h + ff2(geglu(ff1(LN3(h))))             # GEGLU: ff1 rows [value | gate]
+
+Pruning removes heads of attn1 and attn2 (rows of q/k/v, columns of ``to_out``) and GEGLU channels
+(value row j, gate row j + F, column j of ``ff2``); `CompactUNetBlockWeights` holds what is left.
+`CompactUNetBlock` runs it with the engine's ops (LayerNorm; each residual add fused with the next
+LayerNorm, ``residual_layer_norm``; fused qkv GEMM + SDPA over strided views; one GEMM with the
+GEGLU fused; ff2 with its residual add in the GEMM epilogue, ``linear_residual``) and keeps
+diffusers' block call signature, so it replaces a ``BasicTransformerBlock`` inside its
+``Transformer2DModel`` unchanged. `CompactUNetBlock.forward_normed` is the same block entered with
+LN1 already applied and, given the next block, leaving with the next block's LN1 applied: a chain
+of blocks (`mosaicdiff.families.unet.model.StageSwitchedChain`) fuses the last residual add of block i with
+LN1 of block i + 1 that way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mosaicdiff.core.stages import frozen
+
+__all__ = ["CompactUNetBlock", "CompactUNetBlockWeights", "UNET_INDEX_FIELDS", "UNET_WEIGHT_FIELDS", "check_block_call",
+           "unet_block_shapes"]
+
+
+@dataclass
+class CompactUNetBlockWeights:
+    """The pruned, compensated weights of one U-Net transformer block.
+
+    C = block width, T = text width (cross_attention_dim), hd = head_dim, h1 / h2 = kept self- /
+    cross-attention heads, F = kept GEGLU channels. qkv rows are ``[q | k | v]`` of the kept heads;
+    ``kv2`` rows ``[k | v]``; ``ff1`` rows ``[value | gate]`` of the kept channels.
+    """
+
+    kept_heads1: torch.Tensor  # (h1,) int64 dense head indices, in row order
+    kept_heads2: torch.Tensor  # (h2,)
+    kept_channels: torch.Tensor  # (F,)
+    norm1_weight: torch.Tensor  # (C,) the three LayerNorms (unpruned, affine)
+    norm1_bias: torch.Tensor
+    norm2_weight: torch.Tensor
+    norm2_bias: torch.Tensor
+    norm3_weight: torch.Tensor
+    norm3_bias: torch.Tensor
+    qkv1_weight: torch.Tensor  # (3*h1*hd, C)
+    qkv1_bias: torch.Tensor  # (3*h1*hd,)
+    out1_weight: torch.Tensor  # (C, h1*hd) compensated
+    out1_bias: torch.Tensor  # (C,)
+    q2_weight: torch.Tensor  # (h2*hd, C)
+    q2_bias: torch.Tensor
+    kv2_weight: torch.Tensor  # (2*h2*hd, T)
+    kv2_bias: torch.Tensor
+    out2_weight: torch.Tensor  # (C, h2*hd) compensated
+    out2_bias: torch.Tensor
+    ff1_weight: torch.Tensor  # (2F, C)
+    ff1_bias: torch.Tensor
+    ff2_weight: torch.Tensor  # (C, F) compensated
+    ff2_bias: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+#: The index fields (metadata) and the weight fields of `CompactUNetBlockWeights`.
+UNET_INDEX_FIELDS = ("kept_heads1", "kept_heads2", "kept_channels")
+UNET_WEIGHT_FIELDS = tuple(f.name for f in fields(CompactUNetBlockWeights) if f.name not in UNET_INDEX_FIELDS)
+
+
+def unet_block_shapes(h1: int, h2: int, channels: int, head_dim: int, width: int, text_width: int) -> dict:
+    """The shape of every weight field of a compact block with these kept counts."""
+    i1, i2 = h1 * head_dim, h2 * head_dim
+    norms = {f"norm{k}_{p}": (width,) for k in (1, 2, 3) for p in ("weight", "bias")}
+    return {**norms,
+            "qkv1_weight": (3 * i1, width), "qkv1_bias": (3 * i1,), "out1_weight": (width, i1), "out1_bias": (width,),
+            "q2_weight": (i2, width), "q2_bias": (i2,), "kv2_weight": (2 * i2, text_width), "kv2_bias": (2 * i2,),
+            "out2_weight": (width, i2), "out2_bias": (width,),
+            "ff1_weight": (2 * channels, width), "ff1_bias": (2 * channels,), "ff2_weight": (width, channels),
+            "ff2_bias": (width,)}
+
+
+def check_block_call(attention_mask, encoder_attention_mask, encoder_hidden_states, cross_kv=None) -> None:
+    """What a compact block call supports: no attention masks, and text states (or their k/v).
+
+    Raises:
+        NotImplementedError: for an attention mask.
+        ValueError: without text states.
+    """
+    if attention_mask is not None or encoder_attention_mask is not None:
+        raise NotImplementedError("CompactUNetBlock: attention masks are not supported")
+    if encoder_hidden_states is None and cross_kv is None:
+        raise ValueError("CompactUNetBlock: encoder_hidden_states (the text states) are required")
+
+
+def _ops():
+    from mosaic_kernels import ops
+
+    return ops
+
+
+class CompactUNetBlock(nn.Module):
+    r"""One pruned U-Net transformer block; a drop-in for diffusers' ``BasicTransformerBlock``.
+
+    Args:
+        weights (`CompactUNetBlockWeights`): used as given (no copy).
+        head_dim (`int`): channels per head (64 in SDXL).
+        eps (`float`): the LayerNorms' epsilon (diffusers' ``norm_eps``, 1e-5).
+
+    Raises:
+        ValueError: weight shapes that do not fit each other.
+    """
+
+    def __init__(self, weights: CompactUNetBlockWeights, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.head_dim, self.eps = int(head_dim), float(eps)
+        for name in UNET_INDEX_FIELDS:
+            setattr(self, name, getattr(weights, name).detach().to("cpu", torch.int64).reshape(-1))
+        width, text = int(weights.out1_bias.shape[0]), int(weights.kv2_weight.shape[1])
+        expected = unet_block_shapes(self.kept_heads1.numel(), self.kept_heads2.numel(), self.kept_channels.numel(),
+                                     self.head_dim, width, text)
+        if min(self.heads) < 1:
+            raise ValueError(f"CompactUNetBlock: every attention keeps at least one head, got {self.heads}")
+        for name, shape in expected.items():
+            t = getattr(weights, name)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"CompactUNetBlockWeights.{name}: expected shape {shape}, got {tuple(t.shape)}")
+            setattr(self, name, frozen(t))
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """Kept (self-attention, cross-attention) heads."""
+        return int(self.kept_heads1.numel()), int(self.kept_heads2.numel())
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.kept_channels.numel())
+
+    def weights(self) -> CompactUNetBlockWeights:
+        """The block's tensors as a `CompactUNetBlockWeights` (no copy)."""
+        kw = {name: getattr(self, name).detach() for name in UNET_WEIGHT_FIELDS}
+        return CompactUNetBlockWeights(**{n: getattr(self, n) for n in UNET_INDEX_FIELDS}, **kw)
+
+    #: Row layouts of the fused projections: ``qkv1`` ``[q | k | v]`` and ``kv2`` ``[k | v]`` here;
+    #: head-major (``"heads"``) in a shared-producer block (`mosaicdiff.families.unet.producers`).
+    qkv_layout = "qkv"
+    kv_layout = "parts"
+
+    def qkv1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention q/k/v weight and bias (rows as `qkv_layout`)."""
+        return self.qkv1_weight, self.qkv1_bias
+
+    def q2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention q weight and bias."""
+        return self.q2_weight, self.q2_bias
+
+    def kv2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention k/v weight and bias, on the text states (rows as `kv_layout`)."""
+        return self.kv2_weight, self.kv2_bias
+
+    def ff1_params(self) -> tuple[torch.Tensor, ...]:
+        """``linear_geglu``'s weight operands: ``(weight, bias)`` of ``[value | gate]`` rows, or
+        ``(value weight, value bias, gate weight, gate bias)``."""
+        return self.ff1_weight, self.ff1_bias
+
+    def _norm(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        return _ops().layer_norm(h, getattr(self, f"norm{k}_weight"), getattr(self, f"norm{k}_bias"), self.eps)
+
+    #: Reuse the text states' k/v while the same, unmodified tensor comes back (`MosaicUNet.cache_cross_kv`).
+    cache_cross_kv = False
+
+    def cross_kv(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The cross-attention keys and values of the text states, ``(B, S, 2 * h2 * hd)``.
+
+        They do not change between sampling steps: with `cache_cross_kv` the last result is reused
+        while the same tensor (same storage, shape and version counter, i.e. not modified in place)
+        is passed again, as a pipeline does for every step of one run.
+        """
+        weight, bias = self.kv2_params()
+        if not self.cache_cross_kv:
+            return F.linear(encoder_hidden_states, weight, bias)
+        key = (encoder_hidden_states.data_ptr(), tuple(encoder_hidden_states.shape), encoder_hidden_states._version,
+               encoder_hidden_states.dtype, weight.data_ptr(), weight.dtype)
+        cached = self.__dict__.get("_kv_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, F.linear(encoder_hidden_states, weight, bias))
+            self.__dict__["_kv_cache"] = cached
+        return cached[1]
+
+    def norm1(self, h: torch.Tensor) -> torch.Tensor:
+        """LN1 of the residual stream `h`: what `forward_normed` takes as `x`."""
+        return self._norm(1, h)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, timestep=None, cross_attention_kwargs: dict[str, Any] | None = None,
+                class_labels=None, added_cond_kwargs=None, cross_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """diffusers' block signature; masks and per-call attention kwargs are not supported (None).
+
+        Args:
+            cross_kv (`torch.Tensor`, *optional*): `cross_kv` of the text states, precomputed.
+        """
+        check_block_call(attention_mask, encoder_attention_mask, encoder_hidden_states, cross_kv)
+        h = hidden_states.contiguous()
+        return self.forward_normed(h, self.norm1(h), encoder_hidden_states, cross_kv=cross_kv)[0]
+
+    def forward_normed(self, h: torch.Tensor, x: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                       next_block: CompactUNetBlock | None = None, cross_kv: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block on the residual stream `h` (contiguous) whose LN1 `x` is already computed.
+
+        Args:
+            h (`torch.Tensor`): (B, L, C) contiguous residual stream entering the block.
+            x (`torch.Tensor`): ``LN1(h)`` with this block's norm1 (`norm1`, or the previous block's
+                `forward_normed` with ``next_block=self``).
+            encoder_hidden_states (`torch.Tensor`, *optional*): the text states (unless `cross_kv`).
+            next_block (`CompactUNetBlock`, *optional*): the block that runs next on the output. Given,
+                the feed-forward's residual add is fused with its LN1 (``residual_layer_norm``);
+                otherwise ff2 and the add are one GEMM (``linear_residual``).
+            cross_kv (`torch.Tensor`, *optional*): `cross_kv` of the text states, precomputed
+                (rows as `kv_layout`).
+
+        Returns:
+            ``(h_out, x_next)``: the block's output and ``next_block.norm1(h_out)`` (None without
+            `next_block`).
+        """
+        ops = _ops()
+        h1, h2 = self.heads
+        B, L, _ = h.shape
+        # 1. Self-attention on the kept heads; its residual add fused with norm2.
+        qkv = F.linear(x, *self.qkv1_params())
+        y = F.linear(ops.attention(qkv, h1, layout=self.qkv_layout), self.out1_weight, self.out1_bias)
+        h, x = ops.residual_layer_norm(h, y, self.norm2_weight, self.norm2_bias, self.eps)
+        # 2. Cross-attention: q of the kept heads from h, their k/v from the text states.
+        q = F.linear(x, *self.q2_params())
+        kv = self.cross_kv(encoder_hidden_states) if cross_kv is None else cross_kv
+        hd = self.head_dim
+        q = q.view(B, L, h2, hd).transpose(1, 2)
+        if self.kv_layout == "heads":  # [k v of head 0 | k v of head 1 | ...]
+            k, v = kv.unflatten(-1, (h2, 2, hd)).permute(3, 0, 2, 1, 4).unbind(0)
+        else:  # [k of every head | v of every head]
+            k, v = kv.unflatten(-1, (2, h2, hd)).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, h2 * hd)
+        h, x = ops.residual_layer_norm(h, F.linear(a, self.out2_weight, self.out2_bias), self.norm3_weight,
+                                       self.norm3_bias, self.eps)
+        # 3. GEGLU feed-forward on the kept channels (one GEMM over value + gate rows); its residual
+        #    add fused with the next block's norm1, or with ff2 where no norm follows.
+        f = ops.linear_geglu(x, *self.ff1_params())
+        if next_block is None:
+            return ops.linear_residual(f, self.ff2_weight, self.ff2_bias, h), None
+        return ops.residual_layer_norm(h, F.linear(f, self.ff2_weight, self.ff2_bias), next_block.norm1_weight,
+                                       next_block.norm1_bias, next_block.eps)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, mlp_width={self.mlp_width}"

@@ -1,0 +1,1 @@
+"""The searched-schedule baseline (Diff-ES style): a (mu+lambda) ES over per-stage sparsities."""

@@ -1,0 +1,192 @@
+"""The checks every registered model family passes (diffusers' tester-mixin pattern).
+
+A test class mixes in `FamilyConformance` and provides a ``family`` fixture (a
+`mosaicdiff.core.family.Family`); every check runs through the family's ``testing`` module
+(``tiny_dense``, ``tiny_calibration``, ``tiny_inputs``, ``call``) and the family's public classes
+only, so a new family gets the whole suite by registering. Tolerances: fp32 on CPU, outputs O(1);
+only summation orders differ (fused or batched GEMMs), so 5e-5 absolute.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+import mosaicdiff
+from mosaicdiff.api import prune_stages
+from mosaicdiff.core import model_folder
+
+ATOL, RTOL = 5e-5, 1e-5
+#: Three stages: late [0, 300), middle [300, 700), early [700, 1000); the middle pruned least.
+BOUNDARIES, SPARSITIES = (300, 700), (0.5, 0.25, 0.5)
+MEMORY_KEYS = {"shared_params", "shared_bytes", "producer_params", "producer_bytes", "stages", "mosaic_params",
+               "mosaic_bytes", "dense_params", "dense_bytes", "dense_dtype", "dense_bytes_same_dtype", "ratio",
+               "dense_params_dedup", "ratio_dedup"}
+
+
+def three_stage_mosaic(family, dense, share_producers: bool):
+    """A three-stage mosaic of `dense` (magnitude selection: no calibration pass, nested kept sets)."""
+    stages = prune_stages(dense, None, 0.4, pruner="magnitude", boundaries=BOUNDARIES, stage_sparsities=SPARSITIES,
+                          align=None, progress=False, share_producers=True)
+    return family.mosaic_class.from_dense(dense, stages, share_producers=share_producers)
+
+
+def stage_times(mosaic) -> list[int]:
+    """One timestep inside each stage (its middle)."""
+    return [(t0 + t1) // 2 for _, t0, t1, _ in mosaic.stage_ranges]
+
+
+class FamilyConformance:
+    """Mixin of the conformance checks; the test class provides the ``family`` fixture."""
+
+    @pytest.fixture
+    def kit(self, family):
+        """The family's testing module, its tiny dense model and a batch of inputs."""
+        testing = family.testing_module()
+        dense = testing.tiny_dense()
+        x, cond = testing.tiny_inputs(dense, 3)
+        return testing, dense, x, cond
+
+    @pytest.fixture
+    def mosaic(self, family, kit):
+        return three_stage_mosaic(family, kit[1], share_producers=True)
+
+    def test_the_registry_finds_the_family(self, family, kit):
+        assert mosaicdiff.families.family_for(kit[1]) is family
+
+    def test_zero_sparsity_mosaic_equals_dense(self, family, kit):
+        testing, dense, x, cond = kit
+        mosaic = mosaicdiff.prune(dense, None, 0.0, method="magnitude", align=None, progress=False)
+        assert isinstance(mosaic, family.mosaic_class) and mosaic.num_stages == 1
+        for t in (0, 500, 999):
+            tt = torch.full((x.shape[0],), t)
+            assert_close(testing.call(mosaic, x, tt, cond), testing.call(dense, x, tt, cond), atol=ATOL, rtol=RTOL)
+
+    def test_obs_pruning_on_the_tiny_calibration(self, family, kit):
+        """The whole method: calibration passes (both CFG branches where the family has a null
+        condition), OBS with compensation, the family's mosaic."""
+        testing, dense, x, cond = kit
+        mosaic = mosaicdiff.prune(dense, testing.tiny_calibration(dense), 0.3, boundaries=BOUNDARIES,
+                                  samples_per_stage=4, align=None, progress=False)
+        assert isinstance(mosaic, family.mosaic_class) and mosaic.num_stages == 3
+        assert mosaic.meta["method"] == "mosaic" and mosaic.meta["pruner"] == "obs"
+        for t in stage_times(mosaic):
+            assert torch.isfinite(testing.call(mosaic, x, torch.full((3,), t), cond)).all()
+
+    def test_stages_differ_and_the_middle_is_pruned_least(self, kit, mosaic):
+        testing, dense, x, cond = kit
+        assert [round(r[3], 2) for r in mosaic.stage_ranges] == [0.5, 0.25, 0.5]
+        outs = [testing.call(mosaic, x, torch.full((3,), t), cond) for t in stage_times(mosaic)]
+        dense_out = testing.call(dense, x, torch.full((3,), stage_times(mosaic)[0]), cond)
+        assert (outs[0] - dense_out).abs().max() > 1e-3, "a pruned stage must differ from the dense model"
+
+    def test_shared_producers_equal_copies(self, family, kit, mosaic):
+        testing, dense, x, cond = kit
+        copies = three_stage_mosaic(family, dense, share_producers=False)
+        assert mosaic.producer_storage is not None and copies.producer_storage is None
+        for t in stage_times(mosaic):
+            tt = torch.full((3,), t)
+            assert_close(testing.call(mosaic, x, tt, cond), testing.call(copies, x, tt, cond), atol=ATOL, rtol=RTOL)
+        assert mosaic.memory_report()["mosaic_bytes"] < copies.memory_report()["mosaic_bytes"]
+
+    def test_save_and_load_round_trip(self, family, kit, mosaic, tmp_path):
+        testing, _, x, cond = kit
+        mosaic.save_pretrained(tmp_path / "m")
+        loaded = family.mosaic_class.from_pretrained(tmp_path / "m")
+        assert type(loaded) is family.mosaic_class and loaded.stage_ranges == mosaic.stage_ranges
+        for t in stage_times(mosaic):
+            tt = torch.full((3,), t)
+            assert_close(testing.call(loaded, x, tt, cond), testing.call(mosaic, x, tt, cond), atol=0, rtol=0)
+        assert loaded.memory_report() == mosaic.memory_report()
+        config = json.loads((tmp_path / "m" / "config.json").read_text())
+        assert config["format"] == family.mosaic_class.format_name and config["_class_name"] == type(mosaic).__name__
+        half = family.mosaic_class.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+        assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+    def test_an_interrupted_save_loads_the_new_weights(self, family, kit, mosaic, tmp_path, monkeypatch):
+        """A crash between the config's rename (the commit) and the weights' rename: the loader pairs
+        the new config with the new, staged weights, and the next save tidies up."""
+        testing, dense, x, cond = kit
+        target = tmp_path / "m"
+        old = mosaicdiff.prune(dense, None, 0.0, method="magnitude", align=None, progress=False)
+        old.save_pretrained(target)
+        real_replace, dead = os.replace, []
+
+        def crash_after_commit(src, dst):
+            if dead:  # the process died at the commit: no later rename happens
+                raise OSError(errno.EIO, "dead")
+            real_replace(src, dst)
+            if Path(dst) == target / "config.json":
+                dead.append(True)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(os, "replace", crash_after_commit)
+        with pytest.raises(KeyboardInterrupt):
+            mosaic.save_pretrained(target)
+        monkeypatch.undo()
+        loaded = family.mosaic_class.from_pretrained(target)
+        assert loaded.stage_ranges == mosaic.stage_ranges
+        tt = torch.full((3,), stage_times(mosaic)[0])
+        assert_close(testing.call(loaded, x, tt, cond), testing.call(mosaic, x, tt, cond), atol=0, rtol=0)
+        mosaic.save_pretrained(target)
+        assert not [p for p in os.listdir(target) if p.startswith(model_folder.STAGING_PREFIX)]
+
+    def test_mismatched_weights_are_refused(self, family, mosaic, tmp_path):
+        mosaic.save_pretrained(tmp_path / "m")
+        weights = tmp_path / "m" / "model.safetensors"
+        tensors = load_file(str(weights))
+        key = next(k for k, v in tensors.items() if k.startswith("stage_blocks.") and v.dim() == 2)
+        for bad, message in ((tensors[key].to(torch.float16), "has dtype torch.float16"),
+                             (tensors[key][:, :-1].contiguous(), "has shape"),
+                             (None, "lacks the tensor")):
+            edited = {k: v for k, v in tensors.items() if k != key}
+            if bad is not None:
+                edited[key] = bad
+            save_file(edited, str(weights))  # no save id: only the tensors are checked
+            with pytest.raises(ValueError, match=rf"{family.mosaic_class.__name__}\.from_pretrained: .*{message}"):
+                family.mosaic_class.from_pretrained(tmp_path / "m")
+        save_file({**tensors, "stage_blocks.9.9.extra": torch.zeros(1)}, str(weights))
+        with pytest.raises(ValueError, match="tensors the config does not describe"):
+            family.mosaic_class.from_pretrained(tmp_path / "m")
+        config = json.loads((tmp_path / "m" / "config.json").read_text())
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "format_version": "99.0"}))
+        with pytest.raises(ValueError, match="format version 99.0"):
+            family.mosaic_class.from_pretrained(tmp_path / "m")
+
+    def test_stage_for(self, mosaic):
+        for i, (_, t0, t1, _) in enumerate(mosaic.stage_ranges):
+            assert mosaic.stage_for(t0) == mosaic.stage_for(t1 - 1) == mosaic.stage_for(torch.tensor([t0, t1 - 1])) == i
+            assert mosaic.stage_for(torch.tensor(float(t0))) == i
+        with pytest.raises(ValueError, match="outside every stage"):
+            mosaic.stage_for(1000)
+        with pytest.raises(ValueError, match="span stages"):
+            mosaic.stage_for(torch.tensor([10, 990]))
+
+    def test_memory_report_schema(self, mosaic):
+        report = mosaic.memory_report()
+        assert set(report) == MEMORY_KEYS
+        assert list(report["stages"]) == mosaic.stage_names
+        assert all(set(s) == {"params", "bytes", "sparsity"} for s in report["stages"].values())
+        parts = report["shared_bytes"] + report["producer_bytes"] + sum(s["bytes"] for s in report["stages"].values())
+        assert report["mosaic_bytes"] == parts and report["producer_params"] > 0
+        assert report["dense_params"] > report["shared_params"] and report["dense_dtype"] == "float32"
+        assert math.isclose(report["ratio"], report["mosaic_bytes"] / report["dense_bytes_same_dtype"])
+
+    def test_a_mixed_stage_batch_equals_its_rows_one_by_one(self, kit, mosaic):
+        testing, _, x, cond = kit
+        t = torch.tensor(stage_times(mosaic)[::-1])  # one row per stage, in reverse order
+        got = testing.call(mosaic, x, t, cond)
+        rows = []
+        for i in range(3):
+            one = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else
+                   {kk: vv[i:i + 1] for kk, vv in v.items()} if isinstance(v, dict) else v for k, v in cond.items()}
+            rows.append(testing.call(mosaic, x[i:i + 1], t[i:i + 1], one))
+        assert_close(got, torch.cat(rows), atol=ATOL, rtol=RTOL)
