@@ -9,6 +9,7 @@ only summation orders differ (fused or batched GEMMs), so 5e-5 absolute.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import math
@@ -179,6 +180,10 @@ class FamilyConformance:
         assert report["mosaic_bytes"] == parts and report["producer_params"] > 0
         assert report["dense_params"] > report["shared_params"] and report["dense_dtype"] == "float32"
         assert math.isclose(report["ratio"], report["mosaic_bytes"] / report["dense_bytes_same_dtype"])
+        # the ratio compares like with like: a bf16 mosaic against the dense model at bf16
+        half = copy.deepcopy(mosaic).to(torch.bfloat16).memory_report()
+        assert half["mosaic_bytes"] * 2 == report["mosaic_bytes"] and half["dense_bytes"] == report["dense_bytes"]
+        assert math.isclose(half["ratio"], report["ratio"]) and math.isclose(half["ratio_dedup"], report["ratio_dedup"])
 
     def test_a_mixed_stage_batch_equals_its_rows_one_by_one(self, kit, mosaic):
         testing, _, x, cond = kit

@@ -292,6 +292,30 @@ def test_curve_agreement_of_the_closed_form_with_itself_and_against_its_opposite
     assert bent["pearson_rate"] < -0.5
 
 
+def test_curve_agreement_divides_the_rates_by_unevenly_spaced_steps():
+    """Rates are per unit of t. A measured MSE that is the closed form plus a linear trend in t has a
+    per-t rate that is the closed form's plus a constant, so ``pearson_rate`` is exactly 1 on any
+    spacing. Per step (without the division) the trend adds ``b * dt`` to each fall, which only
+    uneven steps (sparse at high noise, dense below) turn into a disagreement."""
+    abar = schedule.linear_alphas_cumprod()
+    ts = torch.tensor([999, 700, 500, 400, 300, 250, 200, 150, 100, 50, 0])
+    dt = -np.diff(ts.numpy())
+    closed = schedule.expected_mse(abar, 0.4)[ts.numpy()]
+    b = float((-np.diff(closed) / dt).max())  # a trend as steep as the closed form's fastest fall
+    trended = closed + b * ts.numpy()
+    assert np.all(np.diff(trended) < 0), "still an MSE that falls along the run"
+    got = schedule.curve_agreement(abar, ts, trended, x0_sq_norm=0.4)
+    assert got["pearson_rate"] == pytest.approx(1.0, abs=1e-9), got
+    assert got["pearson_mse"] == pytest.approx(np.corrcoef(closed, trended)[0, 1], abs=1e-12)
+    per_step = np.corrcoef(-np.diff(closed), -np.diff(trended))[0, 1]
+    assert per_step < 0.5, f"the per-step falls must disagree here, or the test checks nothing ({per_step})"
+    # on even steps the same trend is invisible either way (what the other test covers)
+    even = torch.arange(990, -1, -90)
+    closed_even = schedule.expected_mse(abar, 0.4)[even.numpy()]
+    assert schedule.curve_agreement(abar, even, closed_even + b * even.numpy(), x0_sq_norm=0.4)["pearson_rate"] \
+        == pytest.approx(1.0, abs=1e-9)
+
+
 @pytest.mark.parametrize("ts,mse,match", [
     (torch.tensor([900, 500]), [1.0, 0.5], ">= 3 steps"),
     (torch.tensor([900, 500, 100]), [1.0, 0.5], ">= 3 steps"),

@@ -110,6 +110,57 @@ def test_repeated_candidates_are_not_reevaluated():
     assert result.best == (2, 0) and result.evaluations == 3
 
 
+def test_a_nan_fitness_is_never_reported_as_best():
+    # the best candidates (near the optimum) are NaN: a search that ranks NaN anywhere but last keeps them,
+    # or loses track of the true best behind them; over many seeds the best must be the best finite score
+    grid = SparsityGrid.create((5,) * 6, 0.3, 0.05, 0.6)
+    star = np.array([10, 2, 8, 6, 4, 6])
+
+    for seed in range(30):
+        calls = {}
+
+        def fitness(levels, calls=calls):
+            value = -float(((np.asarray(levels) - star) ** 2).sum())
+            calls[levels] = math.nan if (sum(levels[:3]) + levels[0]) % 3 == 0 else value
+            return calls[levels]
+
+        result = evolve(fitness, grid, EvolutionConfig(population=3, offspring=6, generations=8, seed=seed),
+                        progress=False)
+        finite = [v for v in calls.values() if not math.isnan(v)]
+        assert any(math.isnan(v) for v in calls.values()), "the fitness must have returned NaN"
+        assert not math.isnan(calls[result.best]), (seed, result.best)
+        assert result.best_fitness == calls[result.best] == max(finite), (seed, result.best_fitness, max(finite))
+        best = [e["best_fitness"] for e in result.log]
+        assert not any(math.isnan(b) for b in best) and best == sorted(best), (seed, best)
+
+
+@pytest.mark.parametrize("patience", [1, 3])
+def test_patience_stops_a_search_on_a_plateau(patience):
+    grid = SparsityGrid.create((5,) * 10, 0.3, 0.05, 0.6)
+    config = EvolutionConfig(population=3, offspring=6, generations=40, patience=patience, seed=2)
+    # a flat fitness: no generation improves, so the search stops after `patience` generations
+    flat = evolve(lambda levels: 1.0, grid, config, progress=False)
+    assert [e["generation"] for e in flat.log] == list(range(patience + 1))
+    # better for the first 15 distinct candidates, then a plateau: the search stops `patience`
+    # generations after the last one that improved (an improvement resets the count)
+    seen = []
+
+    def fitness(levels):
+        seen.append(levels)
+        return float(min(len(seen), 15))
+
+    result = evolve(fitness, grid, config, progress=False)
+    best = [e["best_fitness"] for e in result.log]
+    last_gain = max(g for g in range(1, len(best)) if best[g] > best[g - 1])
+    assert last_gain >= 2, f"the fitness must improve over more than one generation: {best}"
+    assert len(best) - 1 == last_gain + patience < config.generations, best
+    assert best[-1] == 15.0
+    # without patience the same search runs every generation
+    full = evolve(lambda levels: 1.0, grid, EvolutionConfig(population=3, offspring=6, generations=40, seed=2),
+                  progress=False)
+    assert len(full.log) == 41
+
+
 def test_grid_and_config_errors():
     with pytest.raises(ValueError, match="not a multiple of the grid step"):
         SparsityGrid.create((5, 5), 0.33, 0.05, 0.8)

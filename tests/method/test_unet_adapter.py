@@ -186,6 +186,51 @@ def test_text_calibration_refuses_bad_input():
     assert torch.equal(null["encoder_hidden_states"], neg.expand(2, 7, TEXT))
 
 
+
+@pytest.mark.parametrize("case", ["zeros", "negative-ehs-only", "negative-one-row", "negative-per-row",
+                                  "adapter-default"])
+def test_sdxl_cfg_half_gets_the_null_pooled_embeds(case):
+    """The CFG half of a stage's calibration batch (`stage_inputs`) holds the null branch's
+    ``text_embeds``: zeros by default (also the U-Net adapter's default for a ConditionedCalibration
+    without nulls), else the negative pooled embeds, never the prompt's; the time ids are the
+    conditional rows' in both halves."""
+    from mosaicdiff.method.calibrate import prepare_calibration
+    from mosaicdiff.method.conditioned_calibration import ConditionedCalibration
+
+    n, draws = 4, 6  # draws > n: cycles through the latents
+    rows = torch.arange(n, dtype=torch.float32)
+    latents = torch.randn(n, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    text = (rows + 1).view(n, 1, 1).expand(n, 7, TEXT).contiguous()  # row i is i + 1 everywhere
+    pooled = (rows + 100).view(n, 1).expand(n, 32).contiguous()
+    time_ids = torch.tensor([[16.0, 16, 0, 0, 16, 16]]).repeat(n, 1)
+    time_ids[:, 2] = rows  # a different crop per latent
+    neg = {"negative-one-row": (torch.full((1, 7, TEXT), -3.0), torch.full((1, 32), -7.0)),
+           "negative-per-row": (-(rows + 10).view(n, 1, 1).expand(n, 7, TEXT), -(rows + 200).view(n, 1).expand(n, 32)),
+           "negative-ehs-only": (torch.full((1, 7, TEXT), -3.0), None)}.get(case, (None, None))
+    if case == "adapter-default":
+        cal = ConditionedCalibration(latents, {"encoder_hidden_states": text, "added_cond_kwargs": {
+            "text_embeds": pooled, "time_ids": time_ids}})
+        assert cal.null_conditions is None
+        cal = prepare_calibration(tiny_unet(), UNET, cal)
+    else:
+        cal = TextCalibration(latents, text, pooled, time_ids, *neg)
+    x_t, t, cond = stage_inputs(cal, 0, 1000, draws, cfg=True, generator=torch.Generator().manual_seed(1))
+    assert x_t.shape[0] == t.shape[0] == 2 * draws
+    assert torch.equal(x_t[:draws], x_t[draws:]) and torch.equal(t[:draws], t[draws:])
+    ehs, added = cond["encoder_hidden_states"], cond["added_cond_kwargs"]
+    drawn = ehs[:draws, 0, 0].long() - 1
+    assert sorted(set(drawn.tolist())) == list(range(n))
+    assert torch.equal(ehs[:draws], text[drawn]) and torch.equal(added["text_embeds"][:draws], pooled[drawn])
+    null_ehs, null_pooled = neg
+    null_ehs = torch.zeros(1, 7, TEXT) if null_ehs is None else null_ehs
+    null_pooled = torch.zeros(1, 32) if null_pooled is None else null_pooled
+    pick = (lambda t: t.expand(draws, *t.shape[1:])) if case != "negative-per-row" else (lambda t: t[drawn])
+    assert torch.equal(ehs[draws:], pick(null_ehs)), "the CFG half's text states"
+    assert torch.equal(added["text_embeds"][draws:], pick(null_pooled)), "the CFG half's pooled embeds"
+    assert torch.equal(added["time_ids"][:draws], time_ids[drawn])
+    assert torch.equal(added["time_ids"][draws:], time_ids[drawn]), "time ids: the same in both halves"
+
+
 def test_calibration_that_does_not_fit_the_unet_is_refused():
     unet = tiny_unet()
     with pytest.raises(ValueError, match="needs pooled_prompt_embeds and add_time_ids"):

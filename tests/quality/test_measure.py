@@ -55,3 +55,33 @@ def test_difference_refuses_unpaired_sets(digits):
     with pytest.raises(ValueError, match="whole seeds"):
         measure.measure(images[:50], labels[:50], None, per_seed=40)
     assert np.isclose(measure.difference(a, a, resamples=20)["class_accuracy"]["value"], 0.0)
+
+
+def test_fid_per_seed_scores_each_seeds_own_images(digits):
+    from mosaicdiff.eval import quality
+
+    images, labels = digits
+    g = torch.Generator().manual_seed(2)
+    # seed 0 near-clean, seed 1 heavily noised: their FIDs are far apart
+    seeds = [(images[:60] + 0.05 * torch.randn(images[:60].shape, generator=g)).clamp(-1, 1),
+             (images[60:] + 0.5 * torch.randn(images[60:].shape, generator=g)).clamp(-1, 1)]
+    m = measure.measure(torch.cat(seeds), labels, images, per_seed=60).summary(resamples=20)
+    own = [quality.fid_of_features_to_real(quality.classifier_features(x).double().numpy()) for x in seeds]
+    assert own[1] > own[0] + 20, own
+    assert m["fid_per_seed"] == pytest.approx(own, rel=1e-9, abs=1e-9), (m["fid_per_seed"], own)
+
+
+def test_set_level_differences_of_clearly_different_sets(digits):
+    images, labels = digits
+    g = torch.Generator().manual_seed(3)
+    slightly = (images + 0.1 * torch.randn(images.shape, generator=g)).clamp(-1, 1)
+    badly = (images + 0.4 * torch.randn(images.shape, generator=g)).clamp(-1, 1)
+    a, b = (measure.measure(x, labels, images, per_seed=120) for x in (slightly, badly))
+    sa, sb = a.summary(resamples=20), b.summary(resamples=20)
+    d = measure.difference(a, b, resamples=200)
+    for name in ("fid", "pixel_w1"):  # the paired difference is a - b on the full sets, not a - a
+        assert d[name]["value"] == pytest.approx(sa[name] - sb[name], rel=1e-9, abs=1e-12), (name, d[name])
+        assert d[name]["value"] < 0 and d[name]["high"] < 0 and d["separated"][name], (name, d[name])
+    assert d["fid"]["value"] < -20 and d["pixel_w1"]["value"] < -0.01, (d["fid"], d["pixel_w1"])
+    back = measure.difference(b, a, resamples=20)
+    assert back["fid"]["value"] == pytest.approx(-d["fid"]["value"], rel=1e-9)

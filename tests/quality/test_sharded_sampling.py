@@ -283,6 +283,32 @@ def test_latent_dit_is_decoded_by_the_vae(tmp_path):
         ss.sample_to_npz(model, tmp_path / "novae", 2, num_inference_steps=1, progress=False)
 
 
+def test_resuming_with_another_model_or_vae_is_refused(tmp_path):
+    """The manifest identifies the weights: shards of one model (or VAE) are never mixed with another's."""
+    model, vae = _tiny_dit(), _tiny_vae()
+    folder = tmp_path / "lib"
+    options = {"seed": 2, "num_inference_steps": 1, "shard_size": 2, "batch_size": 2, "progress": False}
+    ss.sample_to_npz(model, folder, 4, vae=vae, **options)
+    (folder / "shards" / "images-00000002-00000004.npy").unlink()  # a run cut short: one shard to resume
+    before = _shards(folder)
+    other_model = _tiny_dit()
+    with torch.no_grad():
+        other_model.proj_out_2.bias.add_(0.5)  # same architecture and config, other weights
+    other_vae = _tiny_vae()
+    with torch.no_grad():
+        other_vae.decoder.conv_out.bias.add_(0.5)
+    with pytest.raises(ValueError, match="holds shards sampled with other settings \\(model_sha256: '"):
+        ss.sample_to_npz(other_model, folder, 4, vae=vae, **options)
+    with pytest.raises(ValueError, match="holds shards sampled with other settings \\(vae_sha256: '"):
+        ss.sample_to_npz(model, folder, 4, vae=other_vae, **options)
+    assert _shards(folder) == before, "nothing was written"
+    # the same model and VAE resume it (rebuilt: the digest is of the weights, not the object)
+    ss.sample_to_npz(_tiny_dit(), folder, 4, vae=_tiny_vae(), **options)
+    after = _shards(folder)
+    assert sorted(after) == ["images-00000000-00000002.npy", "images-00000002-00000004.npy"]
+    assert after["images-00000000-00000002.npy"] == before["images-00000000-00000002.npy"], "the finished shard kept"
+
+
 def test_cli_samples_a_dit_pipeline_folder_with_its_vae(tmp_path, capsys):
     pipeline = tmp_path / "pipeline"
     _tiny_dit().save_pretrained(pipeline / "transformer")

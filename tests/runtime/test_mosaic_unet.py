@@ -8,6 +8,7 @@ from torch.testing import assert_close
 
 import mosaicdiff
 from mosaicdiff.method import schedule
+from mosaicdiff.api import prune_stages
 from mosaicdiff.families.unet.adapter import UNET
 from mosaicdiff.core.schedulers import scheduler_alphas_cumprod
 from mosaicdiff.families.unet.model import MosaicUNet
@@ -109,6 +110,86 @@ def test_cross_kv_cache_computes_the_text_keys_once_per_run(monkeypatch):
     assert_close(changed, fresh, atol=0, rtol=0)
 
 
+
+def test_cross_kv_cache_covers_every_stage(monkeypatch):
+    """Three stages of different widths: every stage's blocks cache their k/v (each block its own),
+    so each stage computes the text keys once per block however often it runs, and going back to
+    an earlier stage reuses that stage's cache."""
+    unet = tiny_unet()
+    stages = prune_stages(unet, None, 0.4, pruner="magnitude", boundaries=(198, 783), align=None, progress=False,
+                          share_producers=True)
+    mosaic = MosaicUNet.from_dense(unet, stages)
+    assert mosaic.num_stages == 3 and mosaic.producer_storage is not None
+    n_blocks = len(mosaic.stage_blocks[0])
+    g = torch.Generator().manual_seed(5)
+    x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, TEXT, generator=g)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
+    real_linear, counted = torch.nn.functional.linear, {"n": 0}
+
+    def counting(inp, weight, bias=None):  # counts the GEMMs on the text states (their k/v)
+        counted["n"] += inp.data_ptr() == text.data_ptr() and inp.shape == text.shape
+        return real_linear(inp, weight, bias)
+
+    times = {stage: torch.full((2,), t) for stage, t in enumerate((900, 500, 100))}
+    assert [mosaic.stage_for(t) for t in times.values()] == [0, 1, 2]
+    with torch.no_grad():
+        want = {s: mosaic(x, t, text, added_cond_kwargs=added).sample for s, t in times.items()}
+        monkeypatch.setattr(torch.nn.functional, "linear", counting)
+        mosaic.enable_cross_kv_cache()
+        per_stage = {}
+        for s, t in times.items():
+            before = counted["n"]
+            for _ in range(3):
+                assert_close(mosaic(x, t, text, added_cond_kwargs=added).sample, want[s], atol=0, rtol=0)
+            per_stage[s] = counted["n"] - before
+        before = counted["n"]
+        assert_close(mosaic(x, times[0], text, added_cond_kwargs=added).sample, want[0], atol=0, rtol=0)
+        again = counted["n"] - before
+        text.mul_(2.0)  # modified in place: every stage's cache must notice
+        changed = {s: mosaic(x, t, text, added_cond_kwargs=added).sample for s, t in times.items()}
+        monkeypatch.undo()
+        mosaic.enable_cross_kv_cache(False)
+        assert not any(b.cache_cross_kv for s in mosaic.stage_blocks for b in s)
+        fresh = {s: mosaic(x, t, text, added_cond_kwargs=added).sample for s, t in times.items()}
+    assert per_stage == {0: n_blocks, 1: n_blocks, 2: n_blocks}, f"k/v GEMMs per stage over 3 steps: {per_stage}"
+    assert again == 0, "stage 0's cache was lost while the other stages ran"
+    for s in times:
+        assert_close(changed[s], fresh[s], atol=0, rtol=0)
+
+
+
+def test_cross_kv_cache_recomputes_for_a_new_tensor_at_a_reused_address():
+    """The cache serves only the tensor it computed the k/v of: a new text-states tensor that the
+    allocator places where a freed one was (the next pipeline run's prompt, the common case) has
+    the same address, shape and version counter (0), and must still get its own k/v."""
+    import numpy as np
+
+    mosaic = mosaicdiff.prune(tiny_unet(), None, 0.5, method="magnitude", progress=False, share_producers=True)
+    g = torch.Generator().manual_seed(6)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.full((2,), 500)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
+    prompts = [torch.randn(2, 7, TEXT, generator=g) for _ in range(6)]
+    with torch.no_grad():
+        want = [mosaic(x, t, p, added_cond_kwargs=added).sample for p in prompts]
+        mosaic.enable_cross_kv_cache()
+        # the same memory, deterministically: two tensors over one buffer, one after the other
+        buffer = np.empty((2, 7, TEXT), dtype=np.float32)
+        for k in (0, 1):
+            buffer[...] = prompts[k].numpy()
+            text = torch.from_numpy(buffer)  # a new tensor, version 0, at the previous one's address
+            assert text._version == 0
+            assert_close(mosaic(x, t, text, added_cond_kwargs=added).sample, want[k], atol=0, rtol=0,
+                         msg=lambda m, k=k: f"prompt {k}: {m}")
+            del text
+        # freed and reallocated, as consecutive pipeline runs do (two steps per run)
+        for k in range(2, 6):
+            text = prompts[k].clone()
+            for _ in range(2):
+                assert_close(mosaic(x, t, text, added_cond_kwargs=added).sample, want[k], atol=0, rtol=0,
+                             msg=lambda m, k=k: f"prompt {k}: {m}")
+            del text
+
+
 def test_save_and_load_round_trip(tmp_path):
     unet, cal = tiny_unet(), calibration(6)
     mosaic = mosaicdiff.prune(unet, cal, 0.4, samples_per_stage=4, align=None, progress=False)
@@ -149,16 +230,44 @@ def test_load_refuses_folders_that_do_not_fit(tmp_path):
         mosaic.save_pretrained(tmp_path / "m")  # the folder now holds another kind of mosaic
 
 
+
+def test_load_refuses_format_versions_it_cannot_read(tmp_path):
+    """Reads 1.x (copies only) and 2.x: a 3.0 folder is refused naming both versions, and a 1.x
+    config that has shared_producers (a 2.0 field) is refused rather than read as 1.x."""
+    import json
+    import re
+
+    mosaic = mosaicdiff.prune(tiny_unet(), None, 0.5, method="magnitude", progress=False, share_producers=True)
+    mosaic.save_pretrained(tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["format_version"] == MosaicUNet.format_version == "2.0" and cfg["shared_producers"]
+    cfg_path.write_text(json.dumps({**cfg, "format_version": "2.7"}))  # a newer minor: read, with a warning
+    assert MosaicUNet.from_pretrained(tmp_path / "m").producer_storage is not None
+    cfg_path.write_text(json.dumps({**cfg, "format_version": "3.0"}))
+    with pytest.raises(ValueError, match=r"has format version 3\.0 .* reads format versions 1\.x, 2\.x \(writes "
+                                         + re.escape(MosaicUNet.format_version) + r"\)"):
+        MosaicUNet.from_pretrained(tmp_path / "m")
+    for old in ("1.0", "1.3"):
+        cfg_path.write_text(json.dumps({**cfg, "format_version": old}))
+        with pytest.raises(ValueError, match=r"a format 1\.x config with shared_producers \(introduced in "
+                                             r"format 2\.0\)"):
+            MosaicUNet.from_pretrained(tmp_path / "m")
+
+
 def test_cuda_graph_path_and_per_stage_kernel_shapes():
     """The graph path (`forward_stage`: tensors only) gives the eager output (off CUDA the runner
     runs it eagerly); the kernel shapes follow each block's resolution level."""
     from mosaicdiff.families.unet.testing import call, tiny_dense, tiny_inputs
 
+    from mosaicdiff.families import unet
+    from tests.families.conformance import three_stage_mosaic
+
     dense = tiny_dense()
-    mosaic = mosaicdiff.prune(dense, None, 0.3, method="magnitude", boundaries=(300, 700), align=None,
-                              progress=False)
+    mosaic = three_stage_mosaic(unet.FAMILY, dense, share_producers=True)
     x, cond = tiny_inputs(dense, 2)
     t = torch.tensor([100, 900])  # two stages in one batch
+    assert {s for s, _ in mosaic.stage_rows(t, 2)} == {mosaic.stage_for(100), mosaic.stage_for(900)} == {0, 2}
     want = call(mosaic, x, t, cond)
     mosaic.enable_cross_kv_cache(True)
     mosaic.enable_cuda_graphs(True)
@@ -171,6 +280,74 @@ def test_cuda_graph_path_and_per_stage_kernel_shapes():
     attention = {shape for op, shape, _ in shapes if op == "attention"}
     assert attention and all(s[:2] == (2, 64) and s[3] == 16 for s in attention), attention
     assert mosaic.autotune_kernels(2, 16 * 16, ops=("attention",)) is not None
+
+
+
+def _kernel_lookups(monkeypatch, run) -> set[tuple[str, tuple[int, ...]]]:
+    """The ``(op, shape)`` of every kernel op `run()` calls, in the shape its per-shape config is
+    looked up with (GEMMs: the ``(M, N, K)`` given to the GEMM path choice; attention: its
+    ``get_config`` key ``(B, L, heads, head_dim)``; row ops: their ``(B, L, C)`` input)."""
+    from mosaic_kernels import configs, ops
+    from mosaic_kernels.ops import _dispatch
+
+    seen = set()
+    real_path, real_get = _dispatch.gemm_path, configs.get_config
+
+    def gemm_path(op, x, M, N, K):
+        seen.add((op, (int(M), int(N), int(K))))
+        return real_path(op, x, M, N, K)
+
+    def get_config(op, shape, dtype, device):
+        if op == "attention":
+            seen.add((op, tuple(int(s) for s in shape)))
+        return real_get(op, shape, dtype, device)
+
+    def row_op(name):
+        real = getattr(ops, name)
+
+        def record(x, *args, **kwargs):
+            seen.add((name, tuple(x.shape)))
+            return real(x, *args, **kwargs)
+        return record
+
+    with monkeypatch.context() as m:
+        m.setattr(_dispatch, "gemm_path", gemm_path)
+        m.setattr(configs, "get_config", get_config)
+        for name in ("layer_norm", "residual_layer_norm"):
+            m.setattr(ops, name, row_op(name))
+        run()
+    return seen
+
+
+def test_stage_kernel_shapes_are_the_shapes_each_stage_runs(monkeypatch):
+    """Per stage, `stage_kernel_shapes` (what `autotune_kernels` tunes) is exactly the set of
+    kernel shapes that stage's forward looks its configs up with: three hand-made stages whose
+    attn1 / attn2 / GEGLU widths all differ, on a layout with blocks at two resolutions."""
+    from mosaicdiff.core.stages import StageSpec
+    from mosaicdiff.families.unet.adapter import transformer_blocks
+    from mosaicdiff.families.unet.testing import tiny_inputs
+    from mosaicdiff.method import compact
+
+    dense = tiny_unet(sdxl=False)
+    blocks = transformer_blocks(dense)
+    sparsities = {"late": {"attn1": 0.5, "attn2": 0.0, "ff": 0.5}, "middle": {"attn1": 0.0, "attn2": 0.5, "ff": 0.25},
+                  "early": {"attn1": 0.25, "attn2": 0.7, "ff": 0.75}}
+    specs = [StageSpec(name, t0, t1, 0.5, [UNET.compact_block(b, compact.prune_groups(
+        UNET.groups(b), None, sparsities[name], method="magnitude", align=None)) for b in blocks])
+        for name, t0, t1 in (("late", 0, 300), ("middle", 300, 700), ("early", 700, 1000))]
+    mosaic = MosaicUNet.from_dense(dense, specs)
+    widths = [[b.heads + (b.mlp_width,) for b in s] for s in mosaic.stage_blocks]
+    assert len({tuple(w) for w in widths}) == 3 and any(h1 != h2 for s in widths for h1, h2, _ in s)
+    assert set(mosaic._block_levels) == {0, 1}
+    x, cond = tiny_inputs(dense, 2)
+    cond = {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    for stage, t in enumerate((100, 500, 900)):
+        assert mosaic.stage_for(t) == stage
+        with torch.no_grad():
+            ran = _kernel_lookups(monkeypatch, lambda t=t: mosaic(x, torch.full((2,), t), **cond))
+        listed = mosaic.stage_kernel_shapes(stage, 2, 16 * 16, torch.float32)
+        assert all(dtype == torch.float32 for _, _, dtype in listed)
+        assert {(op, shape) for op, shape, _ in listed} == ran, f"stage {stage}"
 
 
 def _measured_levels(dense, x, cond) -> list[int]:

@@ -219,3 +219,31 @@ def test_constructor_refuses_shared_producers_that_do_not_fit(shared):
         MosaicUNet(cfg, stages, shared_producers=units, **rest)
     with pytest.raises(ValueError, match="one entry per transformer block"):
         MosaicUNet(cfg, stages, shared_producers=units[:-1], **rest)
+
+
+def test_runs_that_start_inside_the_storage_equal_their_copies(unet):
+    """Random nested kept sets (the outer stages keep different random subsets of the middle
+    stage's units, not a chain): the late stage's run starts inside the storage, so its q/k/v,
+    kv2 and GEGLU rows are read at a nonzero offset (the magnitude fixture's runs all start at 0)."""
+    stages = prune_stages(unet, None, 0.4, pruner="random", boundaries=(198, 783), stage_sparsities=(0.5, 0.25, 0.5),
+                          align=None, progress=False, share_producers=True, seed=3)
+    shared = MosaicUNet.from_dense(unet, stages, share_producers=True)
+    copies = MosaicUNet.from_dense(unet, stages, share_producers=False)
+    starts = {kind: max(s[j].ranges[kind][0] for s in shared.stage_blocks for j in range(len(s)))
+              for kind in ("heads1", "heads2", "channels")}
+    assert min(starts.values()) > 0, f"every unit kind needs a run that does not start at 0: {starts}"
+    g = torch.Generator().manual_seed(4)
+    text = torch.randn(2, 7, TEXT, generator=g)
+    for i, (s_blocks, c_blocks) in enumerate(zip(shared.stage_blocks, copies.stage_blocks)):
+        for j, (s, c) in enumerate(zip(s_blocks, c_blocks)):
+            h = torch.randn(2, 12, c.out1_bias.numel(), generator=g)
+            with torch.no_grad():
+                assert_close(s(h, encoder_hidden_states=text), c(h, encoder_hidden_states=text), atol=1e-5,
+                             rtol=1e-5, msg=lambda m, i=i, j=j, r=s.ranges: f"stage {i} block {j} (ranges {r}): {m}")
+    x, text, added = unet_inputs()
+    for t in (900, 500, 100):  # one timestep per stage
+        tt = torch.full((2,), t)
+        with torch.no_grad():
+            want = copies(x, tt, text, added_cond_kwargs=added).sample
+            assert_close(shared(x, tt, text, added_cond_kwargs=added).sample, want,
+                         atol=1e-5 * float(want.abs().max()), rtol=1e-5)

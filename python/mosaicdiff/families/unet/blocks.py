@@ -20,6 +20,7 @@ LN1 of block i + 1 that way.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -180,19 +181,20 @@ class CompactUNetBlock(nn.Module):
         """The cross-attention keys and values of the text states, ``(B, S, 2 * h2 * hd)``.
 
         They do not change between sampling steps: with `cache_cross_kv` the last result is reused
-        while the same tensor (same storage, shape and version counter, i.e. not modified in place)
-        is passed again, as a pipeline does for every step of one run.
+        while the same tensor object (not modified in place: same version counter) is passed
+        again, as a pipeline does for every step of one run. The cache holds it by weak
+        reference: a new tensor is never taken for it, even at a freed one's address.
         """
         weight, bias = self.kv2_params()
         if not self.cache_cross_kv:
             return F.linear(encoder_hidden_states, weight, bias)
-        key = (encoder_hidden_states.data_ptr(), tuple(encoder_hidden_states.shape), encoder_hidden_states._version,
-               encoder_hidden_states.dtype, weight.data_ptr(), weight.dtype)
+        key = (tuple(encoder_hidden_states.shape), encoder_hidden_states._version, encoder_hidden_states.dtype,
+               weight.data_ptr(), weight.dtype)
         cached = self.__dict__.get("_kv_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, F.linear(encoder_hidden_states, weight, bias))
+        if cached is None or cached[0]() is not encoder_hidden_states or cached[1] != key:
+            cached = (weakref.ref(encoder_hidden_states), key, F.linear(encoder_hidden_states, weight, bias))
             self.__dict__["_kv_cache"] = cached
-        return cached[1]
+        return cached[2]
 
     def norm1(self, h: torch.Tensor) -> torch.Tensor:
         """LN1 of the residual stream `h`: what `forward_normed` takes as `x`."""

@@ -349,7 +349,8 @@ class MosaicUNet(MosaicModel):
             if block.heads[0]:
                 items.add(("attention", (batch, length, block.heads[0], head_dim)))
             if block.mlp_width:
-                items |= {("linear_geglu", (batch * length, block.mlp_width, width)),
+                # linear_geglu is keyed on its GEMM's full width: value and gate rows, 2 * F
+                items |= {("linear_geglu", (batch * length, 2 * block.mlp_width, width)),
                           ("linear_residual", (batch * length, width, block.mlp_width))}
         return [(op, shape, dtype) for op, shape in sorted(items)]
 

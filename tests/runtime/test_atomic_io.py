@@ -57,3 +57,20 @@ def test_bad_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with atomic_write(tmp_path / "y", "a"):
             pass
+
+
+def test_json_safe_gives_plain_json_values(tmp_path):
+    import math
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from mosaicdiff.core.atomic_io import json_safe
+
+    value = {"t": torch.tensor([1.5, 2.0]), "n": np.float32(0.25), "i": np.int64(3), "nan": math.nan,
+             "inf": [1.0, -math.inf], "p": Path("/a/b"), "dtype": torch.float16, 4: (1, "x", None, True)}
+    out = json_safe(value)
+    assert out == {"t": [1.5, 2.0], "n": 0.25, "i": 3, "nan": None, "inf": [1.0, None], "p": "/a/b",
+                   "dtype": "torch.float16", "4": [1, "x", None, True]}
+    json.dumps(out, allow_nan=False)  # strict JSON: no NaN/inf tokens
