@@ -60,6 +60,8 @@ def import_graph() -> dict[str, set[str]]:
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
+            elif isinstance(node, ast.Call) and _literal_import_module(node):
+                targets = [node.args[0].value]
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(node.module or "", node.level, None, mod, is_pkg)
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
@@ -71,6 +73,14 @@ def import_graph() -> dict[str, set[str]]:
                     graph[mod].add(t)
                     graph[mod].update(_package_inits(t, mod, mods))
     return graph
+
+
+def _literal_import_module(node: ast.Call) -> bool:
+    """``import_module("a.b")`` / ``importlib.import_module("a.b")`` with a literal name: an import."""
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    return (name == "import_module" and len(node.args) == 1 and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str))
 
 
 #: Folders of scripts that import their siblings by bare name (run with the folder on sys.path).
@@ -149,6 +159,11 @@ def test_bare_sibling_imports_of_scripts_are_edges():
     assert _script_module("suite_e2e", "scripts.x", mods) == "benchmarks.suite_e2e"
     assert _script_module("numpy", "benchmarks.suite_e2e", mods) == "numpy"
     assert _script_module("gpu_suite", "mosaicdiff.api", mods) == "gpu_suite"
+
+
+def test_the_registry_imports_every_family():
+    graph = import_graph()
+    assert {"mosaicdiff.families.dit", "mosaicdiff.families.unet"} <= graph["mosaicdiff.families"]
 
 
 def test_package_init_edges_are_counted():

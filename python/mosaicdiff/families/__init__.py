@@ -2,23 +2,25 @@
 
 A family is one folder, ``mosaicdiff/families/<name>/``, whose ``__init__`` defines ``FAMILY``
 (a `mosaicdiff.core.family.Family`: its adapter, its mosaic class, the dense classes it serves),
-plus one line in `FAMILIES` below (docs/adding_a_model.md). A family defined outside the package
+plus one line in `FAMILIES` below (docs/adding_a_model.md; `tests/test_imports.py` reads
+``import_module("...")`` with a literal name as an import). A family defined outside the package
 (a plug-in, a test) joins with `register_family`.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from torch import nn
 
 from mosaicdiff.core.adapter import ModelAdapter, unwrap_model
 from mosaicdiff.core.family import Family
-from mosaicdiff.families import dit, unet
 
 __all__ = ["FAMILIES", "Family", "adapter_for", "family_for", "register_family"]
 
 FAMILIES: list[Family] = [
-    dit.FAMILY,
-    unet.FAMILY,
+    import_module("mosaicdiff.families.dit").FAMILY,
+    import_module("mosaicdiff.families.unet").FAMILY,
 ]
 
 
