@@ -287,6 +287,7 @@ def test_the_import_check_sees_a_module_that_fails_alone(tmp_path, monkeypatch):
 
 
 def test_every_module_imports_alone():
-    mods = sorted(m for m in _modules() if not m.endswith("__main__") and m.split(".")[0] in ("mosaicdiff", "mosaic_kernels"))
+    mods = sorted(m for m in _modules()
+                  if not m.endswith("__main__") and m.split(".")[0] in ("mosaicdiff", "mosaic_kernels"))
     failed = [(m, err) for m, (rc, err) in import_each_alone(mods).items() if rc != 0]
     assert not failed, "\n\n".join(f"{m}:\n{err}" for m, err in failed)

@@ -137,7 +137,9 @@ class MosaicModel(StageRuntimeMixin, ModelMixin, ConfigMixin):
         if len(values) not in (1, batch):
             raise ValueError(f"timestep must be a number or have 1 or {batch} entries (one per row), "
                              f"got {len(values)}")
-        per_row = [stage_index(self._ranges, v) for v in (set(values) if len(set(values)) == 1 else values)]
+        if len(set(values)) == 1:  # every sampler's batch: one lookup
+            return [(stage_index(self._ranges, values[0]), None)]
+        per_row = [stage_index(self._ranges, v) for v in values]
         if len(set(per_row)) == 1:
             return [(per_row[0], None)]
         return [(s, torch.tensor([i for i, r in enumerate(per_row) if r == s], dtype=torch.int64))
@@ -214,7 +216,8 @@ class MosaicModel(StageRuntimeMixin, ModelMixin, ConfigMixin):
         return {
             "shared_params": shared_n, "shared_bytes": shared_b, "producer_params": prod_n, "producer_bytes": prod_b,
             "stages": stages, "mosaic_params": total_n, "mosaic_bytes": total_b,
-            "dense_params": int(dense["params"]), "dense_bytes": int(dense["bytes"] or 0), "dense_dtype": dense["dtype"],
+            "dense_params": int(dense["params"]), "dense_bytes": int(dense["bytes"] or 0),
+            "dense_dtype": dense["dtype"],
             "dense_bytes_same_dtype": dense_same, "ratio": total_b / dense_same if dense_same else math.nan,
             "dense_params_dedup": dedup, "ratio_dedup": total_b / (dedup * element) if dedup else math.nan,
         }

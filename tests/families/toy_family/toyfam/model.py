@@ -126,7 +126,9 @@ class MosaicToy(MosaicModel):
         t = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(batch)
 
         def run(stage, rows):
-            args = (hidden_states, t, class_labels) if rows is None else (hidden_states[rows], t[rows], class_labels[rows])
+            args = (hidden_states, t, class_labels)
+            if rows is not None:
+                args = tuple(a[rows] for a in args)
             return self.forward_stage(stage, *args)
 
         out = self.run_by_stage(self.stage_rows(timestep, batch), batch, run)
