@@ -45,10 +45,13 @@ BUILD_INFO = "_build_info.json"
 DEFAULT_ARCH_LIST = "8.0;9.0"
 DEFAULT_CUDA_HOME = Path("/usr/local/cuda")
 UNPINNED_TORCH = "torch>=2.4"
+#: Every package the code imports (tests/test_declared_dependencies.py checks it), torch apart.
 RUNTIME_REQUIRES = [
     "diffusers>=0.30",
     "safetensors",
     "numpy",
+    "scipy",  # eval: pixel metrics (scipy.stats)
+    "Pillow",  # PNG grids and images (app.outputs, eval.plots)
     "tqdm",
     "scikit-learn",
     "matplotlib",

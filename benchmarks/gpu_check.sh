@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: it returns honest numbers in one run of at most 10 minutes (600 s) on one
-# H100/H200 (torch 2.11, triton 3.6, Python 3.12, no network, diffusers carried as a wheel).
+# The prepared GPU check: honest numbers in two device calls of at most 10 minutes (600 s) each on
+# one H100/H200 (torch 2.11, triton 3.6, Python 3.12, no network, diffusers carried as a wheel).
+# The first call (the default, `--part 1`) checks the engine on DiT-XL/2 and SDXL and runs the GPU
+# tests; it runs first, since it has never run. The second (`--part 2`) times the newer families
+# (PixArt-Sigma 1024 px) and fits the rest of a 15-minute session only on a warm machine whose build
+# is kept; otherwise it is the next session's call.
 #
-# Stages, in order, each under a wall-clock guard and each leaving its own file in $OUT as soon
+# Part 1 -- stages, in order, each under a wall-clock guard and each leaving its own file in $OUT as soon
 # as it finishes, so a timeout still returns everything done before it. A failing stage does not
 # stop the next ones (a failed build still runs the Triton / torch paths).
 #
@@ -27,28 +31,47 @@
 # check: run `python benchmarks/gpu_suite.py --out DIR --stages sdxl --sdxl-prune-time --sdxl-guard-s 560`
 # as its own device call.
 #
+# Part 2:
+#   stage     guard  expected on H200  files
+#   env         20s    ~2s             check.log
+#   build      150s    60-100s         build.log (seconds when the machine is warm and built)
+#   pixart  <=420s    ~150-250s        pixart.json (gpu_suite.py --stages pixart: PixArt-Sigma 1024 px
+#                                      transformer per forward, eager / compile / engine dense /
+#                                      mosaic 0.3, per step and step-weighted over DPM-Solver++ 20)
+#
 # Exit status: a bitmask of failed stages: build 1, correctness 2, kernels 4, e2e 8, profile 16,
-# tests 32, sdxl 64 (failed, timed out or skipped for lack of time; 0 = everything passed). check.log has one "stage NAME: ok|failed|timeout" line each.
+# tests 32, sdxl 64, pixart 128 (failed, timed out or skipped for lack of time; 0 = everything
+# passed). check.log has one "stage NAME: ok|failed|timeout" line each.
 #
 # Before the device call, on the dev machine: bash benchmarks/prepare_gpu_run.sh (wheels into .whl/)
 # Then run with carry [".whl"] and timeout_s 600 (leaves room for one rerun in a 15-minute lease):
-#   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh
+#   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh            # part 1
+#   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh --part 2   # part 2 (OUT=... another folder)
 # Results land in $OUT (the device tool's folder), else benchmarks/results/<date>-<card>/.
 #
 # Rehearsal on a CPU (same suite code paths, tiny model, no build unless MOSAIC_CHECK_BUILD=1;
 # MOSAIC_CHECK_SUITE_STAGES=a,b runs a subset of the suite's stages, sdxl included):
 #   bash benchmarks/gpu_check.sh --dry-run            # results in $OUT or a fresh temp folder
+#   bash benchmarks/gpu_check.sh --dry-run --part 2
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY=0
+DRY=0 PART=1
 CHECK_START=$(date +%s)
 TOTAL_S=600 TESTS_GUARD_S=100
-[ "${1:-}" = "--dry-run" ] && DRY=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --part) shift; PART="${1:-}" ;;
+    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --part 1|2)" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$PART" in 1|2) ;; *) echo "gpu_check.sh: --part must be 1 or 2, got '$PART'" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 MOSAIC_COMMIT="${MOSAIC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 PY="${PYTHON:-python3}"
 
 if [ -z "${OUT:-}" ]; then
-  if [ "$DRY" = 1 ]; then OUT=$(mktemp -d); else OUT="benchmarks/results/$(date +%F)-gpu"; fi
+  if [ "$DRY" = 1 ]; then OUT=$(mktemp -d); else OUT="benchmarks/results/$(date +%F)-gpu-part$PART"; fi
 fi
 mkdir -p "$OUT"
 LOG="$OUT/check.log"
@@ -78,7 +101,7 @@ fi
 export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # (The CPU rehearsal runs the torch backends: the interpreter would triple its time, and the CPU
 # test suite already runs every Triton launcher through it.)
-say "commit $MOSAIC_COMMIT, out $OUT, dry run $DRY"
+say "commit $MOSAIC_COMMIT, out $OUT, dry run $DRY, part $PART"
 if [ "$DRY" = 0 ]; then
   timeout 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
     --format=csv 2>&1 | tee -a "$LOG"
@@ -94,6 +117,24 @@ if [ "$DRY" = 0 ] || [ "${MOSAIC_CHECK_BUILD:-0}" = 1 ]; then
 print('mosaic_kernels._C:', 'loaded' if m else f'not loaded ({r})')" 2>&1 | tee -a "$LOG"
 else
   say "stage build: skipped (dry run; set MOSAIC_CHECK_BUILD=1 to build)"
+fi
+
+# part 2: the newer families' forward stages, each in its own process, with what the total leaves.
+if [ "$PART" = 2 ]; then
+  pixart_args=(--out "$OUT" --stages pixart)
+  if [ "$DRY" = 1 ]; then
+    pixart_guard=300  # tiny model: seconds on 2 shared cores
+    pixart_args+=(--dry-run)
+  else
+    pixart_guard=$(( TOTAL_S - ($(date +%s) - CHECK_START) - 10 ))
+    [ "$pixart_guard" -gt 420 ] && pixart_guard=420
+    pixart_args+=(--pixart-guard-s $(( pixart_guard - 15 )))  # its own guard first: pixart.json is complete
+  fi
+  run_stage pixart 128 "$pixart_guard" "$PY" benchmarks/gpu_suite.py "${pixart_args[@]}" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$(( failed | 128 ))
+  say "done: exit status $failed (bits: build 1, pixart 128)"
+  ls -l "$OUT" | tee -a "$LOG"
+  exit $failed
 fi
 
 # suite: correctness, kernels, e2e, profile (its exit status is its own bitmask, shifted here).

@@ -30,19 +30,26 @@ Stages, in order, each under its own wall-clock guard and each writing its own f
    and target PF8 (mosaic >= 1.4x compile-dense); ``--sdxl-prune-time`` adds the wall time of
    OBS pruning with 32 calibration samples per stage (minutes: not in gpu_check.sh's default).
    gpu_check.sh runs it in its own process, with what its 600 s total leaves (see there).
+6. ``pixart`` -> pixart.json: one PixArt-Sigma 1024 px transformer forward (bf16, 4096 image
+   tokens, 300 T5 tokens, batch 2 = CFG) per config, as sdxl: diffusers eager, diffusers +
+   compile, engine dense and mosaic 0.3, per step at each stage's timestep and step-weighted
+   over DPM-Solver++ 20 steps, with the target (mosaic >= 1.4x compile-dense). gpu_check.sh runs
+   it in its second call (``--part 2``): the first call's stages fill its 600 s.
 
-This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stage 5 in
-suite_sdxl.py, the run's models and inputs (`Suite`) in suite_context.py, the helpers the stages
-share (guard, results files, run header, timing with `triton.testing.do_bench`, step weights,
-dynamo graph count) in suite_common.py, the model configs in dit_models.py and sdxl_config.py. The
-stages import those, never this file or each other.
+This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stages 5 and 6 in
+suite_sdxl.py and suite_pixart.py (their shared body, one forward per config, in suite_forward.py),
+the run's models and inputs (`Suite`) in suite_context.py, the helpers the stages share (guard,
+results files, run header, timing with `triton.testing.do_bench`, step weights, dynamo graph
+count) in suite_common.py, the model configs in dit_models.py, sdxl_config.py and
+pixart_config.py. The stages import those (suite_sdxl and suite_pixart also suite_forward),
+never this file or each other.
 
 The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8,
-sdxl 16);
-each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
+sdxl 16, pixart 32); each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
 
-    python benchmarks/gpu_suite.py --out DIR              # one H100/H200: at most 5.5 minutes
+    python benchmarks/gpu_suite.py --out DIR              # one H100/H200: stages 1-5
     python benchmarks/gpu_suite.py --out DIR --stages sdxl  # at most 225 s (--sdxl-guard-s)
+    python benchmarks/gpu_suite.py --out DIR --stages pixart  # at most 300 s (--pixart-guard-s)
     python benchmarks/gpu_suite.py --out DIR --dry-run    # tiny model on the CPU, same code paths
 """
 
@@ -71,13 +78,16 @@ from suite_common import (  # noqa: E402,F401 - StageTimeout: the tests read it
 )
 from suite_context import Suite  # noqa: E402
 from suite_e2e import TARGETS, e2e_plan, stage_e2e  # noqa: E402,F401 - TARGETS, e2e_plan: the dry-run tests read them
+from suite_pixart import stage_pixart  # noqa: E402
 from suite_sdxl import stage_sdxl  # noqa: E402
 
-STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl")
+STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl", "pixart")
+#: What one run does unless told: pixart is gpu_check.sh's second call (its own 600 s).
+DEFAULT_STAGES = STAGES[:5]
 STAGE_BITS = {name: 1 << i for i, name in enumerate(STAGES)}
 #: Wall-clock guard per stage on the GPU, seconds. The CPU dry run scales them by
 #: DRY_RUN_GUARD_SCALE: inductor compiles for the CPU with a cold cache take minutes on 2 cores.
-GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25, "sdxl": 225}
+GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25, "sdxl": 225, "pixart": 300}
 DRY_RUN_GUARD_SCALE = 4
 
 
@@ -202,25 +212,30 @@ def stage_profile(suite: Suite, out: Path) -> bool:
 
 
 STAGE_FNS = {"correctness": stage_correctness, "kernels": stage_kernels, "e2e": stage_e2e, "profile": stage_profile,
-             "sdxl": stage_sdxl}
+             "sdxl": stage_sdxl, "pixart": stage_pixart}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the results files")
     p.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: the same code paths")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list, subset of {','.join(STAGES)}")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                   help=f"comma list, subset of {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)})")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="forward batches (default 16 64; dry run 4 2)")
     p.add_argument("--rep-ms", type=int, default=None, help="timing window per forward measurement")
     p.add_argument("--kernel-rep-ms", type=int, default=None, help="timing window per kernel provider")
     p.add_argument("--sdxl-guard-s", type=float, default=None,
                    help=f"the sdxl stage's guard on the GPU, seconds (default {GUARDS['sdxl']})")
+    p.add_argument("--pixart-guard-s", type=float, default=None,
+                   help=f"the pixart stage's guard on the GPU, seconds (default {GUARDS['pixart']})")
     p.add_argument("--sdxl-prune-time", action="store_true",
                    help="sdxl: also time OBS pruning of the SDXL U-Net (minutes; always on, tiny, in a dry run)")
     p.add_argument("--sdxl-prune-samples", type=int, default=32, help="sdxl: calibration samples per stage")
     args = p.parse_args(argv)
-    if args.sdxl_guard_s is not None and args.sdxl_guard_s <= 0:
-        p.error(f"--sdxl-guard-s must be positive, got {args.sdxl_guard_s}")
+    for flag in ("sdxl", "pixart"):
+        guard = getattr(args, f"{flag}_guard_s")
+        if guard is not None and guard <= 0:
+            p.error(f"--{flag}-guard-s must be positive, got {guard}")
     if args.sdxl_prune_samples < 1:
         p.error(f"--sdxl-prune-samples must be at least 1, got {args.sdxl_prune_samples}")
     stages = [s for s in args.stages.split(",") if s]
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
     failed = 0
     scale = DRY_RUN_GUARD_SCALE if args.dry_run else 1
     for name in stages:
-        guard = (args.sdxl_guard_s if name == "sdxl" and args.sdxl_guard_s else GUARDS[name]) * scale
+        guard = (getattr(args, f"{name}_guard_s", None) or GUARDS[name]) * scale
         log(f"stage {name}: start (guard {guard} s)")
         t0 = time.perf_counter()
         try:

@@ -11,4 +11,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   -d .whl diffusers==0.42.1 importlib_metadata
 ls -l .whl
 echo "now: device run with carry [\".whl\"], timeout_s 600:"
-echo "  MOSAIC_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh"
+echo "  MOSAIC_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh            # first"
+echo "  MOSAIC_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh --part 2   # second (next session if no time)"

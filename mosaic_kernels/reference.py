@@ -18,6 +18,7 @@ import torch.nn.functional as F
 __all__ = [
     "attention_ref",
     "gated_residual_ln_modulate_ref",
+    "gated_residual_ln_modulate_table_ref",
     "gated_residual_ref",
     "gelu_erf_ref",
     "gelu_tanh_ref",
@@ -27,6 +28,7 @@ __all__ = [
     "linear_gelu_ref",
     "linear_residual_ref",
     "ln_modulate_ref",
+    "ln_modulate_table_ref",
     "residual_layer_norm_ref",
 ]
 
@@ -59,6 +61,42 @@ def ln_modulate_ref(
     xf = x.float()
     y = _layer_norm_fp32(xf, eps) * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
     return y.to(x.dtype)
+
+
+def _modulate_table_fp32(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, shift_table: torch.Tensor,
+                         scale_table: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LN(x) * (1 + scale + scale_table) + shift + shift_table`` on an fp32 ``x``, the sums in fp32."""
+    s = (scale.float() + scale_table.float())[:, None, :]
+    return _layer_norm_fp32(x, eps) * (1.0 + s) + (shift.float() + shift_table.float())[:, None, :]
+
+
+def ln_modulate_table_ref(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    shift_table: torch.Tensor,
+    scale_table: torch.Tensor,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``y = LN(x) * (1 + scale[:, None, :] + scale_table) + shift[:, None, :] + shift_table``.
+
+    The adaLN-single "norm + modulate" of a PixArt block: the per-sample modulation (a chunk of
+    the model's one ``adaln_single`` output) plus the block's learned per-channel row of its
+    ``scale_shift_table``. The sums ``scale + scale_table`` and ``shift + shift_table`` are
+    formed in fp32.
+
+    Args:
+        x: (B, L, D) activations.
+        shift: (B, D) per-sample shift.
+        scale: (B, D) per-sample scale.
+        shift_table: (D,) per-channel shift row.
+        scale_table: (D,) per-channel scale row.
+        eps: variance epsilon.
+
+    Returns:
+        (B, L, D) tensor of ``x.dtype``.
+    """
+    return _modulate_table_fp32(x.float(), shift, scale, shift_table, scale_table, eps).to(x.dtype)
 
 
 def layer_norm_ref(
@@ -126,6 +164,42 @@ def gated_residual_ln_modulate_ref(
     h = res.float() + gate.float()[:, None, :] * y.float()
     normed = _layer_norm_fp32(h, eps) * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
     return h.to(res.dtype), normed.to(res.dtype)
+
+
+def gated_residual_ln_modulate_table_ref(
+    res: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    gate_table: torch.Tensor,
+    shift_table: torch.Tensor,
+    scale_table: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = res + (gate[:, None, :] + gate_table) * y``; ``normed = ln_modulate_table(h, ...)``.
+
+    Step 1: the gated residual update of a PixArt sub-block, its gate the per-sample chunk plus
+    the block's per-channel table row (formed in fp32).
+    Step 2: ``normed`` is `ln_modulate_table_ref` of the fp32 ``h`` (before ``h`` is rounded to
+    the output dtype), as a fused kernel does: the next block's norm, or the final layer's.
+
+    Args:
+        res: (B, L, D) residual stream.
+        gate: (B, D) per-sample gate.
+        y: (B, L, D) branch output.
+        shift: (B, D) per-sample shift of the next norm.
+        scale: (B, D) per-sample scale of the next norm.
+        gate_table: (D,) per-channel gate row.
+        shift_table: (D,) per-channel shift row of the next norm.
+        scale_table: (D,) per-channel scale row of the next norm.
+        eps: variance epsilon.
+
+    Returns:
+        ``(h, normed)``, both (B, L, D) tensors of ``res.dtype``.
+    """
+    h = res.float() + (gate.float() + gate_table.float())[:, None, :] * y.float()
+    return h.to(res.dtype), _modulate_table_fp32(h, shift, scale, shift_table, scale_table, eps).to(res.dtype)
 
 
 def residual_layer_norm_ref(

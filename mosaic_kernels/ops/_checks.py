@@ -52,6 +52,16 @@ def check_affine(op: str, D: int, weight: torch.Tensor | None, bias: torch.Tenso
             check_contiguous(op, name, t)
 
 
+def check_table_rows(op: str, D: int, rows: dict[str, torch.Tensor]) -> None:
+    """Per-channel (D,) table rows (adaLN-single's ``scale_shift_table``) with unit stride."""
+    for name, t in rows.items():
+        check_tensor(op, name, t, 1)
+        if tuple(t.shape) != (D,):
+            raise ValueError(f"{op}: {name} must be (D,)=({D},), got {tuple(t.shape)}")
+        if D > 1 and t.stride(0) != 1:
+            raise ValueError(f"{op}: {name} must have unit stride, got strides {t.stride()}")
+
+
 def check_same_device(op: str, tensors: dict[str, torch.Tensor | None]) -> None:
     values = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(values.values())) > 1:

@@ -10,16 +10,19 @@ from __future__ import annotations
 from ._common import INTERPRETED
 from .gated_residual import gated_residual_triton
 from .gated_residual_ln_modulate import gated_residual_ln_modulate_triton
+from .gated_residual_ln_modulate_table import gated_residual_ln_modulate_table_triton
 from .layer_norm import layer_norm_triton
 from .linear_geglu import linear_geglu_triton
 from .linear_gated_residual import linear_gated_residual_triton
 from .linear_gelu import linear_gelu_triton
 from .linear_residual import linear_residual_triton
 from .ln_modulate import ln_modulate_triton
+from .ln_modulate_table import ln_modulate_table_triton
 from .residual_layer_norm import residual_layer_norm_triton
 
 __all__ = [
     "INTERPRETED",
+    "gated_residual_ln_modulate_table_triton",
     "gated_residual_ln_modulate_triton",
     "gated_residual_triton",
     "layer_norm_triton",
@@ -27,6 +30,7 @@ __all__ = [
     "linear_gated_residual_triton",
     "linear_gelu_triton",
     "linear_residual_triton",
+    "ln_modulate_table_triton",
     "ln_modulate_triton",
     "residual_layer_norm_triton",
 ]

@@ -1,12 +1,14 @@
-"""The one LayerNorm row kernel of ``ln_modulate``, ``gated_residual_ln_modulate``, ``layer_norm``
-and ``residual_layer_norm``.
+"""The one LayerNorm row kernel of ``ln_modulate``, ``gated_residual_ln_modulate``, ``layer_norm``,
+``residual_layer_norm`` and the adaLN-single ``ln_modulate_table`` / ``gated_residual_ln_modulate_table``.
 
 ``HAS_BRANCH`` first forms (and stores) the residual update ``h = x + gate * y`` (``GATED``) or
 ``h = x + y``; the rows are then
 normalized (LayerNorm without affine, fp32 two-pass statistics: :func:`._common.layer_norm_chunks`)
 and scaled and shifted: ``LN * (1 + scale[b]) + shift[b]`` per sample (adaLN modulation,
 ``ONE_PLUS_SCALE``) or ``LN * weight + bias`` per column (affine LayerNorm: vectors of row
-stride 0). The CUDA side has one templated kernel for the same three cases.
+stride 0); ``HAS_TABLE`` adds a (D,) row to each per-sample vector first (PixArt's adaLN-single:
+``scale_shift_table`` row + the sample's chunk of the one ``adaln_single`` output). The CUDA side has one
+templated kernel for the first three cases.
 
 Each program holds ``BLOCK_M`` whole rows as a power-of-two main chunk of ``BLOCK_D`` columns plus
 a power-of-two tail of ``TAIL_D`` columns (:func:`.settings.row_blocks`: D = 1152 -> 1024 + 128,
@@ -35,20 +37,28 @@ def _scale_shift_store(
     out_ptrs,  # (BLOCK_M, W) output pointers
     shift_ptrs,  # (BLOCK_M, W) shift pointers; read only when HAS_SHIFT
     scale_ptrs,  # (BLOCK_M, W) scale pointers; read only when HAS_SCALE
+    shift_t_ptrs,  # (1, W) shift table row pointers; read only when HAS_TABLE
+    scale_t_ptrs,  # (1, W) scale table row pointers; read only when HAS_TABLE
     row_ok,  # (BLOCK_M, 1) bool: row < n_rows
     col_ok,  # (1, W) bool: column < D
     ROW_MASKED: tl.constexpr, COL_MASKED: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ONE_PLUS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, ONE_PLUS_SCALE: tl.constexpr, HAS_TABLE: tl.constexpr,
 ):
-    """``out = xhat * (ONE_PLUS_SCALE + scale) + shift`` for one chunk (missing terms left out)."""
+    """``out = xhat * (ONE_PLUS_SCALE + scale [+ scale_t]) + shift [+ shift_t]`` for one chunk
+    (missing terms left out)."""
     y = xhat
     if HAS_SCALE:
         scale = load_chunk_f32(scale_ptrs, col_ok, COL_MASKED)
+        if HAS_TABLE:
+            scale = scale + load_chunk_f32(scale_t_ptrs, col_ok, COL_MASKED)
         if ONE_PLUS_SCALE:
             scale = 1.0 + scale
         y = y * scale
     if HAS_SHIFT:
-        y = y + load_chunk_f32(shift_ptrs, col_ok, COL_MASKED)
+        shift = load_chunk_f32(shift_ptrs, col_ok, COL_MASKED)
+        if HAS_TABLE:
+            shift = shift + load_chunk_f32(shift_t_ptrs, col_ok, COL_MASKED)
+        y = y + shift
     store_chunk(out_ptrs, y.to(out_ptrs.dtype.element_ty), row_ok, col_ok, ROW_MASKED, COL_MASKED)
 
 
@@ -60,6 +70,9 @@ def _norm_rows_kernel(
     y_ptr,  # (B*L, D) branch output rows, contiguous; read only when HAS_BRANCH
     shift_ptr,  # (B, D) per-sample shift, or (D,) bias with row stride 0; read only when HAS_SHIFT
     scale_ptr,  # (B, D) per-sample scale, or (D,) weight with row stride 0; read only when HAS_SCALE
+    gate_t_ptr,  # (D,) per-channel gate row added to the gate; read only when HAS_TABLE and GATED
+    shift_t_ptr,  # (D,) per-channel shift row added to the shift; read only when HAS_TABLE
+    scale_t_ptr,  # (D,) per-channel scale row added to the scale; read only when HAS_TABLE
     h_ptr,  # (B*L, D) output h = x + [gate *] y, dtype of x; written only when HAS_BRANCH
     out_ptr,  # (B*L, D) output: scaled and shifted LayerNorm of the rows (of h), dtype of x
     # Sizes and strides
@@ -74,6 +87,7 @@ def _norm_rows_kernel(
     HAS_SHIFT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     ONE_PLUS_SCALE: tl.constexpr,  # multiply by 1 + scale (adaLN) instead of scale (weight)
+    HAS_TABLE: tl.constexpr,  # add the (D,) table rows to gate, shift and scale (adaLN-single)
     BLOCK_M: tl.constexpr,  # rows per program (power of two)
     BLOCK_D: tl.constexpr,  # main chunk: columns [0, BLOCK_D), the largest power of two <= D
     TAIL_D: tl.constexpr,  # tail chunk: columns [BLOCK_D, BLOCK_D + TAIL_D), power of two >= D - BLOCK_D
@@ -105,7 +119,10 @@ def _norm_rows_kernel(
         if HAS_BRANCH:
             y_t = load_chunk_f32(y_ptr + offs + tcols, tcol_ok, TAIL_MASKED)
             if GATED:
-                y_t = load_chunk_f32(gate_row + tcols, tcol_ok, TAIL_MASKED) * y_t
+                g_t = load_chunk_f32(gate_row + tcols, tcol_ok, TAIL_MASKED)
+                if HAS_TABLE:
+                    g_t = g_t + load_chunk_f32(gate_t_ptr + tcols, tcol_ok, TAIL_MASKED)
+                y_t = g_t * y_t
             xt = xt + y_t  # masked lanes are 0
             store_chunk(h_ptr + offs + tcols, xt.to(h_ptr.dtype.element_ty), row_ok, tcol_ok, masked_rows,
                         TAIL_MASKED)
@@ -113,18 +130,23 @@ def _norm_rows_kernel(
     if HAS_BRANCH:
         y = load_chunk_f32(y_ptr + offs + cols, tcol_ok, False)
         if GATED:
-            y = load_chunk_f32(gate_row + cols, tcol_ok, False) * y
+            g = load_chunk_f32(gate_row + cols, tcol_ok, False)
+            if HAS_TABLE:
+                g = g + load_chunk_f32(gate_t_ptr + cols, tcol_ok, False)
+            y = g * y
         x = x + y
         store_chunk(h_ptr + offs + cols, x.to(h_ptr.dtype.element_ty), row_ok, tcol_ok, masked_rows, False)
     if not HAS_TAIL:
         xt = x  # placeholder, unused
 
     xhat, xhat_t = layer_norm_chunks(x, xt, tcol_ok, D, eps, HAS_TAIL, TAIL_MASKED)
-    _scale_shift_store(xhat, out_ptr + offs + cols, shift_row + cols, scale_row + cols, row_ok, tcol_ok,
-                       masked_rows, False, HAS_SHIFT, HAS_SCALE, ONE_PLUS_SCALE)
+    _scale_shift_store(xhat, out_ptr + offs + cols, shift_row + cols, scale_row + cols, shift_t_ptr + cols,
+                       scale_t_ptr + cols, row_ok, tcol_ok, masked_rows, False, HAS_SHIFT, HAS_SCALE, ONE_PLUS_SCALE,
+                       HAS_TABLE)
     if HAS_TAIL:
-        _scale_shift_store(xhat_t, out_ptr + offs + tcols, shift_row + tcols, scale_row + tcols, row_ok, tcol_ok,
-                           masked_rows, TAIL_MASKED, HAS_SHIFT, HAS_SCALE, ONE_PLUS_SCALE)
+        _scale_shift_store(xhat_t, out_ptr + offs + tcols, shift_row + tcols, scale_row + tcols, shift_t_ptr + tcols,
+                           scale_t_ptr + tcols, row_ok, tcol_ok, masked_rows, TAIL_MASKED, HAS_SHIFT, HAS_SCALE,
+                           ONE_PLUS_SCALE, HAS_TABLE)
 
 
 def launch_norm_rows(
@@ -140,12 +162,15 @@ def launch_norm_rows(
     gate: torch.Tensor | None = None,
     y: torch.Tensor | None = None,
     h: torch.Tensor | None = None,
+    tables: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None,
     config: dict | None = None,
 ) -> None:
     """Launch :func:`_norm_rows_kernel` over the (n_rows, D) rows of the contiguous ``x``.
 
     Vectors are indexed ``b = row // L`` with their row stride (0 for a per-column weight/bias);
     their last-dim stride must be 1. ``y``/``h`` go together (``HAS_BRANCH``); ``gate`` needs them.
+    ``tables``: ``(gate_table or None, shift_table, scale_table)``, contiguous (D,) rows added to
+    the vectors (``HAS_TABLE``: PixArt's adaLN-single ``scale_shift_table``).
     ``config``: None -> :func:`.settings.row_settings`; a dict -> exactly its ``BLOCK_M`` and
     ``num_warps`` (columns are fixed by D: :func:`.settings.fit_row_config`).
     """
@@ -163,10 +188,12 @@ def launch_norm_rows(
         _norm_rows_kernel[grid](
             x, gate if gate is not None else x, y if y is not None else x,
             shift if shift is not None else x, scale if scale is not None else x,
+            *(t if t is not None else x for t in (tables or (None, None, None))),
             h if h is not None else out, out,
             n_rows, L, D, *stride, eps,
             HAS_BRANCH=y is not None, GATED=gate is not None,
             HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None, ONE_PLUS_SCALE=one_plus_scale,
+            HAS_TABLE=tables is not None,
             BLOCK_M=block_m, BLOCK_D=block_d, TAIL_D=max(tail_d, 1), HAS_TAIL=tail_d > 0,
             TAIL_MASKED=block_d + tail_d > D, EVEN_M=n_rows % block_m == 0,
             ALIGN=row_alignment(D, *stride), num_warps=int(cfg["num_warps"]),

@@ -26,6 +26,7 @@ _LAZY = {
     "prune": ("mosaicdiff.api", "prune"),
     "MosaicDiT": ("mosaicdiff.families.dit.model", "MosaicDiT"),
     "MosaicUNet": ("mosaicdiff.families.unet.model", "MosaicUNet"),
+    "MosaicPixArt": ("mosaicdiff.families.pixart.model", "MosaicPixArt"),
     "Calibration": ("mosaicdiff.calibrate", "Calibration"),
     "ConditionedCalibration": ("mosaicdiff.calibrate", "ConditionedCalibration"),
     "TextCalibration": ("mosaicdiff.calibrate", "TextCalibration"),

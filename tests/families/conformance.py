@@ -140,12 +140,47 @@ class FamilyConformance:
         mosaic.save_pretrained(target)
         assert not [p for p in os.listdir(target) if p.startswith(model_folder.STAGING_PREFIX)]
 
+    @pytest.mark.parametrize("crash_at", ["before the commit", "after the commit"])
+    def test_an_interrupted_resave_never_mixes_config_and_weights(self, family, kit, mosaic, tmp_path, monkeypatch,
+                                                                 crash_at):
+        """A re-save whose tensors have the old shapes (another dense model, the same stage widths:
+        the old weights would load under the new config without a shape error): killed before the
+        config's rename the folder loads the old model, killed after it the new one."""
+        testing, _, x, cond = kit
+        target = tmp_path / "m"
+        mosaic.save_pretrained(target)
+        other = three_stage_mosaic(family, testing.tiny_dense(seed=1), share_producers=True)
+        assert [tuple(v.shape) for v in other.state_dict().values()] == \
+            [tuple(v.shape) for v in mosaic.state_dict().values()]
+        real_replace, dead = os.replace, []
+
+        def crash(src, dst):
+            if dead:  # the process died: no later rename happens
+                raise OSError(errno.EIO, "dead")
+            if Path(dst) == target / "config.json":
+                if crash_at == "after the commit":
+                    real_replace(src, dst)
+                dead.append(True)
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", crash)
+        with pytest.raises(KeyboardInterrupt):
+            other.save_pretrained(target)
+        monkeypatch.undo()
+        loaded = family.mosaic_class.from_pretrained(target)
+        want = other if crash_at == "after the commit" else mosaic
+        assert loaded.config.stages == want.config.stages
+        tt = torch.full((3,), stage_times(mosaic)[0])
+        assert_close(testing.call(loaded, x, tt, cond), testing.call(want, x, tt, cond), atol=1e-6, rtol=1e-6)
+
     def test_mismatched_weights_are_refused(self, family, mosaic, tmp_path):
         mosaic.save_pretrained(tmp_path / "m")
         weights = tmp_path / "m" / "model.safetensors"
         tensors = load_file(str(weights))
         key = next(k for k, v in tensors.items() if k.startswith("stage_blocks.") and v.dim() == 2)
         for bad, message in ((tensors[key].to(torch.float16), "has dtype torch.float16"),
+                             (tensors[key].to(torch.int32), "has dtype torch.int32"),
                              (tensors[key][:, :-1].contiguous(), "has shape"),
                              (None, "lacks the tensor")):
             edited = {k: v for k, v in tensors.items() if k != key}

@@ -101,7 +101,8 @@ class Kit:
 
     def forward(self, model, dtype: torch.dtype = torch.float32, **kwargs):
         args = self.inputs(dtype)
-        return model(args.pop("x"), args.pop("t"), **args, **kwargs)
+        # the timestep by name: PixArt's second positional argument is the text states
+        return model(args.pop("x"), timestep=args.pop("t"), **args, **kwargs)
 
     @torch.no_grad()
     def output(self, model, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -384,7 +385,8 @@ def test_diffusers_model_attributes(kit):
     classes = {type(m).__name__ for m in model.modules()}
     compact = {type(b).__name__ for blocks in model.stage_blocks for b in blocks}
     assert compact <= set(model._repeated_blocks) <= set(model._no_split_modules)
-    assert set(model._no_split_modules) - classes <= {"CompactUNetBlock", "CompactDiTBlock"}  # copy layout
+    assert set(model._no_split_modules) - classes <= {"CompactUNetBlock", "CompactDiTBlock",
+                                                      "CompactPixArtBlock"}  # copy layout
     names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
     for pattern in model._skip_layerwise_casting_patterns:
         assert any(pattern in name for name in names), pattern

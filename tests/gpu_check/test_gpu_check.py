@@ -6,7 +6,8 @@ run must deliver: every stage's file, every config measured, each compiled basel
 once per batch (once per stage and batch for compile_pruned), the ratios and targets computed
 in the run, at most 8 result files (what the device tool returns), and an exit status that
 names the failed stages while the later stages still run. The sdxl stage runs diffusers' tiny
-SDXL test U-Net through the same configs as the SDXL base U-Net on the GPU.
+SDXL test U-Net through the same configs as the SDXL base U-Net on the GPU; the second call
+(``--part 2``) runs a tiny PixArt through the configs of PixArt-Sigma 1024 px.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import gpu_suite  # noqa: E402
 pytest.importorskip("pytest_timeout", reason="the check runs its GPU tests with --timeout (pytest-timeout)")
 
 
-def run_check(out: Path, **env: str) -> subprocess.CompletedProcess:
+def run_check(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     full_env.update(OUT=str(out), PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", *args], cwd=ROOT,
                           env=full_env, capture_output=True, text=True, timeout=1800)
 
 
@@ -120,6 +121,36 @@ def test_sdxl_times_every_config_at_every_stage_and_the_pf8_ratio(dry_run):
     assert set(result["ratios"]) == {f"{a}/{b}" for a, b in suite_sdxl.RATIO_PAIRS}
     assert 1.0 < result["memory"]["mosaic_0.3"]["ratio"] < 1.2 and result["memory"]["engine_dense"]["ratio"] > 0
     assert result["prune_time"]["pruner"] == "obs" and result["prune_time"]["seconds"] > 0
+
+
+def test_part_two_times_pixart_per_step_and_step_weighted(tmp_path):
+    """`gpu_check.sh --part 2`: only env and the pixart stage; pixart.json has every config at each
+    stage's timestep of DPM-Solver++ 20, the step-weighted mean, the target ratio and memory."""
+    import suite_pixart
+
+    proc = run_check(tmp_path, "--part", "2")
+    log = (tmp_path / "check.log").read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}\n{proc.stderr[-2000:]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.log", "pixart.json"]
+    assert "stage pixart: ok" in log and "stage suite" not in log and "stage tests" not in log
+    result = load(tmp_path, "pixart.json")
+    assert not result["errors"], result["errors"]
+    assert result["inputs"]["hidden_states"][0] == 2 and result["inputs"]["encoder_attention_mask"][0] == 2
+    stages = result["stages"]
+    assert [s["name"] for s in stages] == ["early", "middle", "late"] and sum(s["steps"] for s in stages) == 20
+    mean = sum(s["sparsity"] * s["steps"] for s in stages) / 20
+    assert abs(mean - 0.3) < 0.03, mean
+    by = {r["config"]: r for r in result["records"]}
+    assert list(by) == list(suite_pixart.PLAN)
+    for name, rec in by.items():
+        weighted = sum(rec["per_stage_ms"][str(s["timestep"])] * s["steps"] for s in stages) / 20
+        assert rec["ms_per_forward"] == pytest.approx(weighted)
+        assert rec["dynamo_graphs_compiled"] == (1 if name == "diffusers_compile_dense" else 0), rec
+    target = result["targets"]["pixart_mosaic_0.3_vs_compile_dense"]
+    assert target["target"] == 1.4
+    assert target["ratio"] == pytest.approx(by["diffusers_compile_dense"]["ms_per_forward"]
+                                             / by["mosaic_0.3"]["ms_per_forward"])
+    assert result["memory"]["mosaic_0.3"]["ratio"] > 0 and result["memory"]["engine_dense"]["ratio"] > 0
 
 
 def test_kernels_run_at_the_mosaics_stage_shapes(dry_run):

@@ -32,6 +32,19 @@ def ln_modulate(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
     return torch.addcmul(_f64(shift).unsqueeze(1), normed, _f64(scale).unsqueeze(1) + 1)
 
 
+def ln_modulate_table(x, shift, scale, shift_table, scale_table, eps: float = 1e-6) -> torch.Tensor:
+    """PixArt's adaLN-single: the table rows broadcast onto the per-sample vectors as diffusers
+    does (``scale_shift_table[None] + t_emb``), then `ln_modulate`, float64."""
+    return ln_modulate(x, _f64(shift) + _f64(shift_table)[None], _f64(scale) + _f64(scale_table)[None], eps)
+
+
+def gated_residual_ln_modulate_table(res, gate, y, shift, scale, gate_table, shift_table, scale_table,
+                                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, ln_modulate_table(h))`` with ``h = gated_residual(res, gate + gate_table, y)``, float64."""
+    h = gated_residual(res, _f64(gate) + _f64(gate_table)[None], y)
+    return h, ln_modulate_table(h, shift, scale, shift_table, scale_table, eps)
+
+
 def layer_norm(x, weight, bias, eps: float = 1e-5) -> torch.Tensor:
     """``F.layer_norm`` with its own affine, float64."""
     x64 = _f64(x)

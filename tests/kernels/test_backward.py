@@ -81,6 +81,29 @@ def _gated_residual_ln_modulate(rng, gen) -> Spec:
     return t, run(mk.gated_residual_ln_modulate), run(oracle.gated_residual_ln_modulate)
 
 
+def _ln_modulate_table(rng, gen) -> Spec:
+    B, L, D = _rows(rng)
+    t = {"x": _randn(gen, B, L, D, scale=2, shift=0.5), "mod": _randn(gen, B, 6 * D, scale=0.5),
+         "table": _randn(gen, 6, D, scale=0.3)}
+
+    def run(fn):  # PixArt's (shift_msa, scale_msa): chunks 0 and 1 of the adaLN-single output
+        return lambda t: fn(t["x"], t["mod"][:, :D], t["mod"][:, D:2 * D], t["table"][0], t["table"][1])
+
+    return t, run(mk.ln_modulate_table), run(oracle.ln_modulate_table)
+
+
+def _gated_residual_ln_modulate_table(rng, gen) -> Spec:
+    B, L, D = _rows(rng)
+    t = {"res": _randn(gen, B, L, D), "y": _randn(gen, B, L, D), "mod": _randn(gen, B, 6 * D, scale=0.5),
+         "table": _randn(gen, 6, D, scale=0.3)}
+
+    def run(fn):  # gate_mlp (chunk 5) then the next block's shift_msa / scale_msa (chunks 0, 1)
+        return lambda t: fn(t["res"], t["mod"][:, 5 * D:], t["y"], t["mod"][:, :D], t["mod"][:, D:2 * D],
+                            t["table"][5], t["table"][0], t["table"][1])
+
+    return t, run(mk.gated_residual_ln_modulate_table), run(oracle.gated_residual_ln_modulate_table)
+
+
 def _layer_norm(rng, gen) -> Spec:
     B, L, D = _rows(rng)
     affine = rng.choice(["both", "weight", "none"])
@@ -174,6 +197,8 @@ SPECS: dict[str, Callable[[random.Random, torch.Generator], Spec]] = {
     "linear_geglu": _linear_geglu,
     "residual_layer_norm": _residual_layer_norm,
     "linear_residual": _linear_residual,
+    "ln_modulate_table": _ln_modulate_table,
+    "gated_residual_ln_modulate_table": _gated_residual_ln_modulate_table,
 }
 
 

@@ -145,7 +145,8 @@ def test_collect_hessians_errors():
         collect_hessians(model, x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), batch_size=0,
                          adapter=DIT)
     with pytest.raises(ValueError, match=r"^mosaicdiff.prune: no model adapter for this model; supported: diffusers "
-                                         r"DiTTransformer2DModel, diffusers UNet2DConditionModel \(SD 1.x/2.x, SDXL\); "
+                                         r"DiTTransformer2DModel, diffusers UNet2DConditionModel \(SD 1.x/2.x, SDXL\), "
+                                         r"diffusers PixArtTransformer2DModel \(PixArt-alpha, PixArt-Sigma\); "
                                          r"got Linear"):
         adapter_for(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="DiT"):  # the adapter refuses a model not of its family

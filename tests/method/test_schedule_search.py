@@ -293,3 +293,15 @@ def test_search_refuses_bad_settings_before_any_calibration(monkeypatch):
     with pytest.raises(ValueError, match="calibration data is on|calibration samples are"):
         bad = Calibration(torch.randn(4, 3, 8, 8), torch.arange(4), null_class=10)
         search_schedule(model, bad, 0.3, progress=False)
+
+
+def test_a_candidate_whose_samples_diverge_scores_nan_instead_of_ending_the_search():
+    """The sampler raises on NaN/inf images; the fitness must turn that into NaN (ranked worst by
+    `evolve`), or one over-pruned candidate would abort a whole search."""
+    model = tiny_dit()
+    held_out = HeldOutFidelity.from_dense(model, 2, seed=3, num_inference_steps=2)
+    broken = tiny_dit()
+    with torch.no_grad():
+        broken.proj_out_2.weight[0, 0] = float("nan")
+    assert math.isnan(held_out(broken))
+    assert held_out(model) > 50  # the dense model against itself: the PSNR ceiling region

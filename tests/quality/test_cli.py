@@ -212,7 +212,8 @@ def test_experiment_flags_reach_the_run(cmd, module, function, tmp_path, monkeyp
     assert seen == {"seed": 3, "num_samples": 6, "steps": 4, "samples_per_stage": 5, "methods": ("uniform", "mosaic"),
                     "boundaries": (100, 500), "speed_threshold": 0.6, "log_snr_weight": 0.2, "progress": False,
                     "model_name": "digits-dit", "num_seeds": 1,
-                    **({"sparsity": 0.5, "guidance_scale": 1.5} if cmd == "demo" else
+                    # demo: None is the embedded model's own scale, resolved by run_demo (subjects)
+                    **({"sparsity": 0.5, "guidance_scale": None} if cmd == "demo" else
                        {"sparsities": [0.2, 0.3, 0.4, 0.5, 0.6], "guidance_scales": [1.5, 3.0]})}, seen
     # an embedded model by name, and several noise seeds
     seen.clear()

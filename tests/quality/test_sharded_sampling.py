@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from mosaicdiff.core import distributed, sampling, sharded_sampling as ss
 from mosaicdiff.app.cli import main
+from mosaicdiff.core import distributed, sample_shards, sampling, sharded_sampling as ss
 
 # 12 images in shards of 3 (2 batches of 2 and 1 each): rank 0 samples shards 0 and 2, rank 1 shards 1 and 3
 N, SHARD, BATCH = 12, 3, 2
@@ -29,9 +29,30 @@ SAMPLE = ["sample", "--num-images", str(N), "--shard-size", str(SHARD), "--batch
 LAUNCH_TIMEOUT_S = 150
 
 
+def _key(start: int, end: int) -> str:
+    """A shard's name up to its sha256: ``images-<start>-<end>``."""
+    return f"images-{start:08d}-{end:08d}"
+
+
+def _shard_file(folder: Path, key: str) -> Path:
+    (path,) = (folder / "shards").glob(f"{key}-*.npy")
+    return path
+
+
 def _shards(folder: Path) -> dict[str, tuple[int, int]]:
-    """Shard file name -> (inode, mtime_ns): a rewritten shard (atomic replace) gets a new inode."""
-    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((folder / "shards").glob("images-*.npy"))}
+    """Shard key (`_key`) -> (inode, mtime_ns): a rewritten shard (atomic replace) gets a new inode."""
+    return {p.name[:24]: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted((folder / "shards").glob("images-*.npy"))}
+
+
+def _record_writes(monkeypatch) -> list[str]:
+    """The keys of the shards written from now on (in order)."""
+    written = []
+    real = sample_shards.write_shard
+    monkeypatch.setattr(sample_shards, "write_shard",
+                        lambda out, start, end, pixels: (written.append(_key(start, end)), real(out, start, end,
+                                                                                                 pixels))[1])
+    return written
 
 
 def _images(folder: Path) -> np.ndarray:
@@ -68,13 +89,13 @@ def _rank_main(out: str, second_port: str) -> None:
     (out / f"report-{rank}.json").write_text(json.dumps(report))
 
     if rank == 1:  # the crash: this rank dies once its first shard is on disk; the launcher ends rank 0
-        real = ss._write_shard
+        real = sample_shards.write_shard
 
-        def write_then_die(path, pixels):
-            real(path, pixels)
+        def write_then_die(*args):
+            real(*args)
             os._exit(1)
 
-        ss._write_shard = write_then_die
+        sample_shards.write_shard = write_then_die
     main(SAMPLE + ["--out", str(out / "killed"), "--no-progress"])
 
 
@@ -143,7 +164,7 @@ def test_npz_has_the_adm_layout(one_process):
     assert images.dtype == np.uint8 and images.shape == (N, 16, 16, 3)
     assert (images[..., 0] == images[..., 2]).all(), "gray images: three equal channels"
     assert images.std() > 10, "sampled digits, not a constant"
-    assert sorted(_shards(one_process)) == [f"images-{s:08d}-{min(s + SHARD, N):08d}.npy" for s in range(0, N, SHARD)]
+    assert sorted(_shards(one_process)) == [_key(s, min(s + SHARD, N)) for s in range(0, N, SHARD)]
     model = _digits()
     direct = sampling.sample(model, torch.arange(N) % 10, noise=ss.image_noise(model, 0, 0, N),
                              num_inference_steps=2, batch_size=BATCH, progress=False)
@@ -158,14 +179,12 @@ def test_rerun_samples_only_missing_or_corrupt_shards(one_process, tmp_path, mon
     folder = tmp_path / "resumed"
     shutil.copytree(one_process, folder)
     names = sorted(_shards(folder))
-    (folder / "shards" / names[0]).unlink()
-    (folder / "shards" / names[2]).write_bytes(b"not an npy file")
-    (folder / "shards" / f".{names[1]}.abc.tmp").write_bytes(b"half a shard")  # a write cut short
+    _shard_file(folder, names[0]).unlink()
+    _shard_file(folder, names[2]).write_bytes(b"not an npy file")
+    (folder / "shards" / f".{_shard_file(folder, names[1]).name}.abc.tmp").write_bytes(b"half a shard")  # cut short
     (folder / "samples.npz").unlink()
     before = _shards(folder)
-    written = []
-    real = ss._write_shard
-    monkeypatch.setattr(ss, "_write_shard", lambda path, pixels: (written.append(path.name), real(path, pixels)))
+    written = _record_writes(monkeypatch)
     assert main(SAMPLE + ["--out", str(folder), "--no-progress"]) == 0
     assert written == [names[0], names[2]], written
     after = _shards(folder)
@@ -228,12 +247,10 @@ def test_bad_launches_fail_on_every_rank_with_one_clear_error(two_ranks):
 def test_a_rank_killed_mid_run_is_resumed_without_redoing_finished_shards(two_ranks, one_process, monkeypatch):
     folder = two_ranks / "killed"
     finished = _shards(folder)
-    names = [f"images-{s:08d}-{min(s + SHARD, N):08d}.npy" for s in range(0, N, SHARD)]
+    names = [_key(s, min(s + SHARD, N)) for s in range(0, N, SHARD)]
     assert names[1] in finished, "rank 1 wrote its first shard before dying"
     assert names[3] not in finished and not (folder / "samples.npz").exists()
-    written = []
-    real = ss._write_shard
-    monkeypatch.setattr(ss, "_write_shard", lambda path, pixels: (written.append(path.name), real(path, pixels)))
+    written = _record_writes(monkeypatch)
     assert main(SAMPLE + ["--out", str(folder), "--no-progress"]) == 0  # resumed in one process
     assert sorted(written) == sorted(set(names) - set(finished)), (written, sorted(finished))
     assert {k: v for k, v in _shards(folder).items() if k in finished} == finished, "finished shards untouched"
@@ -289,7 +306,7 @@ def test_resuming_with_another_model_or_vae_is_refused(tmp_path):
     folder = tmp_path / "lib"
     options = {"seed": 2, "num_inference_steps": 1, "shard_size": 2, "batch_size": 2, "progress": False}
     ss.sample_to_npz(model, folder, 4, vae=vae, **options)
-    (folder / "shards" / "images-00000002-00000004.npy").unlink()  # a run cut short: one shard to resume
+    _shard_file(folder, _key(2, 4)).unlink()  # a run cut short: one shard to resume
     before = _shards(folder)
     other_model = _tiny_dit()
     with torch.no_grad():
@@ -305,8 +322,8 @@ def test_resuming_with_another_model_or_vae_is_refused(tmp_path):
     # the same model and VAE resume it (rebuilt: the digest is of the weights, not the object)
     ss.sample_to_npz(_tiny_dit(), folder, 4, vae=_tiny_vae(), **options)
     after = _shards(folder)
-    assert sorted(after) == ["images-00000000-00000002.npy", "images-00000002-00000004.npy"]
-    assert after["images-00000000-00000002.npy"] == before["images-00000000-00000002.npy"], "the finished shard kept"
+    assert sorted(after) == [_key(0, 2), _key(2, 4)]
+    assert after[_key(0, 2)] == before[_key(0, 2)], "the finished shard kept"
 
 
 def test_cli_samples_a_dit_pipeline_folder_with_its_vae(tmp_path, capsys):

@@ -224,7 +224,7 @@ def _set(*keys_and_value):
     (_set("weights_id", 7), r"weights_id must be a string, got 7"),
     (_set("num_layers", "2"), r"num_layers must be a positive integer, got '2'"),
     (_set("attention_head_dim", 0), r"attention_head_dim must be a positive integer, got 0"),
-    (_set("norm_eps", "1e-5"), r"norm_eps must be a number, got '1e-5'"),
+    (_set("norm_eps", "1e-5"), r"norm_eps must be a positive number, got '1e-5'"),
     (_set("shared_embedder", "yes"), r"shared_embedder must be true or false, got 'yes'"),
     (_set("stages", 0, "t_start", "zero"), r"stages\[0\]\.t_start must be an integer, got 'zero'"),
     (_set("stages", 1, "t_end", 999.5), r"stages\[1\]\.t_end must be an integer, got 999\.5"),
@@ -235,7 +235,7 @@ def _set(*keys_and_value):
      r"stages\[1\]\.blocks\[0\]\.kept_heads must be a list of integers, got \['1'\]"),
     (_set("stages", 0, "blocks", 1, "kept_heads", [9]),
      r"stage 'late' block 1: kept_heads must lie in \[0, 4\), got \[9, 9\]"),
-    (_set("sample_size", "big"), r"the config does not describe a MosaicDiT"),
+    (_set("sample_size", "big"), r"sample_size must be a positive integer, got 'big'"),
 ])
 def test_invalid_config_is_one_clear_error_naming_the_file(saved, edit, match):
     _edit_config(saved, edit)
@@ -366,7 +366,7 @@ def test_format_1_1_folder_still_loads(tmp_path):
     (lambda c: c.pop("runtime"), r"config\.json lacks the key 'runtime'"),
     (_set("dense_config", None), r"config\.json: dense_config must be an object, got None"),
     (_set("runtime", "x"), r"config\.json: runtime must be an object, got 'x'"),
-    (_set("dense_config", "sample_size", "big"), r"config\.json: the config does not describe a MosaicDiT"),
+    (_set("dense_config", "sample_size", "big"), r"config\.json: sample_size must be a positive integer, got 'big'"),
 ])
 def test_format_1_1_config_errors_name_the_legacy_field(tmp_path, edit, match):
     import shutil

@@ -29,6 +29,22 @@ def sparsity(text: str) -> float:
     return value
 
 
+#: The largest target sparsity `mosaicdiff demo` / `eval` prune to: the mosaic allocation caps a
+#: stage at min(0.9, target + 0.1) (`mosaicdiff.method.stage_plan.default_s_max`), so a target above
+#: 0.9 cannot be reached (and there is no --max-stage-sparsity to change the cap there).
+EXPERIMENT_MAX_SPARSITY = 0.9
+
+
+def experiment_sparsity(text: str) -> float:
+    """A sparsity the demo and eval compare every method at: in [0, 0.9]."""
+    value = finite_float(text)
+    if not 0 <= value <= EXPERIMENT_MAX_SPARSITY:
+        raise argparse.ArgumentTypeError(
+            f"expected a sparsity in [0, {EXPERIMENT_MAX_SPARSITY:g}] (the mosaic caps a stage at "
+            f"min({EXPERIMENT_MAX_SPARSITY:g}, sparsity + 0.1)), got {text!r}")
+    return value
+
+
 def open_fraction(text: str) -> float:
     """A number in (0, 1)."""
     value = finite_float(text)
@@ -68,8 +84,9 @@ def int_at_least(low: int):
 positive_int = int_at_least(1)
 
 
-def comma_list(item, count: int | None = None, what: str = "values"):
-    """A comma-separated list of `item` values (exactly `count` of them if given)."""
+def comma_list(item, count: int | None = None, what: str = "values", unique: bool = False):
+    """A comma-separated list of `item` values (exactly `count` of them if given; with `unique`, each
+    value once: a repeated point of a sweep would be computed twice)."""
     def parse(text: str) -> list:
         parts = [p.strip() for p in text.split(",")]
         if not text.strip() or "" in parts:
@@ -80,6 +97,10 @@ def comma_list(item, count: int | None = None, what: str = "values"):
             raise argparse.ArgumentTypeError(f"{exc} in {text!r}" if len(parts) > 1 else str(exc)) from None
         if count is not None and len(values) != count:
             raise argparse.ArgumentTypeError(f"expected {count} comma-separated {what}, got {len(values)} in {text!r}")
+        repeated = [p for v, p in zip(values, parts) if values.count(v) > 1]
+        if unique and repeated:
+            raise argparse.ArgumentTypeError(f"{repeated[0]} is listed more than once in {text!r}; give each value "
+                                             f"once")
         return values
 
     parse.__name__ = f"list of {what}"
@@ -93,7 +114,7 @@ def choice_list(choices):
             raise argparse.ArgumentTypeError(f"unknown {text!r} (choose from {', '.join(choices)})")
         return text
 
-    return comma_list(item, what="names")
+    return comma_list(item, what="names", unique=True)
 
 
 def boundary_pair(text: str) -> tuple[int, int]:

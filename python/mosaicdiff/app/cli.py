@@ -62,7 +62,7 @@ def _add_stage_split_options(p: argparse.ArgumentParser) -> None:
                    help=argparse.SUPPRESS)
 
 
-def _add_experiment_options(p: argparse.ArgumentParser, out: str, what: str) -> None:
+def _add_experiment_options(p: argparse.ArgumentParser, out: str, what: str, min_steps: int = 1) -> None:
     """The options `demo` and `eval` share (`mosaicdiff.app.experiment` has the defaults)."""
     from mosaicdiff.app import experiment as ex
 
@@ -71,7 +71,8 @@ def _add_experiment_options(p: argparse.ArgumentParser, out: str, what: str) -> 
     p.add_argument("--out", type=Path, default=Path(out), help="output folder")
     p.add_argument("--num-samples", type=t.int_at_least(2), default=ex.DEFAULT_NUM_SAMPLES,
                    help=f"images per {what}, >= 2 (FID needs a covariance)")
-    p.add_argument("--steps", type=t.positive_int, default=ex.DEFAULT_STEPS, help="DDIM steps")
+    p.add_argument("--steps", type=t.int_at_least(min_steps), default=ex.DEFAULT_STEPS,
+                   help="DDIM steps" + (f", >= {min_steps}" if min_steps > 1 else ""))
     p.add_argument("--samples-per-stage", type=t.positive_int, default=ex.DEFAULT_SAMPLES_PER_STAGE,
                    help="calibration samples per stage")
     p.add_argument("--methods", type=t.choice_list(methods), default=list(methods),
@@ -80,8 +81,9 @@ def _add_experiment_options(p: argparse.ArgumentParser, out: str, what: str) -> 
                    help="explicit middle-stage boundaries t_low,t_high")
     _add_stage_split_options(p)
     p.add_argument("--model", default=None,
-                   help="an embedded model, digits-dit (default) or digits-unet (text-conditioned, its "
-                        "transformer blocks pruned as SDXL's), or a diffusers DiT folder shaped like digits-dit")
+                   help="an embedded model, digits-dit (default), digits-unet (text-conditioned, its "
+                        "transformer blocks pruned as SDXL's) or digits-pixart (text-conditioned DiT in PixArt's "
+                        "layout), or a diffusers DiT folder shaped like digits-dit")
     p.add_argument("--num-seeds", type=t.positive_int, default=ex.DEFAULT_NUM_SEEDS,
                    help=f"noise seeds --seed, --seed+1, ... per {what}; their images are pooled for the "
                         f"intervals (default {ex.DEFAULT_NUM_SEEDS})")
@@ -96,10 +98,13 @@ def _add_demo_parser(sub) -> None:
 
     d = sub.add_parser("demo", help="prune an embedded digits model and compare methods (CPU, minutes)")
     _add_global_options(d, sub=True)
-    d.add_argument("--sparsity", type=t.sparsity, default=ex.DEFAULT_SPARSITY,
-                   help=f"target mean sparsity, in [0, 1) (default {ex.DEFAULT_SPARSITY:g})")
-    d.add_argument("--guidance-scale", type=t.finite_float, default=ex.DEFAULT_GUIDANCE)
-    _add_experiment_options(d, "mosaicdiff_demo", "method")
+    d.add_argument("--sparsity", type=t.experiment_sparsity, default=ex.DEFAULT_SPARSITY,
+                   help=f"target mean sparsity, in [0, {t.EXPERIMENT_MAX_SPARSITY:g}] and keeping an attention head "
+                        f"of the model in every stage (default {ex.DEFAULT_SPARSITY:g})")
+    d.add_argument("--guidance-scale", type=t.finite_float, default=None,
+                   help="classifier-free guidance scale (default: the model's, 1.5; 3 for digits-pixart)")
+    # >= 3 steps: the report compares the stage curve along the dense run (schedule.curve_agreement)
+    _add_experiment_options(d, "mosaicdiff_demo", "method", min_steps=3)
     d.set_defaults(func=commands.cmd_demo)
 
 
@@ -109,10 +114,11 @@ def _add_eval_parser(sub) -> None:
 
     e = sub.add_parser("eval", help="FID vs sparsity sweep per method and guidance scale")
     _add_global_options(e, sub=True)
-    e.add_argument("--sparsities", type=t.comma_list(t.sparsity, what="sparsities in [0, 1)"),
-                   default=list(ex.DEFAULT_SPARSITIES), help="comma-separated mean sparsities (default "
-                   + ",".join(str(s) for s in ex.DEFAULT_SPARSITIES) + ")")
-    e.add_argument("--guidance-scales", type=t.comma_list(t.finite_float, what="numbers"),
+    e.add_argument("--sparsities", type=t.comma_list(t.experiment_sparsity, what="sparsities", unique=True),
+                   default=list(ex.DEFAULT_SPARSITIES), help="comma-separated mean sparsities, each once, in "
+                   f"[0, {t.EXPERIMENT_MAX_SPARSITY:g}] and keeping an attention head of the model in every stage "
+                   "(default " + ",".join(str(s) for s in ex.DEFAULT_SPARSITIES) + ")")
+    e.add_argument("--guidance-scales", type=t.comma_list(t.finite_float, what="numbers", unique=True),
                    default=list(ex.DEFAULT_GUIDANCES), help="comma-separated guidance scales (default "
                    + ",".join(str(g) for g in ex.DEFAULT_GUIDANCES) + ")")
     _add_experiment_options(e, "mosaicdiff_eval", "point")

@@ -39,13 +39,50 @@ def _experiment_kwargs(args) -> dict:
                 progress=not args.no_progress, num_seeds=args.num_seeds, **_experiment_model(args))
 
 
+def check_heads_kept_everywhere(args, sparsities: list[float], flag: str, model) -> None:
+    """Every method of a demo/eval run keeps an attention head per block at every sparsity.
+
+    Checked on the dense model before any work: the run samples the dense model first, so a
+    refusal at pruning time would cost minutes and leave a partial report. The mosaic's largest
+    stage sparsity is its cap min(0.9, sparsity + 0.1), as `check_heads_kept` counts for `prune`.
+
+    Raises:
+        UsageError: naming the flag, the method and the largest sparsity that works.
+    """
+    from mosaicdiff.app.subjects import subject_named
+    from mosaicdiff.families import adapter_for
+    from mosaicdiff.method.compact import heads_to_remove
+    from mosaicdiff.method.pruning import default_s_max
+
+    name = args.model or "digits-dit"
+    dense = model if model is not None else subject_named(name).load()
+    adapter = adapter_for(dense)
+    groups = adapter.groups(adapter.blocks(dense)[0])  # what `mosaicdiff.prune` checks
+    heads = min(g.num_units for g in groups.values() if g.kind == "heads")
+    limit = (heads - 0.5) / heads  # heads_to_remove rounds half up
+    for s in sparsities:
+        for method in args.methods:
+            largest = default_s_max(s) if method == "mosaic" else s
+            try:
+                heads_to_remove(heads, largest)
+            except ValueError:
+                how = (f"lets a stage reach sparsity {largest:g} (the cap min(0.9, sparsity + 0.1))"
+                       if method == "mosaic" else "prunes every stage at it")
+                bound = limit - 0.1 if method == "mosaic" else limit
+                raise UsageError(f"{flag} {s:g}: --methods {method} {how}, which removes all {heads} attention heads "
+                                 f"per block of {name}; use {flag} below {bound:.4f}"
+                                 + (" or leave mosaic out of --methods" if method == "mosaic" else ""),
+                                 f"mosaicdiff {args.command}") from None
+
+
 def cmd_demo(args) -> int:
     from mosaicdiff.app import demo
 
     check_output_folder(args.out)
+    experiment = _experiment_kwargs(args)
+    check_heads_kept_everywhere(args, [args.sparsity], "--sparsity", experiment["model"])
     t0 = time.perf_counter()
-    report = demo.run_demo(args.out, sparsity=args.sparsity, guidance_scale=args.guidance_scale,
-                           **_experiment_kwargs(args))
+    report = demo.run_demo(args.out, sparsity=args.sparsity, guidance_scale=args.guidance_scale, **experiment)
     print(demo.format_table(report))
     print(f"wrote {Path(args.out) / 'report.json'} and PNGs in {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -55,8 +92,10 @@ def cmd_eval(args) -> int:
     from mosaicdiff.app import evaluate
 
     check_output_folder(args.out)
+    experiment = _experiment_kwargs(args)
+    check_heads_kept_everywhere(args, args.sparsities, "--sparsities", experiment["model"])
     result = evaluate.run_eval(args.out, sparsities=args.sparsities, guidance_scales=args.guidance_scales,
-                               **_experiment_kwargs(args))
+                               **experiment)
     print(evaluate.format_eval_table(result))
     print(f"wrote {Path(args.out) / 'eval.json'} and {Path(args.out) / 'fid_vs_sparsity.png'}")
     return 0
@@ -132,11 +171,12 @@ def check_boundaries(bounds, num_train_timesteps: int) -> None:
 def cmd_prune(args) -> int:
     """Prune and save; under ``torchrun`` calibration is data parallel and rank 0 saves.
 
-    Every rank prunes: after the all-reduce each holds the same float64 Hessians, and OBS is
-    deterministic, so all ranks compute the same model (checked: a digest per rank) while rank 0
-    alone writes it. Rank 0 pruning alone would gain nothing (the others would wait idle) and
-    would need the pruned model broadcast; this way `mosaicdiff.prune` returns the model on
-    every rank, as without a process group.
+    Every rank must load the same dense model and calibration data (checked before any work: a
+    digest of each per rank, `check_same_inputs`). Every rank prunes: after the all-reduce each
+    holds the same float64 Hessians, and OBS is deterministic, so all ranks compute the same model
+    (checked: a digest per rank) while rank 0 alone writes it. Rank 0 pruning alone would gain
+    nothing (the others would wait idle) and would need the pruned model broadcast; this way
+    `mosaicdiff.prune` returns the model on every rank, as without a process group.
     """
     from mosaicdiff import api
     from mosaicdiff.core import distributed
@@ -154,6 +194,7 @@ def cmd_prune(args) -> int:
         check_heads_kept(model, args)
         needs_data = args.method in ("mosaic", "uniform") or args.calibration is not None
         calib = load_calibration(args.calibration, model) if needs_data else None
+        check_same_inputs(model, calib)  # before any calibration pass: their statistics would be summed
         mosaic = api.prune(
             model, calib, args.sparsity, method=args.method, boundaries=args.boundaries,
             stage_sparsities=args.stage_sparsities, num_inference_steps=args.steps, scheduler=scheduler,
@@ -192,6 +233,30 @@ def check_same_command_line(args) -> None:
         distributed.check_same_across_ranks(settings, "command-line settings")
     except ValueError as exc:
         raise UsageError(str(exc), f"mosaicdiff {args.command}") from None
+
+
+def check_same_inputs(model, calibration) -> None:
+    """Under a process group: every rank loaded the same dense model and calibration data.
+
+    The same command line can still read different files (another node's copy of the model, a
+    calibration file rewritten in between); their Hessian sums would be added as if they were one
+    data set. A SHA-256 of each (`mosaicdiff.core.distributed.state_digest`,
+    ``ConditionedCalibration.digest``) is compared across the ranks.
+
+    Raises:
+        UsageError: on every rank, naming what differs and each rank's digest.
+    """
+    from mosaicdiff.core import distributed
+
+    if not distributed.is_distributed():
+        return
+    digests = {"dense model sha256": distributed.state_digest(model)[:16],
+               "calibration data sha256": None if calibration is None else calibration.digest()[:16]}
+    try:
+        distributed.check_same_across_ranks(digests, "inputs", "every rank must read the same --model and "
+                                            "--calibration files (copy them, or use a shared file system)")
+    except ValueError as exc:
+        raise UsageError(str(exc), "mosaicdiff prune") from None
 
 
 def _warn_if_ranks_pruned_differently(mosaic) -> None:
@@ -281,6 +346,7 @@ def _sample_to_folder(args) -> int:
     from mosaicdiff.core import distributed, sharded_sampling
 
     check_output_folder(args.out)
+    sharded_sampling.check_output_dir(args.out)  # samples.npz a folder, shards a file: before loading the model
     # an hour: ranks wait at the end for the slowest one's last shard and for rank 0's assembly
     with distributed.launched_process_group(args.device, timeout_s=3600) as device:
         quiet_other_ranks()

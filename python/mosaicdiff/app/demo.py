@@ -1,7 +1,8 @@
 """`mosaicdiff demo`: MosaicDiff end to end on an embedded digits model, on a CPU, in minutes.
 
-The model is the class-conditional digits DiT (default) or the text-conditioned digits U-Net
-(``model_name="digits-unet"``, whose transformer blocks are pruned as SDXL's are).
+The model is the class-conditional digits DiT (default), the text-conditioned digits U-Net
+(``model_name="digits-unet"``, whose transformer blocks are pruned as SDXL's are) or the digits
+PixArt (``model_name="digits-pixart"``: adaLN-single, self- and cross-attention heads pruned).
 
 Steps: load the embedded model; divide the trajectory (closed-form score, boundaries from the
 noise schedule); sample the dense model once with its trajectory (for the measured curve and as
@@ -35,7 +36,6 @@ import torch
 
 from mosaicdiff.app.experiment import (
     COMPARED_METHODS,
-    DEFAULT_GUIDANCE,
     DEFAULT_NUM_SAMPLES,
     DEFAULT_NUM_SEEDS,
     DEFAULT_SAMPLES_PER_STAGE,
@@ -66,7 +66,7 @@ def run_demo(
     sparsity: float = DEFAULT_SPARSITY,
     seed: int = 0,
     num_samples: int = DEFAULT_NUM_SAMPLES,
-    guidance_scale: float = DEFAULT_GUIDANCE,
+    guidance_scale: float | None = None,
     steps: int = DEFAULT_STEPS,
     samples_per_stage: int = DEFAULT_SAMPLES_PER_STAGE,
     methods: tuple[str, ...] = COMPARED_METHODS,
@@ -85,7 +85,8 @@ def run_demo(
         sparsity: target mean sparsity of every pruned model (averaged over sampling steps).
         seed: seeds the initial noise (shared by all methods) and the calibration draws.
         num_samples: images per method and noise seed (labels 0..9 cycling).
-        guidance_scale: CFG scale for every method.
+        guidance_scale: CFG scale for every method (default: the embedded model's,
+            `mosaicdiff.app.subjects`: 1.5, or 3 for ``"digits-pixart"``).
         steps: DDIM steps.
         samples_per_stage: calibration samples per stage (each duplicated with the null class).
         methods: pruning methods to compare with the dense model.
@@ -95,7 +96,7 @@ def run_demo(
         progress: show tqdm bars.
         model: the dense model (default: the embedded model `model_name`); a DiT shaped like the
             digits DiT for ``"digits-dit"``.
-        model_name: the embedded model, ``"digits-dit"`` or ``"digits-unet"``
+        model_name: the embedded model, ``"digits-dit"``, ``"digits-unet"`` or ``"digits-pixart"``
             (`mosaicdiff.app.subjects`).
         num_seeds: noise seeds ``seed, seed + 1, ...``; the images of all are pooled.
 
@@ -111,6 +112,7 @@ def run_demo(
         raise ValueError(f"demo: num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
     check_methods(methods, "demo")
     subject = subject_named(model_name)
+    guidance_scale = subject.guidance_scale if guidance_scale is None else guidance_scale
     if int(num_seeds) < 1:
         raise ValueError(f"demo: num_seeds must be >= 1, got {num_seeds}")
     out = Path(out_dir)

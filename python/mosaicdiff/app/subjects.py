@@ -1,12 +1,14 @@
 """The embedded models `mosaicdiff demo` and `mosaicdiff eval` measure, behind one interface.
 
 A subject says how to load its dense model, build its calibration data from the digits, sample it
-(class labels for the DiT; label tokens as text states for the U-Net) and warm it up. Everything
-else of an experiment (stages, pruning, metrics, the report) is the same for both.
+(class labels for the DiT; label tokens as text states for the U-Net and PixArt) and warm it up. Everything
+else of an experiment (stages, pruning, metrics, the report) is the same for all.
 
 - ``digits-dit``: the class-conditional DiT (`mosaicdiff.zoo.load_digits_dit`), DDIM on linear betas;
 - ``digits-unet``: the text-conditioned U-Net (`mosaicdiff.zoo.load_digits_unet`) whose prompt is
-  the digit's row of learned label tokens, DDIM on ``scaled_linear`` betas.
+  the digit's row of learned label tokens, DDIM on ``scaled_linear`` betas;
+- ``digits-pixart``: the text-conditioned DiT in PixArt's layout (`mosaicdiff.zoo.load_digits_pixart`),
+  prompted by its own label tokens, DPM-Solver++ on linear betas.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from mosaicdiff import zoo
 from mosaicdiff.core import sampling
 from mosaicdiff.zoo.data import NUM_CLASSES
 
-__all__ = ["SUBJECTS", "DigitsDiT", "DigitsUNet", "subject_named"]
+__all__ = ["SUBJECTS", "DigitsDiT", "DigitsPixArt", "DigitsUNet", "subject_named"]
 
 
 @dataclass
@@ -29,6 +31,7 @@ class DigitsDiT:
 
     name = "digits-dit"
     title = "digits DiT"
+    guidance_scale = 1.5  # the FID optimum of its guidance sweep (docs/results.md, "Demo settings")
     sampler = "DDIM eta=0 (linear betas, no x0 clipping)"
     align = 64  # kept MLP widths: multiples of 64 of the 768 channels (what a GPU wants)
 
@@ -56,37 +59,16 @@ class DigitsDiT:
 
 
 @dataclass
-class DigitsUNet:
-    """The embedded text-conditioned digits U-Net; a digit's prompt is its row of label tokens."""
+class _TextDigits:
+    """A text-conditioned digits model: a digit's prompt is its row of the model's label tokens."""
 
-    name = "digits-unet"
-    title = "digits U-Net"
-    sampler = "DDIM eta=0 (scaled_linear betas, no x0 clipping)"
-    # kept GEGLU widths: multiples of 8; 64 would round the 128 channels of the width-32 blocks
-    # to 0 or 64 pruned and make the realized sparsities differ from the targets by method
-    align = 8
     tokens: torch.Tensor | None = None  # (NUM_CLASSES + 1, S, T); loaded with the model
-
-    def load(self) -> nn.Module:
-        self.tokens = zoo.load_digits_label_tokens()
-        return zoo.load_digits_unet()
+    tokens_of = "unet"  # whose label-token table (`zoo.load_digits_label_tokens`)
 
     def _tokens(self) -> torch.Tensor:
         if self.tokens is None:
-            self.tokens = zoo.load_digits_label_tokens()
+            self.tokens = zoo.load_digits_label_tokens(model=self.tokens_of)
         return self.tokens
-
-    def calibration(self, dense: nn.Module):
-        from mosaicdiff.app.inputs import digits_calibration
-        from mosaicdiff.method.calibrate import TextCalibration
-
-        digits = digits_calibration(NUM_CLASSES)
-        table = self._tokens()
-        return TextCalibration(latents=digits.x0, prompt_embeds=table[digits.labels],
-                               negative_prompt_embeds=table[NUM_CLASSES:NUM_CLASSES + 1])
-
-    def scheduler(self):
-        return zoo.digits_unet_scheduler()
 
     def sample(self, model: nn.Module, labels: torch.Tensor, noise: torch.Tensor, *, steps: int,
                guidance_scale: float, progress: bool, return_trajectory: bool = False):
@@ -100,11 +82,69 @@ class DigitsUNet:
     @torch.no_grad()
     def warmup(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, label: int) -> None:
         table = self._tokens().to(x.device, x.dtype)
-        model(x, t, encoder_hidden_states=table[[label, NUM_CLASSES]])
+        model(x, timestep=t, encoder_hidden_states=table[[label, NUM_CLASSES]])
+
+
+@dataclass
+class DigitsUNet(_TextDigits):
+    """The embedded text-conditioned digits U-Net; a digit's prompt is its row of label tokens."""
+
+    name = "digits-unet"
+    title = "digits U-Net"
+    guidance_scale = 1.5
+    sampler = "DDIM eta=0 (scaled_linear betas, no x0 clipping)"
+    # kept GEGLU widths: multiples of 8; 64 would round the 128 channels of the width-32 blocks
+    # to 0 or 64 pruned and make the realized sparsities differ from the targets by method
+    align = 8
+
+    def load(self) -> nn.Module:
+        self.tokens = zoo.load_digits_label_tokens()
+        return zoo.load_digits_unet()
+
+    def calibration(self, dense: nn.Module):
+        from mosaicdiff.app.inputs import digits_calibration
+        from mosaicdiff.calibrate import TextCalibration
+
+        digits = digits_calibration(NUM_CLASSES)
+        table = self._tokens()
+        return TextCalibration(latents=digits.x0, prompt_embeds=table[digits.labels],
+                               negative_prompt_embeds=table[NUM_CLASSES:NUM_CLASSES + 1])
+
+    def scheduler(self):
+        return zoo.digits_unet_scheduler()
+
+
+@dataclass
+class DigitsPixArt(_TextDigits):
+    """The embedded digits PixArt (adaLN-single, cross-attention to the digit's label tokens)."""
+
+    name = "digits-pixart"
+    title = "digits PixArt"
+    # its prompts act through cross-attention only: class accuracy 0.83 at 1.5, 0.95 at 3 (docs/results.md)
+    guidance_scale = 3.0
+    sampler = "DPM-Solver++ 2M (linear betas)"
+    align = 64  # kept MLP widths: multiples of 64 of the 768 channels, as the digits DiT's
+    tokens_of = "pixart"
+
+    def load(self) -> nn.Module:
+        self.tokens = zoo.load_digits_label_tokens(model="pixart")
+        return zoo.load_digits_pixart()
+
+    def calibration(self, dense: nn.Module):
+        from mosaicdiff.app.inputs import digits_calibration
+        from mosaicdiff.calibrate import ConditionedCalibration
+
+        digits = digits_calibration(NUM_CLASSES)
+        table = self._tokens()
+        return ConditionedCalibration(digits.x0, {"encoder_hidden_states": table[digits.labels]},
+                                      {"encoder_hidden_states": table[NUM_CLASSES:NUM_CLASSES + 1]})
+
+    def scheduler(self):
+        return zoo.digits_pixart_scheduler()
 
 
 #: The subjects by name (the demo's and eval's ``--model`` accepts these names).
-SUBJECTS = {s.name: s for s in (DigitsDiT, DigitsUNet)}
+SUBJECTS = {s.name: s for s in (DigitsDiT, DigitsUNet, DigitsPixArt)}
 
 
 def subject_named(name: str):

@@ -141,7 +141,9 @@ class ModelAdapter(ABC):
 
     def default_null_conditions(self, model: nn.Module, calibration: Any) -> Mapping[str, Any] | None:
         """The classifier-free-guidance branch's conditions when a calibration has none (the null
-        class, zero text states), or None: the family has no obvious one and users must pass them."""
+        class, zero text states), or None: the family has no obvious one and users must pass them.
+        A family may raise ValueError instead, to say in its own words what to pass (PixArt: the
+        negative prompt's T5 embedding)."""
         return None
 
     @abstractmethod

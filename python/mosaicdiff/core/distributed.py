@@ -16,7 +16,7 @@ import contextlib
 import datetime
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 __all__ = ["all_reduce_sums", "barrier", "batch_shard", "check_same_across_ranks", "check_same_tensor",
            "is_distributed", "is_main_process", "launched_process_group", "rank", "rank_device", "run_on_main",
-           "spawn_local", "state_digest", "world_size"]
+           "spawn_local", "state_digest", "tensors_digest", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -110,8 +110,12 @@ def check_same_tensor(value: torch.Tensor, what: str) -> None:
                          f"data and settings")
 
 
-def check_same_across_ranks(settings: dict[str, Any], what: str = "the settings") -> None:
+def check_same_across_ranks(settings: dict[str, Any], what: str = "the settings",
+                            advice: str = "every rank must get the same command line") -> None:
     """Raise on every rank if `settings` (a dict of plain values) is not the same on all ranks.
+
+    Args:
+        advice (`str`, *optional*): what to do, ending the message.
 
     Raises:
         ValueError: naming the first keys that differ and their value per rank.
@@ -125,8 +129,7 @@ def check_same_across_ranks(settings: dict[str, Any], what: str = "the settings"
     if differ:
         detail = "; ".join(f"{k}: " + ", ".join(f"rank {r} {g.get(k)!r}" for r, g in enumerate(gathered))
                            for k in differ[:3])
-        raise ValueError(f"the ranks were launched with different {what} ({detail}); every rank must get "
-                         f"the same command line")
+        raise ValueError(f"the ranks were launched with different {what} ({detail}); {advice}")
 
 
 def run_on_main(fn: Callable[[], Any]) -> Any:
@@ -154,6 +157,22 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
     return value
 
 
+def tensors_digest(named: Iterable[tuple[str, Any]]) -> str:
+    """A SHA-256 of named values: tensors by name, dtype, shape and bytes (the same on any device),
+    anything else by name and ``repr``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in named:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}|{data.dtype}|{tuple(value.shape)}|".encode())
+            h.update(data.view(torch.uint8).numpy())  # the buffer, no copy
+        else:
+            h.update(f"{name}|{value!r}|".encode())
+    return h.hexdigest()
+
+
 def state_digest(module: torch.nn.Module | None) -> str | None:
     """A SHA-256 of a module's state (names, dtypes, shapes, bytes): the same model on any device.
 
@@ -161,16 +180,7 @@ def state_digest(module: torch.nn.Module | None) -> str | None:
     (the sharded sampler's manifest). Each tensor is copied to the CPU once (seconds for DiT-XL/2).
     None for None.
     """
-    import hashlib
-
-    if module is None:
-        return None
-    h = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        data = value.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{data.dtype}|{tuple(value.shape)}|".encode())
-        h.update(data.view(torch.uint8).numpy())  # the buffer, no copy
-    return h.hexdigest()
+    return None if module is None else tensors_digest(module.state_dict().items())
 
 
 def rank_device(device: str) -> str:

@@ -77,6 +77,9 @@ class MosaicModel(StageRuntimeMixin, ModelMixin, ConfigMixin):
     readable_majors: ClassVar[tuple[int, ...]] = (1,)
     #: `mosaicdiff.prune` stores the stages' producers once by default.
     shares_producers: ClassVar[bool] = True
+    #: ``(state-dict name prefix, config fields)``: which fields set the shape of the tensors (or
+    #: derived buffers) under a prefix, first match; loading errors name them (family hook).
+    shape_fields: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = ()
 
     # ------------------------------------------------------------------ the stage table
 
@@ -360,8 +363,10 @@ class MosaicModel(StageRuntimeMixin, ModelMixin, ConfigMixin):
                         torch_dtype: torch.dtype | str | None = None, variant: str | None = None, **kwargs):
         """Load a folder written by `save_pretrained` (this format or an older readable one).
 
-        The config builds the skeleton (its weights not initialised); the weights are checked key
-        by key, shape by shape and dtype by dtype against it, then assigned (no copy). Sharded
+        The config builds the skeleton on the meta device (nothing allocated) and the weights'
+        safetensors headers are checked against it key by key, shape by shape and dtype by dtype
+        (a config that does not fit its weights costs no memory); only then are the weights read
+        and assigned to the skeleton built for real (no copy). Sharded
         weights (an index and its shards) are read as one. diffusers' ``device_map`` is read as
         `device`, ``dtype`` as `torch_dtype`, ``subfolder`` is joined to the folder; the loading
         options diffusers pipelines pass (``low_cpu_mem_usage``, ``use_safetensors``, ...) are
@@ -378,8 +383,9 @@ class MosaicModel(StageRuntimeMixin, ModelMixin, ConfigMixin):
             FileNotFoundError: missing directory, config or weights (a folder holding only other
                 variants names them).
             ValueError: corrupt/truncated files, an invalid config (file and field named), a
-                format version mismatch, weights that do not match the config (the key named),
-                or a `device` that is not a device.
+                format version mismatch, weights that do not match the config (the key and the
+                config fields setting its shape named), a config deriving buffers larger than its
+                weights, or a `device` that is not a device.
             TypeError: a `torch_dtype` that is not a float dtype or one of the names above.
             RuntimeError: `device` is CUDA/MPS and none is available.
         """

@@ -62,6 +62,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mosaicdiff.core.atomic_io import fsync_path, write_json_atomic
+from mosaicdiff.core.folder_lock import folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -395,28 +396,10 @@ def validate_save_directory(path: str | os.PathLike, format_name: str) -> Path:
 # ------------------------------------------------------------------ the save
 
 
-@contextlib.contextmanager
 def _folder_lock(folder: Path):
-    """Hold an exclusive flock on `folder` (its own fd: no lock file is left behind)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; saves are not serialised
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BlockingIOError(
-                f"save_pretrained: another save into {folder} is in progress; wait for it to finish "
-                f"or save to another folder"
-            ) from None
-        except OSError:  # a file system without flock (some NFS mounts): save unlocked
-            logger.debug("flock unsupported on %s; saving without a lock", folder)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    """Hold an exclusive flock on `folder` (`mosaicdiff.core.folder_lock`; no lock file is left behind)."""
+    return folder_lock(folder, f"save_pretrained: another save into {folder} is in progress; wait for it to "
+                               f"finish or save to another folder")
 
 
 def _move_staged(staging: Path, target: Path, names: list[str]) -> None:

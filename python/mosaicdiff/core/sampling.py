@@ -24,7 +24,21 @@ from mosaicdiff.core.schedulers import default_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trajectory", "default_scheduler", "guided_denoise", "make_noise", "sample"]
+__all__ = ["NonFiniteError", "Trajectory", "check_guidance_scale", "default_scheduler", "guided_denoise",
+           "make_noise", "sample"]
+
+
+class NonFiniteError(ValueError):
+    """Sampling produced NaN/inf images (an overflowing guidance scale or model, NaN weights).
+
+    Attributes:
+        step (`int` or None): the first sampling step (1-based) whose output was not finite; None
+            when the decoder (a VAE) made finite latents NaN/inf.
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class Trajectory(NamedTuple):
@@ -119,6 +133,7 @@ def sample(
 
     Raises:
         ValueError: on bad labels, noise shape, step count, batch size or a NaN/inf guidance scale.
+        NonFiniteError: (a ValueError) the images became NaN/inf; the message names the step.
         TypeError: if `model` has no DiT-like config.
     """
     in_ch = int(_cfg(model, "in_channels"))
@@ -163,6 +178,10 @@ def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: in
 
     Returns:
         As `sample`.
+
+    Raises:
+        NonFiniteError: ``x`` became NaN/inf (checked on the device after every step and read once
+            per batch, when the images go to the CPU anyway); clamping would otherwise save black images.
     """
     from tqdm.auto import tqdm
 
@@ -178,7 +197,7 @@ def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: in
         raise ValueError(f"sample: batch_size must be >= 1, got {batch_size}")
     base = scheduler if scheduler is not None else default_scheduler()
     device, _ = _param_like(model)
-    g = _guidance(guidance_scale)
+    g = check_guidance_scale(guidance_scale)
     use_cfg = g != 1.0
     # Timesteps: a CPU tensor for models that read the stage on the host (no device sync per
     # step), else a contiguous device tensor (the same form every step: no torch.compile
@@ -197,7 +216,8 @@ def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: in
         b = rows.stop - rows.start
         x = noise[rows].to(device=device, dtype=torch.float32) * float(sched.init_noise_sigma)
         xs = []
-        for t in sched.timesteps:
+        first_bad = torch.zeros((), dtype=torch.long, device=x.device)  # 1-based step; 0: all finite so far
+        for k, t in enumerate(sched.timesteps, 1):
             if return_trajectory:
                 xs.append(x.detach().float().cpu())
             x_in = sched.scale_model_input(x, t)
@@ -208,7 +228,9 @@ def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: in
                 eps_c, eps_u = eps[:b], eps[b:]
                 eps = eps_u + g * (eps_c - eps_u)
             x = sched.step(eps, t, x, return_dict=False, **step_kwargs)[0]
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(x).all(), k, first_bad)
             bar.update(1)
+        _check_finite(int(first_bad), sched.timesteps, g)
         outputs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
         traj_chunks.append(xs)
         step_ts = sched.timesteps.detach().cpu().long()
@@ -220,14 +242,26 @@ def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: in
     return images, Trajectory(xs=xs, timesteps=step_ts)
 
 
-def _guidance(value) -> float:
-    """The CFG scale as a finite float: a NaN or inf scale would silently turn every image black."""
+def _check_finite(first_bad: int, timesteps: torch.Tensor, guidance_scale: float) -> None:
+    if first_bad:
+        raise NonFiniteError(
+            f"sample: the images became NaN/inf at sampling step {first_bad} of {len(timesteps)} (timestep "
+            f"{int(timesteps[first_bad - 1])}): the model or guidance_scale={guidance_scale:g} overflows; check the "
+            f"weights for NaN/inf and use a guidance scale of about 1 to 10", first_bad)
+
+
+def check_guidance_scale(value, who: str = "sample") -> float:
+    """The CFG scale as a finite float: a NaN or inf scale would silently turn every image black.
+
+    Raises:
+        ValueError: `value` is not a finite real number (bools and strings included), naming `who`.
+    """
     try:
         g = None if isinstance(value, (bool, str)) else float(value)  # numpy and 0-d tensor scalars too
     except (TypeError, ValueError):
         g = None
     if g is None or not math.isfinite(g):
-        raise ValueError(f"sample: guidance_scale must be a finite number (1 = no guidance, DiT uses "
+        raise ValueError(f"{who}: guidance_scale must be a finite number (1 = no guidance, DiT uses "
                          f"about 1.5 to 4), got {value!r}")
     return g
 

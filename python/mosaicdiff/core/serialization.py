@@ -28,15 +28,20 @@ id and dtype are ``variants["fp16"]`` in the config. A folder may hold the defau
 variants (a save keeps the other sets when the config is unchanged), or only variants. Which files
 belong to which save, and how a save stays crash-safe, is `mosaicdiff.core.model_folder`'s job.
 
-The config alone builds the model's skeleton (``cls.from_config``, weights left uninitialised:
-`mosaicdiff.core.weight_init.skip_weight_init`); loading then checks every key, shape and dtype of the
-weights against that skeleton, with errors naming the file and the key, and assigns them. Older
-format majors are upgraded by the class's hooks (``upgrade_saved_config``, ``upgrade_saved_tensors``);
-family-specific field checks are ``check_saved_config``.
+The config alone builds the model's skeleton (``cls.from_config``). A folder may come from
+anywhere, so loading builds it first on the meta device (`mosaicdiff.core.meta_build`: shapes and
+dtypes, no storage) and checks every key, shape and dtype against the weights' safetensors headers
+(`mosaicdiff.core.saved_weights`; no tensor read), with errors naming the file, the key and the
+config fields that set its shape (the class's ``shape_fields``); a buffer the config derives (a
+positional table) may not outgrow the weights. Only then are the tensors read and assigned to the
+skeleton built for real (weights left uninitialised: `mosaicdiff.core.weight_init.skip_weight_init`).
+Older format majors are upgraded by the class's hooks (``upgrade_saved_config``,
+``upgrade_saved_tensors``); family-specific field checks are ``check_saved_config``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,20 +49,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from mosaicdiff._version import __version__
 from mosaicdiff.core import model_folder
 from mosaicdiff.core.atomic_io import json_safe
+from mosaicdiff.core.config_fields import FieldChecker, check_stage_fields
+from mosaicdiff.core.meta_build import TooManyTensors, floats_on_meta
 from mosaicdiff.core.model_folder import CONFIG_NAME, ENVELOPE_KEYS, validate_save_directory
+from mosaicdiff.core.saved_weights import WeightsHeader, read_set_header, read_tensors
 from mosaicdiff.core.stages import coverage_problem
+from mosaicdiff.core.weight_init import skip_weight_init
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENVELOPE_KEYS", "format_major_minor", "load_model", "read_config", "resolve_device", "resolve_dtype",
-           "save_model", "state_tensors"]
+__all__ = ["DERIVED_BYTES", "ENVELOPE_KEYS", "check_common_fields", "format_major_minor", "load_model", "read_config",
+           "resolve_device", "resolve_dtype", "save_model", "state_tensors"]
 
+#: A buffer the config derives (a positional table) may take as many bytes as the weights, or this
+#: many for a small model (a legitimate table is a small fraction of the model; a lying
+#: ``sample_size`` asks for gigabytes).
+DERIVED_BYTES = 64 * 2**20
+#: A config's build may make this many floating tensors per tensor of its weights (a model makes
+#: about 1.5: parameters, the dense layers a family reads its shapes from, positional tables).
+MAX_TENSORS_PER_WEIGHT = 4
 #: torch_dtype names accepted by `load_model`.
 DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16,
@@ -74,33 +89,12 @@ def format_major_minor(version: str, what: str) -> tuple[int, int]:
     return major, minor
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-class _Checker:
-    """``need(ok, field, expected, got)``: ValueError ``<Class>.from_pretrained: <file>: <field> must be ...``."""
-
-    def __init__(self, cls_name: str, cfg_path: Path):
-        self.prefix = f"{cls_name}.from_pretrained: {cfg_path}"
-
-    def __call__(self, ok: bool, field: str, expected: str, got: Any) -> None:
-        if not ok:
-            r = repr(got)
-            r = r if len(r) <= 60 else r[:57] + "..."
-            raise ValueError(f"{self.prefix}: {field} must be {expected}, got {r}")
-
-
-def check_common_fields(cls, config: dict, cfg_path: Path, block_keys: tuple[str, ...] = ()) -> _Checker:
+def check_common_fields(cls, config: dict, cfg_path: Path, block_keys: tuple[str, ...] = ()) -> FieldChecker:
     """The fields every mosaic's config has; returns the checker for the family's own checks."""
     for key in ("format_version", "dtype", "stages"):
         if key not in config:
             raise ValueError(f"{cls.__name__}.from_pretrained: {cfg_path} lacks the key {key!r}")
-    need = _Checker(cls.__name__, cfg_path)
+    need = FieldChecker(f"{cls.__name__}.from_pretrained: {cfg_path}")
     need(isinstance(config["format_version"], str), "format_version", "a string", config["format_version"])
     need(isinstance(config["dtype"], str), "dtype", "a string", config["dtype"])
     dtype = getattr(torch, config["dtype"], None)
@@ -118,21 +112,7 @@ def check_common_fields(cls, config: dict, cfg_path: Path, block_keys: tuple[str
         v_dtype = getattr(torch, str(entry.get("dtype")), None)
         need(isinstance(v_dtype, torch.dtype) and v_dtype.is_floating_point, f"variants.{name}.dtype",
              "a torch float dtype name", entry.get("dtype"))
-    need(isinstance(config["stages"], list), "stages", "a list", config["stages"])
-    need(len(config["stages"]) > 0, "stages", "a non-empty list", config["stages"])
-    for i, s in enumerate(config["stages"]):
-        need(isinstance(s, dict), f"stages[{i}]", "an object", s)
-        need(isinstance(s.get("name"), str), f"stages[{i}].name", "a string", s.get("name"))
-        for key in ("t_start", "t_end"):
-            need(_is_int(s.get(key)), f"stages[{i}].{key}", "an integer", s.get(key))
-        need(_is_number(s.get("sparsity")), f"stages[{i}].sparsity", "a number", s.get("sparsity"))
-        blocks = s.get("blocks")
-        need(isinstance(blocks, list), f"stages[{i}].blocks", "a list", blocks)
-        for j, b in enumerate(blocks):
-            for key in block_keys:
-                v = b.get(key) if isinstance(b, dict) else None
-                need(isinstance(v, list) and all(_is_int(x) for x in v), f"stages[{i}].blocks[{j}].{key}",
-                     "a list of integers", v)
+    check_stage_fields(config["stages"], need, block_keys)
     return need
 
 
@@ -245,65 +225,14 @@ def read_config(cls, directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _read_weights(cls, wpath: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """All tensors of a weights file and its save id."""
-    if not wpath.is_file():
-        raise FileNotFoundError(f"{cls.__name__}.from_pretrained: {wpath} not found")
-    try:
-        with safe_open(str(wpath), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {}).get(model_folder.WEIGHTS_ID_KEY)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ValueError(
-            f"{cls.__name__}.from_pretrained: {wpath} is truncated or corrupt ({type(exc).__name__}: {exc}); "
-            f"save the mosaic again"
-        ) from None
-
-
-def _read_sharded(cls, where: model_folder.WeightsLocation) -> tuple[dict[str, torch.Tensor], str | None]:
-    """All tensors of a sharded set (its index at ``where.path``) and the index's save id; every
-    shard must carry that id and hold exactly the tensors the index maps to it."""
-    who, index = f"{cls.__name__}.from_pretrained", where.path
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-        want = (data.get("metadata") or {}).get(model_folder.WEIGHTS_ID_KEY)
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError("weight_map must map tensor names to file names")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{who}: {index} is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                         f"save the mosaic again") from None
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        if Path(shard).name != shard or shard.startswith("."):
-            raise ValueError(f"{who}: {index} maps tensors to {shard!r}, not a file of the folder")
-        copies = [d / shard for d in where.search if (d / shard).is_file()]
-        if not copies:
-            raise FileNotFoundError(f"{who}: {index.parent / shard} not found (a shard {index.name} lists); "
-                                    f"save the mosaic again")
-        pick = next((c for c in copies if model_folder.weights_id(c) == want), copies[0])
-        part, shard_id = _read_weights(cls, pick)
-        if want is not None and shard_id != want:
-            raise ValueError(f"{who}: {pick} is a shard of another save (weights_id {shard_id!r}) than "
-                             f"{index} ({want!r}); save the mosaic again")
-        for key in part:
-            if weight_map.get(key) != shard:
-                raise ValueError(f"{who}: {pick} holds the tensor {key!r}, which {index.name} maps to "
-                                 f"{weight_map.get(key)!r}")
-        tensors.update(part)
-    missing = sorted(set(weight_map) - set(tensors))
-    if missing:
-        raise ValueError(f"{who}: {index} lists tensors its shards lack: {missing[:5]}")
-    return tensors, want
-
-
 def _set_dtype(config: dict, variant: str | None) -> str:
     return config["dtype"] if variant is None else config["variants"][variant]["dtype"]
 
 
-def _read_weight_set(cls, path: Path, config: dict, variant: str | None):
-    """``(config, tensors, where)``: the weights set `variant` the config lists, paired by id
-    (`model_folder.locate_weights`; an interrupted save's staged set, a concurrent save's newer
-    config); `where` names the file or index read."""
+def _read_weight_set(cls, path: Path, config: dict, variant: str | None) -> tuple[dict, WeightsHeader]:
+    """``(config, header)``: the header of the weights set `variant` the config lists, paired by
+    id (`model_folder.locate_weights`; an interrupted save's staged set, a concurrent save's newer
+    config). No tensor is read."""
     who = f"{cls.__name__}.from_pretrained"
     sets = model_folder.config_sets(config)
     name = model_folder.weights_name(variant)
@@ -315,7 +244,8 @@ def _read_weight_set(cls, path: Path, config: dict, variant: str | None):
     where = model_folder.locate_weights(path, variant, want)
     if where is None:
         raise FileNotFoundError(f"{who}: {path / name} not found")
-    tensors, got = _read_sharded(cls, where) if where.kind == "index" else _read_weights(cls, where.path)
+    header = read_set_header(who, where)
+    got = header.weights_id
     if where.staged:
         # A save was interrupted after committing config.json: its complete weights are staged.
         logger.warning("%s: loading the weights of an interrupted save from %s; save again to tidy up",
@@ -327,21 +257,80 @@ def _read_weight_set(cls, path: Path, config: dict, variant: str | None):
                 f"{who}: {where.path} is not the weights {path / CONFIG_NAME} was saved with (weights_id "
                 f"{got!r}, expected {want!r}); save the mosaic again")
         config = newer
-    return config, tensors, where.path
+    return config, header
 
 
-def _check_tensor(cls, key: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
-                  where: Path) -> torch.Tensor:
-    if key not in tensors:
-        raise ValueError(f"{cls.__name__}.from_pretrained: {where} lacks the tensor {key!r} required by the config")
-    t = tensors[key]
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{cls.__name__}.from_pretrained: tensor {key!r} in {where} has shape {tuple(t.shape)}, "
-                         f"the config expects {tuple(shape)}")
-    if t.is_floating_point() and t.dtype != dtype:
-        raise ValueError(f"{cls.__name__}.from_pretrained: tensor {key!r} in {where} has dtype {t.dtype}, "
-                         f"the config says {dtype}")
-    return t
+def _build(cls, config: dict, cfg_path: Path, *, meta: WeightsHeader | None = None):
+    """The model `config` describes, weights uninitialised; with `meta` (the weights' header), its
+    floating tensors on the meta device (shapes and dtypes only: `mosaicdiff.core.meta_build`), and
+    no more of them than `MAX_TENSORS_PER_WEIGHT` per tensor of the weights."""
+    body = {k: v for k, v in config.items() if not k.startswith("_")}
+    limit = None if meta is None else MAX_TENSORS_PER_WEIGHT * len(meta.tensors) + 1000
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(skip_weight_init())  # the weights are assigned after the checks
+            if meta is not None:
+                stack.enter_context(floats_on_meta(limit))
+            return cls.from_config(body)
+    except TooManyTensors:
+        raise ValueError(f"{cls.__name__}.from_pretrained: {cfg_path}: the config describes a model of more than "
+                         f"{limit} tensors, but {meta.where} holds {len(meta.tensors)}: a layer or block count of "
+                         f"the config does not fit its weights") from None
+    except Exception as exc:  # noqa: BLE001 - a config from disk: whatever its constructor raised, said in one line
+        if meta is None and not isinstance(exc, (TypeError, ValueError, KeyError, AttributeError)):
+            raise  # (the meta build of the same config succeeded: a real failure, e.g. out of memory)
+        message = " ".join(str(exc).split())
+        if not message.startswith("stage"):
+            message = f"the config does not describe a {cls.__name__} ({type(exc).__name__}: {message})"
+        raise ValueError(f"{cls.__name__}.from_pretrained: {cfg_path}: {message}") from None
+
+
+def _fields(cls, key: str, config: dict) -> str:
+    """`` (from <field>=<value>, ... in config.json)``: the config fields that set the shape of
+    tensor `key` (the family's `shape_fields`), or nothing."""
+    for prefix, names in cls.shape_fields:
+        if key.startswith(prefix):
+            shown = []
+            for f in names:
+                value = repr(config.get(f))
+                shown.append(f"{f}={value}" if len(value) <= 40 else f)
+            return f" (set by {', '.join(shown)} in {CONFIG_NAME})"
+    return ""
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _check_layout(cls, skeleton: nn.Module, header: WeightsHeader, dtype: torch.dtype, config: dict,
+                  cfg_path: Path) -> None:
+    """Every tensor of the skeleton (built on meta) against the header: present, of the same shape,
+    of the config's dtype (floating ones; others the skeleton's); none left over; and no buffer the
+    config derives (a positional table) larger than the weights it goes with, or `DERIVED_BYTES`."""
+    who = f"{cls.__name__}.from_pretrained"
+    expected = skeleton.state_dict()
+    for key, ref in expected.items():
+        info = header.tensors.get(key)
+        if info is None:
+            raise ValueError(f"{who}: {header.where} lacks the tensor {key!r} required by the config")
+        if info.shape != tuple(ref.shape):
+            raise ValueError(f"{who}: tensor {key!r} in {info.file} has shape {info.shape}, the config expects "
+                             f"{tuple(ref.shape)}{_fields(cls, key, config)}")
+        want = dtype if ref.is_floating_point() else ref.dtype
+        if info.dtype != want:
+            raise ValueError(f"{who}: tensor {key!r} in {info.file} has dtype {info.dtype}, the config says "
+                             f"{want}{' (its dtype field)' if want == dtype else ''}")
+    unexpected = sorted(set(header.tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"{who}: {header.where} has tensors the config does not describe: "
+                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    budget = max(header.nbytes, DERIVED_BYTES)
+    for name, buf in skeleton.named_buffers():
+        nbytes = buf.numel() * buf.element_size()
+        if name not in expected and nbytes > budget:
+            raise ValueError(f"{who}: {cfg_path}: the config makes the buffer {name!r} {tuple(buf.shape)}, "
+                             f"{_mib(nbytes)}, more than the {_mib(header.nbytes)} of weights it goes with"
+                             f"{_fields(cls, name, config)}; refusing a config that does not fit its weights")
 
 
 def resolve_dtype(torch_dtype: Any, who: str = "from_pretrained") -> torch.dtype | None:
@@ -375,8 +364,6 @@ def resolve_device(device: Any, who: str = "from_pretrained") -> torch.device | 
 
 def load_model(cls, directory: str | os.PathLike, *, device=None, torch_dtype=None, variant: str | None = None):
     """Load a mosaic of class `cls` saved by `save_model`; see ``MosaicModel.from_pretrained``."""
-    from mosaicdiff.core.weight_init import skip_weight_init
-
     who = f"{cls.__name__}.from_pretrained"
     torch_dtype = resolve_dtype(torch_dtype, who)  # argument errors first, before any reading
     device = resolve_device(device, who)
@@ -387,23 +374,14 @@ def load_model(cls, directory: str | os.PathLike, *, device=None, torch_dtype=No
     path = Path(directory)
     config = read_config(cls, path)
     cfg_path = path / CONFIG_NAME
-    config, tensors, where = _read_weight_set(cls, path, config, variant)
-    tensors = cls.upgrade_saved_tensors(config, tensors)
+    config, header = _read_weight_set(cls, path, config, variant)
+    header = header.renamed(cls.upgrade_saved_tensors(config, {k: k for k in header.tensors}))
     dtype = getattr(torch, _set_dtype(config, variant))
-    try:
-        with skip_weight_init():  # the weights are assigned below
-            model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        message = str(exc)
-        if not message.startswith("stage"):
-            message = f"the config does not describe a {cls.__name__} ({type(exc).__name__}: {exc})"
-        raise ValueError(f"{who}: {cfg_path}: {message}") from None
-    expected = model.state_dict()
-    state = {key: _check_tensor(cls, key, tensors, tuple(ref.shape), dtype, where) for key, ref in expected.items()}
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        raise ValueError(f"{who}: {where} has tensors the config does not describe: "
-                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    # An untrusted config is checked against the weights before anything is allocated.
+    _check_layout(cls, _build(cls, config, cfg_path, meta=header), header, dtype, config, cfg_path)
+    tensors = read_tensors(who, header)
+    model = _build(cls, config, cfg_path)
+    state = {key: tensors[key] for key in model.state_dict()}
     model.load_state_dict(state, strict=True, assign=True)
     # nn.Module.to: ModelMixin.to warns about fp32 modules on every cast (diffusers 0.42), we have none
     nn.Module.to(model, dtype)  # the non-persistent buffers (sin-cos positions) follow the weights

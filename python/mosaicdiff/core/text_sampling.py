@@ -1,12 +1,12 @@
-"""Text-conditioned sampling with classifier-free guidance for U-Nets (SD 1.x/2.x style).
+"""Text-conditioned sampling with classifier-free guidance for U-Nets (SD 1.x/2.x style) and PixArt.
 
 `sample_with_text` works for any `nn.Module` called like diffusers' ``UNet2DConditionModel``:
-``model(x, timestep, encoder_hidden_states=(2B, S, T)).sample`` with a ``config`` holding
-``in_channels`` and ``sample_size``. The dense diffusers U-Net and `MosaicUNet` both qualify. It
-is the pixel- or latent-space loop without a pipeline (no text encoder, no VAE): the caller passes
-the prompt states, as the embedded digits U-Net's label tokens (`mosaicdiff.zoo.load_digits_unet`)
-or precomputed text-encoder outputs. SDXL's added conditions need its pipeline
-(``StableDiffusionXLPipeline(..., unet=mosaic)``).
+``model(x, timestep=t, encoder_hidden_states=(2B, S, T)).sample`` with a ``config`` holding
+``in_channels`` and ``sample_size``. The dense diffusers U-Net and PixArt transformer and their
+mosaics qualify. It is the pixel- or latent-space loop without a pipeline (no text encoder, no
+VAE): the caller passes the prompt states, as the embedded digits models' label tokens
+(`mosaicdiff.zoo.load_digits_label_tokens`) or precomputed text-encoder outputs. SDXL's added
+conditions need its pipeline (``StableDiffusionXLPipeline(..., unet=mosaic)``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def sample_with_text(model: nn.Module, prompt_embeds: torch.Tensor, negative_pro
         if cfg:
             neg = negative[rows] if negative.shape[0] == n else negative.expand_as(text)
             text = torch.cat([text, neg])
-        out = model(x_in.to(dtype), t_in, encoder_hidden_states=text).sample.float()
+        out = model(x_in.to(dtype), timestep=t_in, encoder_hidden_states=text).sample.float()
         return out[:, : x_in.shape[1]]
 
     return guided_denoise(model, forward, n, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

@@ -21,6 +21,7 @@ __all__ = ["FAMILIES", "Family", "adapter_for", "family_for", "register_family"]
 FAMILIES: list[Family] = [
     import_module("mosaicdiff.families.dit").FAMILY,
     import_module("mosaicdiff.families.unet").FAMILY,
+    import_module("mosaicdiff.families.pixart").FAMILY,
 ]
 
 

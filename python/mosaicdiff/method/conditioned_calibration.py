@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mosaicdiff.core.distributed import tensors_digest
+
 __all__ = ["ConditionedCalibration", "Shared"]
 
 
@@ -141,6 +143,16 @@ def _null_rows_of(nulls: dict[str, Any], conditions: dict[str, Any], index: torc
     return out
 
 
+def _float_entries(conditions: dict[str, Any], where: str):
+    """(name, tensor) of every floating tensor of the conditions, `Shared` ones included."""
+    for key, value in conditions.items():
+        value = value.value if isinstance(value, Shared) else value
+        if isinstance(value, Mapping):
+            yield from _float_entries(value, _key(where, key))
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            yield _key(where, key), value
+
+
 def _row_entries(conditions: dict[str, Any], where: str):
     """(name, tensor) of every entry split by row."""
     for key, value in conditions.items():
@@ -176,9 +188,10 @@ class ConditionedCalibration:
             ``prune(cfg=...)`` says.
 
     Raises:
-        ValueError: latents not a non-empty (N, C, H, W) tensor or with NaN/inf, null
-            conditions of the wrong shape, for a key conditions lack or share, or given with
-            ``cfg=False``.
+        ValueError: latents not a non-empty (N, C, H, W) tensor or with NaN/inf (NaN/inf in a
+            floating tensor of the conditions or null conditions: `check`, which `mosaicdiff.prune`
+            calls before any calibration pass), null conditions of the wrong shape, for a key
+            conditions lack or share, or given with ``cfg=False``.
         TypeError: non-float latents, conditions or null conditions that are not dicts (or not
             str-keyed), a null tensor of another kind (float / integer) than its condition.
 
@@ -209,7 +222,7 @@ class ConditionedCalibration:
                              f"classifier-free guidance has no unconditional branch); drop one of them")
         self._nulls = None if null_conditions is None else _split_nulls(
             null_conditions, self._conditions, n, f"{name}.null_conditions", f"{name}.conditions")
-        self._check_finite()
+        self._check_finite(conditions=False)  # the conditions: by `check`, before any calibration pass
 
     # ------------------------------------------------------------------ checks
 
@@ -221,23 +234,31 @@ class ConditionedCalibration:
         if not x.is_floating_point():
             raise TypeError(f"{name}.{field} must be floating point, got {x.dtype}")
 
-    def _check_finite(self) -> None:
-        # a NaN here would surface much later as bad stage boundaries or a NaN in the saved config
-        x = self.latents
-        if x.device.type == "meta":  # no values to check
-            return
-        finite = torch.isfinite(x.detach()).flatten(1).all(1)
-        if not bool(finite.all()):
-            idx = (~finite).nonzero().reshape(-1).tolist()
-            raise ValueError(f"calibration latents contain NaN/inf at index {idx[:8]} "
-                             f"({len(idx)} of {len(self)} samples); drop or fix those samples")
+    def _check_finite(self, conditions: bool = True) -> None:
+        # a NaN here would surface much later as bad stage boundaries, a NaN in the saved config or
+        # "hessian has non-finite entries" after the calibration pass
+        name = type(self).__name__
+        entries = [("calibration latents", self.latents)]
+        if conditions:
+            entries += [*_float_entries(self._conditions, f"{name}.conditions"),
+                        *_float_entries(self._nulls or {}, f"{name}.null_conditions")]
+        for where, x in entries:
+            if x.device.type == "meta":  # no values to check
+                continue
+            finite = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1) if x.dim() else torch.isfinite(x)
+            if not bool(finite.all()):
+                idx = (~finite).nonzero().reshape(-1).tolist()
+                verb = "contain" if where == "calibration latents" else "contains"
+                raise ValueError(f"{where} {verb} NaN/inf at index {idx[:8]} ({len(idx)} of {finite.numel()} "
+                                 f"samples); drop or fix those samples")
 
     def check(self) -> None:
         """Checks the data again (`mosaicdiff.prune` calls it: the latents may have been replaced).
 
         Raises:
-            ValueError / TypeError: as the constructor, and on conditions whose rows no longer
-                match the latents.
+            ValueError / TypeError: as the constructor, on conditions whose rows no longer match
+                the latents, and on NaN/inf in any floating tensor of the conditions or null
+                conditions (the entry and the rows named).
         """
         self._check_latents()
         n, name = len(self), type(self).__name__
@@ -299,6 +320,19 @@ class ConditionedCalibration:
     def with_null_conditions(self, null_conditions: Mapping[str, Any]) -> ConditionedCalibration:
         """A `ConditionedCalibration` of the same data with these null conditions (validated)."""
         return ConditionedCalibration(self.latents, self._conditions, null_conditions, cfg=True)
+
+    def digest(self) -> str:
+        """A SHA-256 of the data (latents, conditions, null conditions, cfg): the same calibration
+        on any device (`mosaicdiff prune` compares it across ranks before calibrating)."""
+        def named(prefix: str, value: Any):
+            if isinstance(value, Mapping):
+                for k in sorted(value):
+                    yield from named(f"{prefix}.{k}", value[k])
+            else:
+                yield prefix, value.value if isinstance(value, Shared) else value
+
+        return tensors_digest([*named("latents", self.latents), *named("conditions", self._conditions),
+                               *named("null_conditions", self._nulls or {}), ("cfg", self.cfg)])
 
     def __repr__(self) -> str:
         parts = [f"latents={tuple(self.latents.shape)} {self.latents.dtype} on {self.latents.device}",

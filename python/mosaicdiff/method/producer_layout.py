@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["interval_order", "unit_positions", "unit_ranges"]
+__all__ = ["head_major", "interval_order", "part_major", "permute_unit_columns", "unit_positions", "unit_ranges"]
 
 
 def unit_positions(units: torch.Tensor) -> torch.Tensor:
@@ -83,3 +83,22 @@ def unit_ranges(order: Sequence[int], kept_sets: Sequence[Sequence[int]]) -> lis
             raise ValueError(f"kept set {i} is not a contiguous run of the shared storage's units")
         ranges.append((pos[0], pos[-1] + 1))
     return ranges
+
+
+def head_major(t: torch.Tensor, parts: int, heads: int, head_dim: int) -> torch.Tensor:
+    """``[part 0 of every head | part 1 ...]`` rows (e.g. ``[q | k | v]``) -> ``[every part of head 0 |
+    of head 1 ...]``: a run of heads is then a run of rows."""
+    return t.reshape(parts, heads, head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def part_major(t: torch.Tensor, parts: int, heads: int, head_dim: int) -> torch.Tensor:
+    """The inverse of `head_major`."""
+    return t.reshape(heads, parts, head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def permute_unit_columns(w: torch.Tensor, kept: torch.Tensor, order: Sequence[int], unit: int) -> torch.Tensor:
+    """`w`'s column groups (`unit` columns per unit of `kept`, in `kept`'s order) reordered to follow
+    `order` (a consumer's columns in a shared storage's unit order)."""
+    groups = unit_positions(kept.cpu())[torch.as_tensor(list(order), dtype=torch.int64)]
+    idx = (groups[:, None] * unit + torch.arange(unit)).reshape(-1)
+    return w.index_select(1, idx.to(w.device)).contiguous()

@@ -28,6 +28,11 @@ def _rows(name: str, t: torch.Tensor | None, n: int, dims: int, allow_one: bool 
                          f"got {shape}")
     if not t.is_floating_point():
         raise TypeError(f"TextCalibration.{name} must be floating point, got {t.dtype}")
+    if t.device.type != "meta":
+        bad = (~torch.isfinite(t.detach())).reshape(t.shape[0], -1).any(1).nonzero().reshape(-1).tolist()
+        if bad:  # else "hessian has non-finite entries" after the whole calibration pass
+            raise ValueError(f"TextCalibration.{name} contains NaN/inf at row {bad[:8]} ({len(bad)} of "
+                             f"{t.shape[0]} rows); drop or fix those prompts")
     return t.detach()
 
 
@@ -50,7 +55,8 @@ class TextCalibration(ConditionedCalibration):
 
     Raises:
         ValueError: a wrong shape or a row count that differs from the latents' (each named),
-            pooled embeddings without time ids or the reverse, or NaN/inf in the latents.
+            pooled embeddings without time ids or the reverse, or NaN/inf in the latents or in
+            any of the embeddings and time ids (the argument and rows named).
         TypeError: non-float tensors.
     """
 

@@ -79,8 +79,13 @@ class HeldOutFidelity:
                                progress=False, clamp=self.clamp)
 
     def __call__(self, model: nn.Module) -> float:
-        """Mean PSNR (dB, identical images counted as `PSNR_CEILING`) of `model`'s samples to the dense ones."""
-        return float(quality.psnr(self.images(model), self.reference).clamp(max=PSNR_CEILING).mean())
+        """Mean PSNR (dB, identical images counted as `PSNR_CEILING`) of `model`'s samples to the dense ones;
+        NaN when the samples diverge to NaN/inf (`mosaicdiff.search.es.evolve` ranks it worst)."""
+        try:
+            images = self.images(model)
+        except sampling.NonFiniteError:  # a candidate pruned too far: a fitness, not a failed search
+            return float("nan")
+        return float(quality.psnr(images, self.reference).clamp(max=PSNR_CEILING).mean())
 
     def describe(self) -> dict:
         """The settings, JSON-ready (for a search log)."""

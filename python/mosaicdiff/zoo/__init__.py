@@ -8,6 +8,11 @@
   with the class label as the "prompt": `load_digits_label_tokens()` is its learned table of
   label tokens (the text states; the last row is the null prompt) and `digits_unet_scheduler()`
   its sampler (see `zoo.train_unet`).
+- `load_digits_pixart()`: a text-conditioned DiT in PixArt's layout (diffusers
+  `PixArtTransformer2DModel`: adaLN-single, self- and cross-attention, 6 blocks of 6 heads x 32,
+  patch 4) trained on the same digits with its own table of label tokens
+  (``load_digits_label_tokens(model="pixart")``); `digits_pixart_scheduler()` is its DPM-Solver++
+  sampler (see `zoo.train_pixart`).
 - `load_digits_classifier()`: a small CNN on the same images (see `zoo.classifier`), used as the
   feature extractor for FID and for class accuracy (`mosaicdiff.eval.quality`).
 """
@@ -22,6 +27,24 @@ ZOO_DIR = Path(__file__).resolve().parent
 DIGITS_DIT_DIR = ZOO_DIR / "digits_dit"
 DIGITS_CLASSIFIER_DIR = ZOO_DIR / "digits_classifier"
 DIGITS_UNET_DIR = ZOO_DIR / "digits_unet"
+DIGITS_PIXART_DIR = ZOO_DIR / "digits_pixart"
+
+
+def _load_diffusers(class_name: str, folder: Path, what: str, module: str, device, torch_dtype):
+    """A diffusers model class `class_name` from the shipped `folder`, offline, in eval mode."""
+    import diffusers
+
+    _require(folder / "diffusion_pytorch_model.safetensors", f"{what} weights", module, folder)
+    kwargs = {"local_files_only": True, "low_cpu_mem_usage": False}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    return getattr(diffusers, class_name).from_pretrained(str(folder), **kwargs).to(device).eval()
+
+
+def _require(path: Path, what: str, module: str, out: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded {what} not found at {path}; reproduce it with "
+                                f"`python -m mosaicdiff.zoo.{module} --out {out}`")
 
 
 def load_digits_dit(device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
@@ -37,20 +60,7 @@ def load_digits_dit(device: str | torch.device = "cpu", torch_dtype: torch.dtype
     Raises:
         FileNotFoundError: if the shipped weights are missing (e.g. a source checkout without them).
     """
-    from diffusers import DiTTransformer2DModel
-
-    _require(DIGITS_DIT_DIR / "diffusion_pytorch_model.safetensors", "digits DiT weights", "train_dit", DIGITS_DIT_DIR)
-    kwargs = {"local_files_only": True, "low_cpu_mem_usage": False}
-    if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    model = DiTTransformer2DModel.from_pretrained(str(DIGITS_DIT_DIR), **kwargs)
-    return model.to(device).eval()
-
-
-def _require(path: Path, what: str, module: str, out: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"embedded {what} not found at {path}; reproduce it with "
-                                f"`python -m mosaicdiff.zoo.{module} --out {out}`")
+    return _load_diffusers("DiTTransformer2DModel", DIGITS_DIT_DIR, "digits DiT", "train_dit", device, torch_dtype)
 
 
 def load_digits_unet(device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
@@ -62,23 +72,40 @@ def load_digits_unet(device: str | torch.device = "cpu", torch_dtype: torch.dtyp
     Raises:
         FileNotFoundError: if the shipped weights are missing.
     """
-    from diffusers import UNet2DConditionModel
-
-    _require(DIGITS_UNET_DIR / "diffusion_pytorch_model.safetensors", "digits U-Net weights", "train_unet",
-             DIGITS_UNET_DIR)
-    kwargs = {"local_files_only": True, "low_cpu_mem_usage": False}
-    if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    return UNet2DConditionModel.from_pretrained(str(DIGITS_UNET_DIR), **kwargs).to(device).eval()
+    return _load_diffusers("UNet2DConditionModel", DIGITS_UNET_DIR, "digits U-Net", "train_unet", device,
+                           torch_dtype)
 
 
-def load_digits_label_tokens(device: str | torch.device = "cpu") -> torch.Tensor:
-    """The digits U-Net's prompt table `(11, 4, 64)`: row ``c`` the text states of digit ``c``, row
-    10 the null prompt (classifier-free guidance)."""
+def load_digits_pixart(device: str | torch.device = "cpu", torch_dtype: torch.dtype | None = None):
+    """Load the embedded digits PixArt from the package directory, offline.
+
+    Returns:
+        A `diffusers.PixArtTransformer2DModel` in eval mode; its prompts are
+        ``load_digits_label_tokens(model="pixart")``.
+
+    Raises:
+        FileNotFoundError: if the shipped weights are missing.
+    """
+    return _load_diffusers("PixArtTransformer2DModel", DIGITS_PIXART_DIR, "digits PixArt", "train_pixart", device,
+                           torch_dtype)
+
+
+def load_digits_label_tokens(device: str | torch.device = "cpu", model: str = "unet") -> torch.Tensor:
+    """A text-conditioned digits model's prompt table `(11, 4, 64)`: row ``c`` the text states of
+    digit ``c``, row 10 the null prompt (classifier-free guidance).
+
+    Args:
+        model: whose table: ``"unet"`` (the digits U-Net, default) or ``"pixart"`` (the digits PixArt);
+            each was trained with its own.
+    """
     from safetensors.torch import load_file
 
-    path = DIGITS_UNET_DIR / "label_tokens.safetensors"
-    _require(path, "digits U-Net label tokens", "train_unet", DIGITS_UNET_DIR)
+    folders = {"unet": (DIGITS_UNET_DIR, "train_unet"), "pixart": (DIGITS_PIXART_DIR, "train_pixart")}
+    if model not in folders:
+        raise ValueError(f"load_digits_label_tokens: model must be one of {sorted(folders)}, got {model!r}")
+    folder, module = folders[model]
+    path = folder / "label_tokens.safetensors"
+    _require(path, f"digits {model} label tokens", module, folder)
     return load_file(str(path))["table"].to(device)
 
 
@@ -92,6 +119,15 @@ def digits_unet_scheduler():
                          clip_sample=False, set_alpha_to_one=False)
 
 
+def digits_pixart_scheduler():
+    """The sampler PixArt ships with, on the betas the digits PixArt was trained with: DPM-Solver++
+    (2nd order, multistep) on linear betas 0.0001..0.02, T = 1000, no thresholding."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                       beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2)
+
+
 def load_digits_classifier(device: str | torch.device = "cpu"):
     """Load the embedded digits classifier (`zoo.classifier.DigitsClassifier`, eval mode).
 
@@ -103,5 +139,6 @@ def load_digits_classifier(device: str | torch.device = "cpu"):
     return load(DIGITS_CLASSIFIER_DIR, device)
 
 
-__all__ = ["load_digits_dit", "load_digits_unet", "load_digits_label_tokens", "digits_unet_scheduler",
-           "load_digits_classifier", "DIGITS_DIT_DIR", "DIGITS_UNET_DIR", "DIGITS_CLASSIFIER_DIR"]
+__all__ = ["load_digits_dit", "load_digits_unet", "load_digits_pixart", "load_digits_label_tokens",
+           "digits_unet_scheduler", "digits_pixart_scheduler", "load_digits_classifier", "DIGITS_DIT_DIR",
+           "DIGITS_UNET_DIR", "DIGITS_PIXART_DIR", "DIGITS_CLASSIFIER_DIR"]

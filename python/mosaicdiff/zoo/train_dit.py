@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from mosaicdiff.core.atomic_io import atomic_write, write_json_atomic
 from mosaicdiff.zoo.data import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors, train_test_split
+from mosaicdiff.zoo.training import add_training_arguments, digits_split, held_out_eps_mse, noisy_batch
 
 MODEL_CONFIG = dict(
     num_attention_heads=6,
@@ -114,34 +115,17 @@ def linear_alphas_cumprod(T: int = 1000) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0).float()
 
 
-@torch.no_grad()
 def held_out_loss(model, images, labels, seed: int = 1, repeats: int = 4) -> float:
     """Epsilon MSE on held-out images, averaged over fixed random (t, noise) draws."""
     model.eval()
-    abar = linear_alphas_cumprod()
-    g = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for _ in range(repeats):
-        t = torch.randint(0, 1000, (len(images),), generator=g)
-        noise = torch.randn(images.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * images + (1 - a).sqrt() * noise
-        pred = model(xt, timestep=t, class_labels=labels).sample
-        total += F.mse_loss(pred, noise).item()
-    return total / repeats
+    return held_out_eps_mse(lambda x_t, t: model(x_t, timestep=t, class_labels=labels).sample, images,
+                            linear_alphas_cumprod(), seed, repeats)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
+    add_training_arguments(p, steps=2000, batch_size=128, lr=5e-4, save_every=500)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--resume", action="store_true")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from the weights of an exported model folder (see the module docstring)")
     p.add_argument("--warmup-steps", type=int, default=0,
@@ -164,10 +148,7 @@ def main(argv=None) -> None:
     from tqdm.auto import tqdm
 
     torch.manual_seed(args.seed)
-    images, labels = load_digits_tensors()
-    train_idx, test_idx = train_test_split(len(images))
-    x_train, y_train = images[train_idx], labels[train_idx]
-    held_out = (images[test_idx], labels[test_idx])
+    x_train, y_train, held_out = digits_split()
 
     model = build_model()
     tie_embedders(model)
@@ -179,7 +160,7 @@ def main(argv=None) -> None:
     ckpt = args.out / "train_state.pt"
     start, history = 0, []
     if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -201,13 +182,7 @@ def main(argv=None) -> None:
         lr = lr_at(step, args.steps, args.lr, args.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, len(x_train), (args.batch_size,), generator=g)
-        x0, y = x_train[idx], y_train[idx].clone()
-        y[torch.rand(len(y), generator=g) < args.label_dropout] = NUM_CLASSES
-        t = torch.randint(0, 1000, (len(x0),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt, t, y, noise = noisy_batch(x_train, y_train, args.batch_size, abar, args.label_dropout, g)
         loss = F.mse_loss(model(xt, timestep=t, class_labels=y).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,7 +221,7 @@ def export(out: Path, which: str = "model", dest: Path | None = None) -> None:
     ckpt = out / "train_state.pt"
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint to export at {ckpt}")
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     model = build_model()
     tie_embedders(model)
     model.load_state_dict(state[which])

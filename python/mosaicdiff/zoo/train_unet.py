@@ -31,6 +31,7 @@ from torch import nn
 
 from mosaicdiff.core.atomic_io import atomic_write, write_json_atomic
 from mosaicdiff.zoo.data import IMAGE_SIZE, NUM_CLASSES, load_digits_tensors, train_test_split
+from mosaicdiff.zoo.training import add_training_arguments, digits_split, held_out_eps_mse, noisy_batch
 
 TEXT_WIDTH = 64
 TOKENS = 4
@@ -65,32 +66,16 @@ def scaled_linear_alphas_cumprod(T: int = 1000) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0).float()
 
 
-@torch.no_grad()
 def held_out_loss(model, tokens, images, labels, seed: int = 1, repeats: int = 4) -> float:
     """Epsilon MSE on held-out images, averaged over fixed random (t, noise) draws."""
     model.eval()
-    abar = scaled_linear_alphas_cumprod()
-    g = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for _ in range(repeats):
-        t = torch.randint(0, 1000, (len(images),), generator=g)
-        noise = torch.randn(images.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * images + (1 - a).sqrt() * noise
-        total += F.mse_loss(model(xt, t, tokens(labels)).sample, noise).item()
-    return total / repeats
+    return held_out_eps_mse(lambda x_t, t: model(x_t, t, tokens(labels)).sample, images,
+                            scaled_linear_alphas_cumprod(), seed, repeats)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--resume", action="store_true")
+    add_training_arguments(p, steps=1500, batch_size=64, lr=5e-4, save_every=250)
     p.add_argument("--export-only", action="store_true", help="only export the weights of the checkpoint in --out")
     args = p.parse_args(argv)
     if args.export_only:
@@ -99,9 +84,7 @@ def main(argv=None) -> None:
     from tqdm.auto import tqdm
 
     torch.manual_seed(args.seed)
-    images, labels = load_digits_tensors()
-    train_idx, _ = train_test_split(len(images))
-    x_train, y_train = images[train_idx], labels[train_idx]
+    x_train, y_train, _ = digits_split()
     model, tokens = build_model(), LabelTokens()
     params = list(model.parameters()) + list(tokens.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -109,7 +92,7 @@ def main(argv=None) -> None:
     ckpt = args.out / "train_state.pt"
     start, state = 0, None
     if args.resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         tokens.load_state_dict(state["tokens"])
         opt.load_state_dict(state["opt"])
@@ -124,13 +107,8 @@ def main(argv=None) -> None:
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
-        idx = torch.randint(0, len(x_train), (args.batch_size,), generator=g)
-        x0, y = x_train[idx], y_train[idx].clone()
-        y[torch.rand(len(y), generator=g) < args.label_dropout] = NUM_CLASSES
-        t = torch.randint(0, 1000, (len(x0),), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, tokens(y)).sample, noise)
+        xt, t, y, noise = noisy_batch(x_train, y_train, args.batch_size, abar, args.label_dropout, g)
+        loss = F.mse_loss(model(xt, t, tokens(y)).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -149,7 +127,7 @@ def main(argv=None) -> None:
 
 def export(out: Path) -> None:
     """Write the checkpoint as a diffusers U-Net folder plus the label-token table."""
-    state = torch.load(out / "train_state.pt", weights_only=False)
+    state = torch.load(out / "train_state.pt", weights_only=True)
     model, tokens = build_model(), LabelTokens()
     model.load_state_dict(state["model"])
     tokens.load_state_dict(state["tokens"])

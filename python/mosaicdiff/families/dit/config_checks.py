@@ -1,6 +1,7 @@
 """The DiT mosaic's config: its stage entries (`stage_config`), their fit to the architecture
-(`check_stage_layout`) and the type checks of a saved config.json beyond the common ones
-(`check_config_fields`): a bad value is one clear error naming the file and the field."""
+(`check_stage_layout`), the dense DiT's keys (`check_dense_fields`, constructor and loader alike) and
+the type checks of a saved config.json beyond the common ones (`check_config_fields`): a bad value is
+one clear error naming the field (and the file)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,41 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mosaicdiff.core.config_fields import FieldChecker, is_int, is_number, positive_int
 from mosaicdiff.core.serialization import check_common_fields
 from mosaicdiff.core.stages import StageSpec, check_stage_ranges
 from mosaicdiff.families.dit.adapter import DIT_CONFIG_KEYS
 
-__all__ = ["REQUIRED_KEYS", "check_config_fields", "check_stage_layout", "stage_config"]
+__all__ = ["FIXED_FIELDS", "REQUIRED_KEYS", "check_config_fields", "check_dense_fields", "check_stage_layout",
+           "stage_config"]
 
 #: Keys a format 2.x config must have (the file's envelope and everything that shapes the model).
 REQUIRED_KEYS = ("format_version", "dtype", "stages", "shared_embedder", "dense_reference", *DIT_CONFIG_KEYS)
+#: The dense keys with one possible value: what the compact block computes (adaLN-Zero, tanh-GELU,
+#: norms without affine weights; `mosaicdiff.families.dit.adapter.validate_dit` refuses other DiTs).
+FIXED_FIELDS = {"activation_fn": "gelu-approximate", "norm_type": "ada_norm_zero", "norm_elementwise_affine": False}
+
+
+def check_dense_fields(config: dict, need: FieldChecker) -> None:
+    """The dense ``DiTTransformer2DModel`` keys of a mosaic's config (`DIT_CONFIG_KEYS`, all present).
+
+    Raises:
+        ValueError: ``<prefix>: <field> must be <what>, got <value>`` (`FieldChecker`).
+    """
+    for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size",
+                "sample_size", "num_embeds_ada_norm", "norm_num_groups"):
+        need(positive_int(config[key]), key, "a positive integer", config[key])
+    out = config["out_channels"]
+    need(out is None or positive_int(out), "out_channels", "null or a positive integer", out)
+    for key, value in FIXED_FIELDS.items():
+        need(config[key] == value and type(config[key]) is type(value), key,
+             f"{value!r} (the only DiT variant MosaicDiT computes)", config[key])
+    need(is_number(config["norm_eps"]) and config["norm_eps"] > 0, "norm_eps", "a positive number",
+         config["norm_eps"])
+    need(is_number(config["dropout"]) and 0 <= config["dropout"] < 1, "dropout", "a number in [0, 1)",
+         config["dropout"])
+    for key in ("attention_bias", "upcast_attention"):
+        need(isinstance(config[key], bool), key, "true or false", config[key])
 
 
 def check_config_fields(cls, config: dict, cfg_path: Path) -> None:
@@ -25,10 +53,7 @@ def check_config_fields(cls, config: dict, cfg_path: Path) -> None:
             raise ValueError(f"{cls.__name__}.from_pretrained: {cfg_path} lacks the key {key!r}")
     need = check_common_fields(cls, config, cfg_path, ("kept_heads", "kept_channels"))
     need(isinstance(config["dense_reference"], dict), "dense_reference", "an object", config["dense_reference"])
-    for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size"):
-        need(_is_int(config[key]) and config[key] > 0, key, "a positive integer", config[key])
-    need(isinstance(config["norm_eps"], (int, float)) and not isinstance(config["norm_eps"], bool), "norm_eps",
-         "a number", config["norm_eps"])
+    check_dense_fields(config, need)
     need(isinstance(config["shared_embedder"], bool), "shared_embedder", "true or false", config["shared_embedder"])
     layers = config["num_layers"]
     for i, s in enumerate(config["stages"]):
@@ -40,12 +65,8 @@ def check_config_fields(cls, config: dict, cfg_path: Path) -> None:
     for j, p in enumerate(shared or []):
         for key in ("heads", "channels"):
             v = p.get(key) if isinstance(p, dict) else None
-            need(isinstance(v, list) and all(_is_int(x) for x in v), f"shared_producers[{j}].{key}",
+            need(isinstance(v, list) and all(is_int(x) for x in v), f"shared_producers[{j}].{key}",
                  "a list of integers", v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def stage_config(spec: StageSpec) -> dict[str, Any]:

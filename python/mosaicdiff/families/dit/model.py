@@ -24,6 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from mosaicdiff.core.config_fields import FieldChecker, check_stage_fields
 from mosaicdiff.core.model import MosaicModel, skip_weight_init
 from mosaicdiff.core.stages import NUM_TRAIN_TIMESTEPS, StageSpec
 from mosaicdiff.families.dit import adapter as dit
@@ -31,7 +32,7 @@ from mosaicdiff.families.dit import build as mosaic_build
 from mosaicdiff.families.dit import inputs as mosaic_inputs
 from mosaicdiff.families.dit import legacy_format
 from mosaicdiff.families.dit.adapter import DIT_CONFIG_KEYS
-from mosaicdiff.families.dit.config_checks import check_config_fields, check_stage_layout
+from mosaicdiff.families.dit.config_checks import check_config_fields, check_dense_fields, check_stage_layout
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,10 @@ class MosaicDiT(MosaicModel):
             boundaries, target sparsity, source, ...).
 
     Raises:
-        ValueError: if the stages are empty, overlap, leave a gap, or do not fit the architecture.
+        ValueError: if the stages are empty, overlap, leave a gap, or do not fit the architecture;
+            a dense key of the wrong type or value (``activation_fn`` other than
+            ``"gelu-approximate"``, ``norm_type`` other than ``"ada_norm_zero"``, a dimension that is
+            not a positive integer, ...: the field named).
         TypeError: if ``meta`` is not JSON-serialisable.
 
     Examples:
@@ -82,6 +86,16 @@ class MosaicDiT(MosaicModel):
     _no_split_modules = ["CompactDiTBlock", "SharedProducerBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "conditioning"]
     _repeated_blocks = ["CompactDiTBlock", "SharedProducerBlock"]
+    #: The config fields that set each tensor's shape (loading errors name them).
+    shape_fields = (
+        ("shared.pos_embed.pos_embed", ("sample_size", "patch_size", "num_attention_heads", "attention_head_dim")),
+        ("shared.pos_embed.", ("num_attention_heads", "attention_head_dim", "in_channels", "patch_size")),
+        ("shared.conditioning.embedders.", ("num_attention_heads", "attention_head_dim", "num_embeds_ada_norm")),
+        ("shared.conditioning.", ("num_layers", "num_attention_heads", "attention_head_dim")),
+        ("shared.proj_out_1.", ("num_attention_heads", "attention_head_dim")),
+        ("shared.proj_out_2.", ("num_attention_heads", "attention_head_dim", "patch_size", "out_channels")),
+        ("", ("num_attention_heads", "attention_head_dim", "stages", "shared_producers")),
+    )
     #: `mosaicdiff.sample` hands this model its timesteps as CPU tensors (see `mosaic_inputs.select_stages`).
     accepts_host_timestep = True
 
@@ -115,8 +129,12 @@ class MosaicDiT(MosaicModel):
             json.dumps(meta)
         except TypeError as exc:
             raise TypeError(f"MosaicDiT: meta must be JSON-serialisable, got {meta!r} ({exc})") from None
-        skeleton, facts = dit.skeleton_from_config(self.dense_config, bool(shared_embedder))
+        need = FieldChecker("MosaicDiT")  # a bad field in one line, not an error deep in diffusers' build
+        check_dense_fields(self.dense_config, need)
         stages = list(stages or [])
+        # an empty list: the stage checks below say it in their words
+        check_stage_fields(stages, need, ("kept_heads", "kept_channels"), nonempty=False)
+        skeleton, facts = dit.skeleton_from_config(self.dense_config, bool(shared_embedder))
         check_stage_layout(stages, int(num_layers), facts["num_heads"], facts["mlp_hidden"])
         self._facts = {"num_layers": int(num_layers), **facts, "shared_embedder": bool(shared_embedder)}
         self.shared = skeleton

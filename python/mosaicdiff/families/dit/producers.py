@@ -20,22 +20,19 @@ from torch import nn
 from mosaicdiff.core.stages import frozen
 from mosaicdiff.families.dit.blocks import CompactDiTBlock
 from mosaicdiff.families.dit.weights import CompactBlockWeights
-from mosaicdiff.method.producer_layout import interval_order, unit_positions, unit_ranges
+from mosaicdiff.method.producer_layout import (
+    head_major,
+    interval_order,
+    part_major,
+    permute_unit_columns,
+    unit_positions,
+    unit_ranges,
+)
 
 __all__ = ["CONSUMER_FIELDS", "SharedProducerBlock", "SharedProducers", "share_producers"]
 
 #: The per-stage fields of a shared-producer block (the compensated consumers).
 CONSUMER_FIELDS = ("proj_weight", "proj_bias", "fc2_weight", "fc2_bias")
-
-
-def _qkv_head_major(qkv: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """``[q | k | v]`` rows (each part heads x head_dim) -> head-major ``[q k v of head 0 | ...]``."""
-    return qkv.reshape(3, heads, head_dim, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape)
-
-
-def _qkv_part_major(qkv: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """The inverse of `_qkv_head_major`."""
-    return qkv.reshape(heads, 3, head_dim, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape)
 
 
 class SharedProducers(nn.Module):
@@ -79,8 +76,8 @@ class SharedProducers(nn.Module):
             h = w.num_heads
             if h:
                 dst = head_rows[w.kept_heads.cpu()]
-                src_w = _qkv_head_major(w.qkv_weight, h, hd).view(h, 3 * hd, width)
-                src_b = _qkv_head_major(w.qkv_bias, h, hd).view(h, 3 * hd)
+                src_w = head_major(w.qkv_weight, 3, h, hd).view(h, 3 * hd, width)
+                src_b = head_major(w.qkv_bias, 3, h, hd).view(h, 3 * hd)
                 qkv_w.view(-1, 3 * hd, width)[dst] = src_w
                 qkv_b.view(-1, 3 * hd)[dst] = src_b
             if w.mlp_width:
@@ -153,17 +150,10 @@ class SharedProducerBlock(CompactDiTBlock):
         h, hd = self.num_heads, self.head_dim
         return CompactBlockWeights(
             kept_heads=self.kept_heads, kept_channels=self.kept_channels,
-            qkv_weight=_qkv_part_major(qkv_w.detach(), h, hd), qkv_bias=_qkv_part_major(qkv_b.detach(), h, hd),
+            qkv_weight=part_major(qkv_w.detach(), 3, h, hd), qkv_bias=part_major(qkv_b.detach(), 3, h, hd),
             proj_weight=self.proj_weight.detach(), proj_bias=self.proj_bias.detach(),
             fc1_weight=fc1_w.detach(), fc1_bias=fc1_b.detach(),
             fc2_weight=self.fc2_weight.detach(), fc2_bias=self.fc2_bias.detach())
-
-
-def _permute_columns(w: torch.Tensor, kept: torch.Tensor, order: list[int], unit: int) -> torch.Tensor:
-    """``w``'s column groups (one per unit of `kept`) reordered to follow `order`."""
-    groups = unit_positions(kept.cpu())[torch.as_tensor(order, dtype=torch.int64)]
-    idx = (groups[:, None] * unit + torch.arange(unit)).reshape(-1)
-    return w.index_select(1, idx.to(w.device)).contiguous()
 
 
 def share_producers(stage_weights: Sequence[CompactBlockWeights], head_dim: int):
@@ -186,8 +176,8 @@ def share_producers(stage_weights: Sequence[CompactBlockWeights], head_dim: int)
     per_stage = []
     for w, hr, cr in zip(stage_weights, head_ranges, chan_ranges):
         consumers = {
-            "proj_weight": _permute_columns(w.proj_weight, w.kept_heads, head_order[hr[0]:hr[1]], int(head_dim)),
-            "fc2_weight": _permute_columns(w.fc2_weight, w.kept_channels, chan_order[cr[0]:cr[1]], 1),
+            "proj_weight": permute_unit_columns(w.proj_weight, w.kept_heads, head_order[hr[0]:hr[1]], int(head_dim)),
+            "fc2_weight": permute_unit_columns(w.fc2_weight, w.kept_channels, chan_order[cr[0]:cr[1]], 1),
             "proj_bias": w.proj_bias, "fc2_bias": w.fc2_bias,
         }
         per_stage.append((hr, cr, consumers))

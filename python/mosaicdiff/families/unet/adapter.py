@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mosaicdiff.core.adapter import ModelAdapter, PrunableGroup, PrunedGroup, unwrap_model
+from mosaicdiff.core.text_blocks import compact_text_fields, text_block_widths
 from mosaicdiff.families.unet.blocks import CompactUNetBlockWeights
 
 __all__ = ["UNET", "UNetAdapter", "transformer_blocks", "unet_skeleton"]
@@ -197,24 +198,12 @@ class UNetAdapter(ModelAdapter):
                                                               align=None))
 
     def compact_block(self, block: nn.Module, pruned: Mapping[str, PrunedGroup]) -> CompactUNetBlockWeights:
-        a1, a2, ff = pruned["attn1"], pruned["attn2"], pruned["ff"]
         norms = {f"norm{k}_{p}": getattr(getattr(block, f"norm{k}"), p).detach().clone()
                  for k in (1, 2, 3) for p in ("weight", "bias")}
-        return CompactUNetBlockWeights(
-            kept_heads1=a1.kept, kept_heads2=a2.kept, kept_channels=ff.kept, **norms,
-            qkv1_weight=torch.cat(a1.producer_weights), qkv1_bias=torch.cat(a1.producer_biases),
-            out1_weight=a1.consumer_weight, out1_bias=a1.consumer_bias,
-            q2_weight=a2.producer_weights[0], q2_bias=a2.producer_biases[0],
-            kv2_weight=torch.cat(a2.producer_weights[1:]), kv2_bias=torch.cat(a2.producer_biases[1:]),
-            out2_weight=a2.consumer_weight, out2_bias=a2.consumer_bias,
-            ff1_weight=ff.producer_weights[0], ff1_bias=ff.producer_biases[0],
-            ff2_weight=ff.consumer_weight, ff2_bias=ff.consumer_bias)
+        return CompactUNetBlockWeights(**compact_text_fields(pruned), **norms)
 
     def block_widths(self, block: nn.Module, weights: CompactUNetBlockWeights) -> dict[str, float]:
-        h1, h2, f = block.attn1.heads, block.attn2.heads, block.ff.net[2].in_features
-        k1, k2, kf = weights.kept_heads1.numel(), weights.kept_heads2.numel(), weights.kept_channels.numel()
-        return {"attn1_heads": int(k1), "attn2_heads": int(k2), "mlp": int(kf),
-                "attn1_head_sparsity": 1 - k1 / h1, "attn2_head_sparsity": 1 - k2 / h2, "mlp_sparsity": 1 - kf / f}
+        return text_block_widths(block, weights)
 
     def shared_skeleton(self, model: nn.Module) -> nn.Module:
         return unet_skeleton(model)

@@ -20,72 +20,52 @@ LN1 of block i + 1 that way.
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mosaicdiff.core.stages import frozen
+from mosaicdiff.core.text_blocks import (
+    TEXT_INDEX_FIELDS,
+    TextBlockMixin,
+    TextBlockWeights,
+    split_kv,
+    text_block_shapes,
+)
 
 __all__ = ["CompactUNetBlock", "CompactUNetBlockWeights", "UNET_INDEX_FIELDS", "UNET_WEIGHT_FIELDS", "check_block_call",
            "unet_block_shapes"]
 
 
 @dataclass
-class CompactUNetBlockWeights:
-    """The pruned, compensated weights of one U-Net transformer block.
+class CompactUNetBlockWeights(TextBlockWeights):
+    """The pruned, compensated weights of one U-Net transformer block: those of `TextBlockWeights`,
+    then the three LayerNorms (unpruned, affine, ``(C,)``).
 
-    C = block width, T = text width (cross_attention_dim), hd = head_dim, h1 / h2 = kept self- /
-    cross-attention heads, F = kept GEGLU channels. qkv rows are ``[q | k | v]`` of the kept heads;
-    ``kv2`` rows ``[k | v]``; ``ff1`` rows ``[value | gate]`` of the kept channels.
+    qkv rows are ``[q | k | v]`` of the kept heads; ``kv2`` rows ``[k | v]``; ``ff1`` rows
+    ``[value | gate]`` of the kept channels ``(2F, C)``.
     """
 
-    kept_heads1: torch.Tensor  # (h1,) int64 dense head indices, in row order
-    kept_heads2: torch.Tensor  # (h2,)
-    kept_channels: torch.Tensor  # (F,)
-    norm1_weight: torch.Tensor  # (C,) the three LayerNorms (unpruned, affine)
+    norm1_weight: torch.Tensor  # (C,)
     norm1_bias: torch.Tensor
     norm2_weight: torch.Tensor
     norm2_bias: torch.Tensor
     norm3_weight: torch.Tensor
     norm3_bias: torch.Tensor
-    qkv1_weight: torch.Tensor  # (3*h1*hd, C)
-    qkv1_bias: torch.Tensor  # (3*h1*hd,)
-    out1_weight: torch.Tensor  # (C, h1*hd) compensated
-    out1_bias: torch.Tensor  # (C,)
-    q2_weight: torch.Tensor  # (h2*hd, C)
-    q2_bias: torch.Tensor
-    kv2_weight: torch.Tensor  # (2*h2*hd, T)
-    kv2_bias: torch.Tensor
-    out2_weight: torch.Tensor  # (C, h2*hd) compensated
-    out2_bias: torch.Tensor
-    ff1_weight: torch.Tensor  # (2F, C)
-    ff1_bias: torch.Tensor
-    ff2_weight: torch.Tensor  # (C, F) compensated
-    ff2_bias: torch.Tensor
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 #: The index fields (metadata) and the weight fields of `CompactUNetBlockWeights`.
-UNET_INDEX_FIELDS = ("kept_heads1", "kept_heads2", "kept_channels")
-UNET_WEIGHT_FIELDS = tuple(f.name for f in fields(CompactUNetBlockWeights) if f.name not in UNET_INDEX_FIELDS)
+UNET_INDEX_FIELDS = TEXT_INDEX_FIELDS
+UNET_WEIGHT_FIELDS = CompactUNetBlockWeights.weight_fields()
 
 
 def unet_block_shapes(h1: int, h2: int, channels: int, head_dim: int, width: int, text_width: int) -> dict:
-    """The shape of every weight field of a compact block with these kept counts."""
-    i1, i2 = h1 * head_dim, h2 * head_dim
+    """The shape of every weight field of a compact block with these kept counts (the norms first;
+    ff1: a value and a gate row per channel)."""
     norms = {f"norm{k}_{p}": (width,) for k in (1, 2, 3) for p in ("weight", "bias")}
-    return {**norms,
-            "qkv1_weight": (3 * i1, width), "qkv1_bias": (3 * i1,), "out1_weight": (width, i1), "out1_bias": (width,),
-            "q2_weight": (i2, width), "q2_bias": (i2,), "kv2_weight": (2 * i2, text_width), "kv2_bias": (2 * i2,),
-            "out2_weight": (width, i2), "out2_bias": (width,),
-            "ff1_weight": (2 * channels, width), "ff1_bias": (2 * channels,), "ff2_weight": (width, channels),
-            "ff2_bias": (width,)}
+    return {**norms, **text_block_shapes(h1, h2, channels, head_dim, width, text_width, ff1_parts=2)}
 
 
 def check_block_call(attention_mask, encoder_attention_mask, encoder_hidden_states, cross_kv=None) -> None:
@@ -107,7 +87,7 @@ def _ops():
     return ops
 
 
-class CompactUNetBlock(nn.Module):
+class CompactUNetBlock(TextBlockMixin, nn.Module):
     r"""One pruned U-Net transformer block; a drop-in for diffusers' ``BasicTransformerBlock``.
 
     Args:
@@ -119,52 +99,15 @@ class CompactUNetBlock(nn.Module):
         ValueError: weight shapes that do not fit each other.
     """
 
+    weights_class = CompactUNetBlockWeights
+    block_shapes = staticmethod(unet_block_shapes)
+
     def __init__(self, weights: CompactUNetBlockWeights, head_dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.head_dim, self.eps = int(head_dim), float(eps)
-        for name in UNET_INDEX_FIELDS:
-            setattr(self, name, getattr(weights, name).detach().to("cpu", torch.int64).reshape(-1))
-        width, text = int(weights.out1_bias.shape[0]), int(weights.kv2_weight.shape[1])
-        expected = unet_block_shapes(self.kept_heads1.numel(), self.kept_heads2.numel(), self.kept_channels.numel(),
-                                     self.head_dim, width, text)
-        if min(self.heads) < 1:
-            raise ValueError(f"CompactUNetBlock: every attention keeps at least one head, got {self.heads}")
-        for name, shape in expected.items():
-            t = getattr(weights, name)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"CompactUNetBlockWeights.{name}: expected shape {shape}, got {tuple(t.shape)}")
-            setattr(self, name, frozen(t))
+        super().__init__(weights, head_dim, eps)
 
-    @property
-    def heads(self) -> tuple[int, int]:
-        """Kept (self-attention, cross-attention) heads."""
-        return int(self.kept_heads1.numel()), int(self.kept_heads2.numel())
-
-    @property
-    def mlp_width(self) -> int:
-        return int(self.kept_channels.numel())
-
-    def weights(self) -> CompactUNetBlockWeights:
-        """The block's tensors as a `CompactUNetBlockWeights` (no copy)."""
-        kw = {name: getattr(self, name).detach() for name in UNET_WEIGHT_FIELDS}
-        return CompactUNetBlockWeights(**{n: getattr(self, n) for n in UNET_INDEX_FIELDS}, **kw)
-
-    #: Row layouts of the fused projections: ``qkv1`` ``[q | k | v]`` and ``kv2`` ``[k | v]`` here;
-    #: head-major (``"heads"``) in a shared-producer block (`mosaicdiff.families.unet.producers`).
-    qkv_layout = "qkv"
-    kv_layout = "parts"
-
-    def qkv1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self-attention q/k/v weight and bias (rows as `qkv_layout`)."""
-        return self.qkv1_weight, self.qkv1_bias
-
-    def q2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention q weight and bias."""
-        return self.q2_weight, self.q2_bias
-
-    def kv2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention k/v weight and bias, on the text states (rows as `kv_layout`)."""
-        return self.kv2_weight, self.kv2_bias
+    # the field checks, heads, mlp_width, weights(), the qkv1 / q2 / kv2 accessors, their layouts ("qkv",
+    # "parts"; head-major in a shared-producer block: `mosaicdiff.families.unet.producers`) and cross_kv:
+    # `TextBlockMixin`
 
     def ff1_params(self) -> tuple[torch.Tensor, ...]:
         """``linear_geglu``'s weight operands: ``(weight, bias)`` of ``[value | gate]`` rows, or
@@ -173,28 +116,6 @@ class CompactUNetBlock(nn.Module):
 
     def _norm(self, k: int, h: torch.Tensor) -> torch.Tensor:
         return _ops().layer_norm(h, getattr(self, f"norm{k}_weight"), getattr(self, f"norm{k}_bias"), self.eps)
-
-    #: Reuse the text states' k/v while the same, unmodified tensor comes back (`MosaicUNet.cache_cross_kv`).
-    cache_cross_kv = False
-
-    def cross_kv(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """The cross-attention keys and values of the text states, ``(B, S, 2 * h2 * hd)``.
-
-        They do not change between sampling steps: with `cache_cross_kv` the last result is reused
-        while the same tensor object (not modified in place: same version counter) is passed
-        again, as a pipeline does for every step of one run. The cache holds it by weak
-        reference: a new tensor is never taken for it, even at a freed one's address.
-        """
-        weight, bias = self.kv2_params()
-        if not self.cache_cross_kv:
-            return F.linear(encoder_hidden_states, weight, bias)
-        key = (tuple(encoder_hidden_states.shape), encoder_hidden_states._version, encoder_hidden_states.dtype,
-               weight.data_ptr(), weight.dtype)
-        cached = self.__dict__.get("_kv_cache")
-        if cached is None or cached[0]() is not encoder_hidden_states or cached[1] != key:
-            cached = (weakref.ref(encoder_hidden_states), key, F.linear(encoder_hidden_states, weight, bias))
-            self.__dict__["_kv_cache"] = cached
-        return cached[2]
 
     def norm1(self, h: torch.Tensor) -> torch.Tensor:
         """LN1 of the residual stream `h`: what `forward_normed` takes as `x`."""
@@ -244,10 +165,7 @@ class CompactUNetBlock(nn.Module):
         kv = self.cross_kv(encoder_hidden_states) if cross_kv is None else cross_kv
         hd = self.head_dim
         q = q.view(B, L, h2, hd).transpose(1, 2)
-        if self.kv_layout == "heads":  # [k v of head 0 | k v of head 1 | ...]
-            k, v = kv.unflatten(-1, (h2, 2, hd)).permute(3, 0, 2, 1, 4).unbind(0)
-        else:  # [k of every head | v of every head]
-            k, v = kv.unflatten(-1, (2, h2, hd)).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = split_kv(kv, h2, hd, self.kv_layout)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, h2 * hd)
         h, x = ops.residual_layer_norm(h, F.linear(a, self.out2_weight, self.out2_bias), self.norm3_weight,
                                        self.norm3_bias, self.eps)

@@ -23,9 +23,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from mosaicdiff.core.config_fields import (
+    FieldChecker,
+    check_stage_fields,
+    is_int,
+    is_number,
+    positive_int,
+    positive_ints,
+)
+from mosaicdiff.core.meta_build import building_on_meta
 from mosaicdiff.core.model import MosaicModel, skip_weight_init, split_rows
 from mosaicdiff.core.serialization import check_common_fields
+from mosaicdiff.core.shared_producers import (
+    empty_shared_blocks,
+    install_shared_blocks,
+    share_stages,
+)
 from mosaicdiff.core.stages import StageSpec, coverage_problem
+from mosaicdiff.core.text_blocks import CrossKVCacheMixin
 from mosaicdiff.families.unet.adapter import transformer_blocks, unet_skeleton
 from mosaicdiff.families.unet.blocks import (
     UNET_INDEX_FIELDS,
@@ -34,13 +49,8 @@ from mosaicdiff.families.unet.blocks import (
     check_block_call,
     unet_block_shapes,
 )
-from mosaicdiff.families.unet.producers import (
-    CONSUMER_FIELDS,
-    SharedUNetBlock,
-    UNetSharedProducers,
-    share_unet_producers,
-    stage_ranges,
-)
+from mosaicdiff.families.unet.inputs import check_forward_inputs
+from mosaicdiff.families.unet.producers import SharedUNetBlock, share_unet_producers
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +98,7 @@ class StageSwitchedChain(nn.Module):
         return f"blocks={self.start}..{self.stop - 1}"
 
 
-class MosaicUNet(MosaicModel):
+class MosaicUNet(CrossKVCacheMixin, MosaicModel):
     r"""A pruned ``UNet2DConditionModel`` whose transformer blocks change with the denoising stage.
 
     Build one with `from_dense` (what `mosaicdiff.prune` returns for a U-Net) or `from_pretrained`;
@@ -116,7 +126,9 @@ class MosaicUNet(MosaicModel):
 
     Raises:
         ValueError: stages that overlap, leave gaps, or whose block count differs from the U-Net's;
-            ``shared_producers`` of the wrong length or that a stage's kept lists do not fit.
+            kept heads or channels out of range or repeated; ``shared_producers`` of the wrong
+            length or that a stage's kept lists do not fit; a stage, ``shared_producers`` entry
+            or U-Net dimension of the wrong type (the field named).
     """
 
     #: Saved folders (`mosaicdiff.core.serialization`). 2.0 adds ``shared_producers`` (each block
@@ -129,6 +141,17 @@ class MosaicUNet(MosaicModel):
     _no_split_modules = ["CompactUNetBlock", "SharedUNetBlock", "ResnetBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     _skip_layerwise_casting_patterns = ["norm", "time_embedding", "add_embedding"]
     _repeated_blocks = ["CompactUNetBlock", "SharedUNetBlock"]
+    #: The config fields that set each tensor's shape (loading errors name them).
+    shape_fields = (
+        ("unet.conv_in.", ("in_channels", "block_out_channels", "conv_in_kernel")),
+        ("unet.conv_out.", ("out_channels", "block_out_channels", "conv_out_kernel")),
+        ("unet.time_embedding.", ("block_out_channels", "time_embedding_dim")),
+        ("unet.add_embedding.", ("projection_class_embeddings_input_dim", "addition_time_embed_dim",
+                                 "block_out_channels")),
+        ("unet.", ("block_out_channels", "layers_per_block", "transformer_layers_per_block", "cross_attention_dim",
+                   "norm_num_groups")),
+        ("", ("block_out_channels", "attention_head_dim", "cross_attention_dim", "stages", "shared_producers")),
+    )
 
     def __init__(self, unet_config: dict | None = None, stages: Sequence[dict] | None = None,
                  dense_reference: dict | None = None, meta: dict | None = None,
@@ -138,6 +161,11 @@ class MosaicUNet(MosaicModel):
 
         unet_config = {**dict(unet_config or {}), **unet_keys}
         unet_config = {k: v for k, v in unet_config.items() if not k.startswith("_")}
+        need = FieldChecker("MosaicUNet")  # a bad field in one line, not an error deep in diffusers' build
+        check_unet_fields(unet_config, need)
+        # an empty list: the stage checks below say it in their words
+        check_stage_fields(list(stages or ()), need, UNET_INDEX_FIELDS, nonempty=False)
+        check_shared_producer_fields(shared_producers, need)
         stages = [dict(s) for s in stages or ()]
         problem = coverage_problem(stages, meta) if stages else "no stages"
         if problem:
@@ -154,8 +182,10 @@ class MosaicUNet(MosaicModel):
                                  f"got {len(spec['blocks'])}")
         self._block_facts = [(b.attn1.inner_dim // b.attn1.heads, b.attn1.inner_dim, b.attn2.to_k.in_features)
                              for b in dense_blocks]
+        _check_kept_units(stages, dense_blocks)
         self._eps = float(dense_blocks[0].norm1.eps)
-        self.unet = unet_skeleton(unet).to_empty(device="cpu")
+        # a loader checking an untrusted config builds it on meta (`mosaicdiff.core.meta_build`)
+        self.unet = unet_skeleton(unet).to_empty(device="meta" if building_on_meta() else "cpu")
         if shared_producers is None:
             self.producer_storage = None
             self.stage_blocks = nn.ModuleList(
@@ -176,25 +206,9 @@ class MosaicUNet(MosaicModel):
         return CompactUNetBlock(weights, head_dim, self._eps)
 
     def _empty_shared_blocks(self, stages: list[dict], shared_producers: list[dict]) -> None:
-        if len(shared_producers) != len(self._block_facts):
-            raise ValueError(f"MosaicUNet: shared_producers needs one entry per transformer block "
-                             f"({len(self._block_facts)}), got {len(shared_producers)}")
-        stores = []
-        self.stage_blocks = nn.ModuleList(nn.ModuleList() for _ in stages)
-        for j, (units, (head_dim, width, text)) in enumerate(zip(shared_producers, self._block_facts)):
-            store = UNetSharedProducers(units["heads1"], units["heads2"], units["channels"], head_dim, width, text)
-            try:
-                ranges = stage_ranges(store, [spec["blocks"][j] for spec in stages])
-            except ValueError as exc:
-                raise ValueError(f"MosaicUNet: the stages' block {j} does not fit shared_producers[{j}]: {exc}") \
-                    from None
-            for i, r in enumerate(ranges):
-                h1, h2, f = (r[k][1] - r[k][0] for k in ("heads1", "heads2", "channels"))
-                shapes = unet_block_shapes(h1, h2, f, head_dim, width, text)
-                consumers = {name: torch.empty(shapes[name]) for name in CONSUMER_FIELDS}
-                self.stage_blocks[i].append(SharedUNetBlock(store, r, consumers, head_dim, self._eps))
-            stores.append(store)
-        self.producer_storage = nn.ModuleList(stores)
+        self.producer_storage, self.stage_blocks = empty_shared_blocks(
+            "MosaicUNet", stages, shared_producers, SharedUNetBlock, self._block_facts, self._eps,
+            what="transformer block")
 
     def _install_switches(self) -> None:
         """One `StageSwitchedChain` per ``Transformer2DModel`` of the skeleton, over its blocks'
@@ -242,21 +256,7 @@ class MosaicUNet(MosaicModel):
         like = [[CompactUNetBlockWeights(**{k: (v if k.startswith("kept_") else v.to(ref.device, ref.dtype))
                                             for k, v in w.tensors().items()}) for w in spec.blocks] for spec in stages]
         head_dims = [b.attn1.inner_dim // b.attn1.heads for b in transformer_blocks(dense)]
-        shared = None
-        if share_producers is not False and stages and len({len(spec.blocks) for spec in stages}) == 1 \
-                and len(stages[0].blocks) == len(head_dims):  # (else the constructor refuses the stages)
-            shared = [share_unet_producers([stage[j] for stage in like], head_dims[j]) for j in range(len(head_dims))]
-            shared = None if any(x is None for x in shared) else shared
-        if share_producers and shared is None:
-            raise ValueError("share_producers=True: the stages' kept heads/channels cannot share one storage "
-                             "(each stage's units must be a run of one order: prune with share_producers=True)")
-        units = None
-        if shared is not None:
-            units = [{k: getattr(store, k).tolist() for k in ("heads1", "heads2", "channels")} for store, _ in shared]
-            for j, (store, per_stage) in enumerate(shared):
-                for i, (ranges, _) in enumerate(per_stage):  # the kept lists in storage order
-                    for kind, (a, b) in ranges.items():
-                        stage_cfgs[i]["blocks"][j][f"kept_{kind}"] = getattr(store, kind)[a:b].tolist()
+        shared, units = share_stages(share_unet_producers, like, head_dims, share_producers, stage_cfgs)
         with skip_weight_init():  # every weight is assigned below
             mosaic = cls(dict(dense.config), stage_cfgs, dense_reference=cls.dense_reference_of(dense), meta=meta,
                          shared_producers=units)
@@ -267,10 +267,7 @@ class MosaicUNet(MosaicModel):
                 for j, w in enumerate(stage):
                     mosaic.stage_blocks[i][j] = CompactUNetBlock(w, head_dims[j], mosaic._eps)
             return mosaic.eval()
-        mosaic.producer_storage = nn.ModuleList(store for store, _ in shared)
-        for j, (store, per_stage) in enumerate(shared):
-            for i, (ranges, consumers) in enumerate(per_stage):
-                mosaic.stage_blocks[i][j] = SharedUNetBlock(store, ranges, consumers, head_dims[j], mosaic._eps)
+        install_shared_blocks(mosaic, shared, SharedUNetBlock, head_dims, mosaic._eps)
         return mosaic.eval()
 
     # ------------------------------------------------------------------ what pipelines read
@@ -295,7 +292,13 @@ class MosaicUNet(MosaicModel):
         A batch whose rows fall in several stages runs each stage on its rows (every batch-first
         argument split alike) and puts the outputs back in row order. With CUDA graphs enabled, a
         call with the text states and SDXL's added conditions only replays the stage's graph.
+
+        Raises:
+            ValueError / TypeError: text states of another width or batch, missing or misshapen
+                SDXL ``added_cond_kwargs``, a timestep outside every stage (one line each,
+                `mosaicdiff.families.unet.inputs.check_forward_inputs`).
         """
+        check_forward_inputs(self, sample, timestep, encoder_hidden_states, kwargs.get("added_cond_kwargs"))
         batch = int(sample.shape[0])
         groups = self.stage_rows(timestep, batch)
         return_dict = kwargs.pop("return_dict", True)
@@ -330,13 +333,6 @@ class MosaicUNet(MosaicModel):
         added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
-    def enable_cuda_graphs(self, enabled: bool = True):
-        """`StageRuntimeMixin.enable_cuda_graphs`; the cross-attention k/v cache is switched off
-        (a graph replays the k/v projections: a cached k/v would be frozen into the graph)."""
-        if enabled:
-            self.enable_cross_kv_cache(False)
-        return super().enable_cuda_graphs(enabled)
-
     def stage_kernel_shapes(self, stage: int, batch: int, tokens: int,
                             dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The kernel-op shapes of a stage's blocks (`StageRuntimeMixin.stage_kernel_shapes`),
@@ -354,21 +350,7 @@ class MosaicUNet(MosaicModel):
                           ("linear_residual", (batch * length, width, block.mlp_width))}
         return [(op, shape, dtype) for op, shape in sorted(items)]
 
-    def enable_cross_kv_cache(self, enabled: bool = True) -> MosaicUNet:
-        """Compute each block's cross-attention k/v of the text states once per sampling run.
-
-        The text states are the same tensor at every step of a pipeline run; each block keeps the
-        k/v of the last one it saw (its own kept heads) and recomputes only when another tensor,
-        or the same one modified in place, arrives. Returns self.
-        """
-        if enabled and self.cuda_graphs_enabled:
-            raise ValueError("MosaicUNet: the cross-attention k/v cache does not work under CUDA graphs (the "
-                             "graph would replay a frozen k/v); enable_cuda_graphs(False) first")
-        for blocks in self.stage_blocks:
-            for block in blocks:
-                block.cache_cross_kv = bool(enabled)
-                block.__dict__.pop("_kv_cache", None)
-        return self
+    # enable_cross_kv_cache, enable_cuda_graphs (which switches that cache off): `CrossKVCacheMixin`
 
     def _memory_skeleton(self) -> nn.Module:
         return self.unet
@@ -383,10 +365,60 @@ class MosaicUNet(MosaicModel):
     @classmethod
     def check_saved_config(cls, config: dict[str, Any], cfg_path) -> None:
         need = check_common_fields(cls, config, cfg_path, UNET_INDEX_FIELDS)
-        shared = config.get("shared_producers")
-        need(shared is None or isinstance(shared, list), "shared_producers", "null or a list", shared)
-        for j, p in enumerate(shared or []):
-            for key in ("heads1", "heads2", "channels"):
-                v = p.get(key) if isinstance(p, dict) else None
-                need(isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
-                     f"shared_producers[{j}].{key}", "a list of integers", v)
+        check_unet_fields(config, need)
+        check_shared_producer_fields(config.get("shared_producers"), need)
+
+
+#: U-Net config keys that are dimensions: a positive integer, or (the per-level ones) a list of them.
+_SIZES = ("in_channels", "out_channels", "conv_in_kernel", "conv_out_kernel")
+_OPTIONAL_SIZES = ("norm_num_groups", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                   "time_embedding_dim", "num_attention_heads")
+_PER_LEVEL_SIZES = ("block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
+                    "sample_size")
+
+
+def check_unet_fields(config: dict[str, Any], need: FieldChecker) -> None:
+    """The dimensions of a ``UNet2DConditionModel`` config (those present; diffusers' defaults
+    otherwise); its other keys are diffusers' to check (`MosaicUNet` says which failed)."""
+    for key in _SIZES:
+        if key in config:
+            need(positive_int(config[key]), key, "a positive integer", config[key])
+    for key in _OPTIONAL_SIZES:
+        if key in config:
+            need(config[key] is None or positive_ints(config[key]), key, "null or a positive integer",
+                 config[key])
+    for key in _PER_LEVEL_SIZES:
+        if key in config:
+            need(positive_ints(config[key]), key, "a positive integer or a list of them", config[key])
+    if "transformer_layers_per_block" in config:
+        layers = config["transformer_layers_per_block"]
+        flat = [x for v in layers for x in (v if isinstance(v, (list, tuple)) else [v])] \
+            if isinstance(layers, (list, tuple)) else [layers]
+        need(len(flat) > 0 and all(positive_int(x) for x in flat), "transformer_layers_per_block",
+             "a positive integer or a list of them (per level, or per block)", layers)
+    if "norm_eps" in config:
+        need(is_number(config["norm_eps"]) and config["norm_eps"] > 0, "norm_eps", "a positive number",
+             config["norm_eps"])
+
+
+def check_shared_producer_fields(shared: Any, need: FieldChecker) -> None:
+    """``shared_producers``: null, or one object per block with integer lists ``heads1``,
+    ``heads2`` and ``channels``."""
+    need(shared is None or isinstance(shared, (list, tuple)), "shared_producers", "null or a list", shared)
+    for j, p in enumerate(shared or []):
+        for key in ("heads1", "heads2", "channels"):
+            v = p.get(key) if isinstance(p, dict) else None
+            need(isinstance(v, (list, tuple)) and all(is_int(x) for x in v), f"shared_producers[{j}].{key}",
+                 "a list of integers", v)
+
+
+def _check_kept_units(stages: list[dict], dense_blocks: list[nn.Module]) -> None:
+    """Every stage's kept heads and channels are distinct units of its block."""
+    limits = [(b.attn1.heads, b.attn2.heads, b.ff.net[2].in_features) for b in dense_blocks]
+    for spec in stages:
+        for j, (kept, block_limits) in enumerate(zip(spec["blocks"], limits)):
+            for key, limit in zip(UNET_INDEX_FIELDS, block_limits):
+                idx = list(kept[key])
+                if any(not 0 <= i < limit for i in idx) or len(set(idx)) != len(idx):
+                    raise ValueError(f"stage {spec['name']!r} block {j}: {key} must be distinct indices in "
+                                     f"[0, {limit}), got {idx if len(idx) <= 8 else idx[:8] + ['...']}")
