@@ -72,7 +72,7 @@ def check_eps(op: str, eps: Any) -> float:
     """eps: a real number (Python or NumPy; not a bool or a tensor), finite and > 0."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{op}: eps must be a positive finite float, got {eps!r} ({type(eps).__name__})")
-    if not (math.isfinite(eps) and eps > 0):
+    if not 0 < eps < math.inf:  # comparisons, not math.isfinite: torch.compile(dynamic=True) passes a SymFloat
         raise ValueError(f"{op}: eps must be a positive finite float, got {eps!r}")
     return float(eps)
 

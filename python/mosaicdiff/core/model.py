@@ -11,6 +11,9 @@ beside the dense model's own keys. This base gives every family:
 - crash-safe save/load through one serializer (`mosaicdiff.core.serialization`), with the format
   name, version and upgrades of old folders as class hooks;
 - CUDA graphs and per-stage kernel configs (`mosaicdiff.core.runtime.StageRuntimeMixin`);
+- ``torch.compile(mosaic, fullgraph=True)``: a family's forward chooses the stage in the graph
+  when traced (`mosaicdiff.core.traced_stages.run_stage_traced`: one graph for every stage with a
+  tensor timestep, one per stage with a Python number);
 - what diffusers' model tests expect of a ``ModelMixin`` (``tests/families/test_diffusers_behaviour.py``):
   a model built from its config (``MosaicX(**mosaic.config)``) has initialised weights, as a
   diffusers constructor gives (`mosaicdiff.core.weight_init`; skipped while loading or converting, which assign

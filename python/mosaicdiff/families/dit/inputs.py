@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["check_hidden_states", "class_labels_tensor", "select_stages"]
+__all__ = ["check_hidden_states", "class_labels_tensor", "class_labels_traced", "select_stages"]
 
 
 @torch.compiler.disable
@@ -74,6 +74,19 @@ def class_labels_tensor(model, class_labels, batch: int, device: torch.device) -
                 f"MosaicDiT.forward: class_labels must be class ids in {valid}, got {lo if lo < 0 else hi}"
             )
     return labels.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
+
+
+def class_labels_traced(class_labels, batch: int, device: torch.device) -> torch.Tensor:
+    """`class_labels_tensor` as ``torch.compile`` traces it: the same (B,) int64 device tensor, the
+    range left to the embedding lookup (checking it would read the labels on the host)."""
+    if class_labels is None:
+        raise ValueError("MosaicDiT.forward: `class_labels` is required (got None)")
+    labels = torch.as_tensor(class_labels).reshape(-1)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"MosaicDiT.forward: class_labels must be integers, got {labels.dtype}")
+    if labels.numel() not in (1, batch):
+        raise ValueError(f"MosaicDiT.forward: class_labels must have {batch} entries, got {labels.numel()}")
+    return labels.to(device=device, dtype=torch.int64).expand(batch).contiguous()
 
 
 def check_hidden_states(model, hidden_states: torch.Tensor) -> None:

@@ -6,9 +6,10 @@ holds the dense DiT's architecture keys, so ``DiTPipeline(transformer=mosaic, va
 scheduler=...)`` works unchanged. The config also describes every stage (range, sparsity, kept
 heads and channels per block), so ``MosaicDiT.from_config(config)`` builds the whole skeleton and
 one safetensors file fills it. The sampler's timestep (0..999) picks the stage, read once per
-forward on the host. Everything pruning does not touch (patch embedding, one timestep/class
-embedder, the adaLN linears of all blocks as one batched matrix, the final layer) is stored once
-and shared by every stage; the stages hold only their compact block weights.
+forward on the host (under ``torch.compile``, in the graph: `mosaicdiff.core.traced_stages`).
+Everything pruning does not touch (patch embedding, one timestep/class embedder, the adaLN linears
+of all blocks as one batched matrix, the final layer) is stored once and shared by every stage;
+the stages hold only their compact block weights.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from mosaicdiff.core.config_fields import FieldChecker, check_stage_fields
 from mosaicdiff.core.model import MosaicModel, skip_weight_init
 from mosaicdiff.core.stages import NUM_TRAIN_TIMESTEPS, StageSpec
+from mosaicdiff.core.traced_stages import run_stage_traced
 from mosaicdiff.families.dit import adapter as dit
 from mosaicdiff.families.dit import build as mosaic_build
 from mosaicdiff.families.dit import inputs as mosaic_inputs
@@ -260,6 +262,11 @@ class MosaicDiT(MosaicModel):
             )
         mosaic_inputs.check_hidden_states(self, hidden_states)
         batch, device = hidden_states.shape[0], hidden_states.device
+        if torch.compiler.is_compiling():  # no host read: the stage is chosen in the graph
+            labels = mosaic_inputs.class_labels_traced(class_labels, batch, device)
+            output = run_stage_traced(self, timestep, batch, device,
+                                      lambda stage, t: self.forward_stage(stage, hidden_states, t, labels))
+            return Transformer2DModelOutput(sample=output) if return_dict else (output,)
         # 1. Stages (one host read) and inputs.
         groups, t_vec = mosaic_inputs.select_stages(self, timestep, batch, device)
         labels = mosaic_inputs.class_labels_tensor(self, class_labels, batch, device)

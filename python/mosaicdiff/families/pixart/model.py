@@ -34,6 +34,7 @@ from mosaicdiff.core.shared_producers import (
 from mosaicdiff.core.stages import StageSpec, coverage_problem
 from mosaicdiff.core.tensor_cache import cached_for_tensor, tensor_key
 from mosaicdiff.core.text_blocks import CrossKVCacheMixin
+from mosaicdiff.core.traced_stages import run_stage_traced
 from mosaicdiff.families.pixart import adapter as pixart
 from mosaicdiff.families.pixart.blocks import (
     PIXART_INDEX_FIELDS,
@@ -297,6 +298,11 @@ class MosaicPixArt(CrossKVCacheMixin, MosaicModel):
                              "'resolution' (B, 2) and 'aspect_ratio' (B, 1)")
         extra = (added.get("resolution"), added.get("aspect_ratio")) if self.use_additional_conditions else (None, None)
         batch, device = int(hidden_states.shape[0]), hidden_states.device
+        if torch.compiler.is_compiling():  # no host read: the stage is chosen in the graph
+            bias = _text_bias(encoder_attention_mask, hidden_states.dtype)
+            out = run_stage_traced(self, timestep, batch, device, lambda stage, t: self.forward_stage(
+                stage, hidden_states, t, encoder_hidden_states, bias, *extra))
+            return Transformer2DModelOutput(sample=out) if return_dict else (out,)
         groups = self.stage_rows(timestep, batch)  # one host read
         t_vec = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
         call = (hidden_states, t_vec, encoder_hidden_states, _text_bias(encoder_attention_mask, hidden_states.dtype),

@@ -41,6 +41,7 @@ from mosaicdiff.core.shared_producers import (
 )
 from mosaicdiff.core.stages import StageSpec, coverage_problem
 from mosaicdiff.core.text_blocks import CrossKVCacheMixin
+from mosaicdiff.core.traced_stages import run_stage_traced
 from mosaicdiff.families.unet.adapter import transformer_blocks, unet_skeleton
 from mosaicdiff.families.unet.blocks import (
     UNET_INDEX_FIELDS,
@@ -55,6 +56,10 @@ from mosaicdiff.families.unet.producers import SharedUNetBlock, share_unet_produ
 logger = logging.getLogger(__name__)
 
 __all__ = ["MosaicUNet", "StageSwitchedChain"]
+
+
+#: The ``cross_attention_kwargs`` entry that tells the chains the stage of a traced forward.
+TRACED_STAGE_KEY = "mosaic_stage"
 
 
 class StageSwitchedChain(nn.Module):
@@ -78,16 +83,16 @@ class StageSwitchedChain(nn.Module):
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def blocks(self) -> list[CompactUNetBlock]:
-        """The compact blocks this chain runs in the current stage."""
+    def blocks(self, stage: int | None = None) -> list[CompactUNetBlock]:
+        """The compact blocks this chain runs in `stage` (default the current stage)."""
         owner = self._owner
-        return list(owner.stage_blocks[owner.current_stage][self.start:self.stop])
+        return list(owner.stage_blocks[owner.current_stage if stage is None else stage][self.start:self.stop])
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
         """``BasicTransformerBlock``'s signature; masks are not supported (None), as in `CompactUNetBlock`."""
         check_block_call(attention_mask, encoder_attention_mask, encoder_hidden_states)
-        blocks = self.blocks()
+        blocks = self.blocks((cross_attention_kwargs or {}).get(TRACED_STAGE_KEY))
         h = hidden_states.contiguous()
         x = blocks[0].norm1(h)
         for block, following in zip(blocks, [*blocks[1:], None]):
@@ -300,8 +305,12 @@ class MosaicUNet(CrossKVCacheMixin, MosaicModel):
         """
         check_forward_inputs(self, sample, timestep, encoder_hidden_states, kwargs.get("added_cond_kwargs"))
         batch = int(sample.shape[0])
-        groups = self.stage_rows(timestep, batch)
         return_dict = kwargs.pop("return_dict", True)
+        if torch.compiler.is_compiling():  # no host read: the stage is chosen in the graph
+            out = run_stage_traced(self, timestep, batch, sample.device, lambda stage, t: self._run_stage_unet(
+                stage, sample, t, encoder_hidden_states, args, kwargs))
+            return self._output(out, return_dict)
+        groups = self.stage_rows(timestep, batch)
         added = kwargs.get("added_cond_kwargs") or {}
         graphed = self._graphs is not None and not args and set(kwargs) <= {"added_cond_kwargs"} \
             and set(added) in (set(), {"text_embeds", "time_ids"})
@@ -318,12 +327,24 @@ class MosaicUNet(CrossKVCacheMixin, MosaicModel):
             self.current_stage = stage
             return self.unet(x, t, ehs, *a, **kw, return_dict=False)[0]
 
-        out = self.run_by_stage(groups, batch, run)
+        return self._output(self.run_by_stage(groups, batch, run), return_dict)
+
+    @staticmethod
+    def _output(out: torch.Tensor, return_dict: bool):
         if not return_dict:
             return (out,)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=out)
+
+    def _run_stage_unet(self, stage: int, sample, timestep, encoder_hidden_states, args, kwargs) -> torch.Tensor:
+        """The U-Net with `stage`'s blocks, the stage handed to the chains in
+        ``cross_attention_kwargs`` (which diffusers passes down to every transformer block): a
+        traced ``torch.cond`` branch must not set ``current_stage`` (dynamo keeps one branch's
+        attribute writes for all branches)."""
+        kwargs = {**kwargs, "cross_attention_kwargs": {**(kwargs.get("cross_attention_kwargs") or {}),
+                                                       TRACED_STAGE_KEY: stage}}
+        return self.unet(sample, timestep, encoder_hidden_states, *args, **kwargs, return_dict=False)[0]
 
     def forward_stage(self, stage: int, sample: torch.Tensor, timestep: torch.Tensor,
                       encoder_hidden_states: torch.Tensor, text_embeds: torch.Tensor | None = None,
