@@ -21,6 +21,7 @@ timeout keeps what was measured.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -205,19 +206,14 @@ def run_forward_stage(bench: ForwardBench, rep_ms: int, out: Path, header: dict)
     return result, not result["errors"]
 
 
+@contextlib.contextmanager
 def single_thread_on_cpu(dry_run: bool):
-    """A context that runs the tiny dry-run ops on one thread (an OpenMP team spinning on a busy
-    shared core costs ~100x) and restores the thread count."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        threads = torch.get_num_threads()
-        if dry_run:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-    return scope()
+    """Run the tiny dry-run ops on one thread (an OpenMP team spinning on a busy shared core costs
+    ~100x); the thread count is restored after."""
+    threads = torch.get_num_threads()
+    if dry_run:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

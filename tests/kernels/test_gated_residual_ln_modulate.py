@@ -38,6 +38,7 @@ SWEEP_BLOCK_M = [1, 2, 4, 8, 16]  # over 9 rows: 2, 4 and 8 leave a partial last
 # FMA rounding (~1e-6) and normed by the D-term sum order -> 1e-5. bf16/fp16: each output is
 # one rounding (truncation in the interpreter) of an fp32 value, <= 1 ulp; rtol allows 2 ulps.
 from tolerances import BF16_REL, DTYPE_TOLS, FP16_REL  # noqa: E402,F401
+from triton_backend import triton_or_skip  # noqa: E402
 
 
 def make_inputs(shape, dtype, device):
@@ -96,14 +97,6 @@ def test_bad_inputs_raise(which, bad, error, match):
         mk.gated_residual_ln_modulate(**args)
 
 
-def _triton_or_skip():
-    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not mk.backends(device)["triton"]["available"]:
-        pytest.skip("triton backend unavailable here")
-    return triton_kernels, device
-
-
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
 @pytest.mark.parametrize("D", SWEEP_D)
 def test_block_m_sweep(D, dtype, atol, rtol, check_close):
@@ -112,7 +105,7 @@ def test_block_m_sweep(D, dtype, atol, rtol, check_close):
     Configs are compared with the reference only, not bitwise with each other: a row's
     reduction order may depend on the tiling (and CPU float results on the machine).
     """
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     inputs = make_inputs((3, 3, D), dtype, device)
     h_ref, normed_ref = gated_residual_ln_modulate_ref(*(t.float() for t in inputs), eps=1e-6)
     for block_m in SWEEP_BLOCK_M if dtype == torch.float32 else (2, 16):
@@ -124,7 +117,7 @@ def test_block_m_sweep(D, dtype, atol, rtol, check_close):
 @pytest.mark.parametrize("D", [13, 1152, 2301])
 def test_no_store_past_the_rows(D, check_close):
     """A partial last row tile and a masked tail write nothing past either output."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     inputs = make_inputs((3, 3, D), torch.float32, device)
     expected = gated_residual_ln_modulate_ref(*inputs, 1e-6)
     for block_m in (4, 16):
@@ -138,7 +131,7 @@ def test_no_store_past_the_rows(D, check_close):
 
 def test_tail_statistics_matter(check_close):
     """h whose tail columns (1024..1151 of 1152) have another mean and spread than the main ones."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     res, gate, y, _, _ = make_inputs((1, 3, 1152), torch.float32, device)
     res[..., 1024:] += 5.0
     gate[:, 1024:] *= 3.0

@@ -12,6 +12,7 @@ import mosaic_kernels as mk
 import oracle
 from mosaic_kernels.reference import gated_residual_ln_modulate_table_ref, ln_modulate_table_ref
 from tolerances import DTYPE_TOLS
+from triton_backend import triton_or_skip
 
 OP = "gated_residual_ln_modulate_table"
 
@@ -61,18 +62,10 @@ def test_bad_inputs_raise():
         mk.gated_residual_ln_modulate_table(args[0], args[1], args[2].half(), *args[3:])
 
 
-def _triton_or_skip():
-    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not mk.backends(device)["triton"]["available"]:
-        pytest.skip("triton backend unavailable here")
-    return triton_kernels, device
-
-
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS[:2])
 @pytest.mark.parametrize("D", [1, 13, 72, 1025, 1152, 2301])
 def test_block_m_sweep(D, dtype, atol, rtol, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     inputs = make_inputs((3, 3, D), dtype, device)
     want = gated_residual_ln_modulate_table_ref(*(t.float() for t in inputs), 1e-6)
     for block_m in (1, 2, 4, 16) if dtype == torch.float32 else (2, 16):
@@ -83,7 +76,7 @@ def test_block_m_sweep(D, dtype, atol, rtol, check_close):
 
 @pytest.mark.parametrize("D", [13, 2301])
 def test_no_store_past_the_rows(D, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     inputs = make_inputs((3, 3, D), torch.float32, device)
     bufs = [torch.full((9 * D + 4096,), -7.0, device=device) for _ in range(2)]
     outs = tuple(b[:9 * D].view(3, 3, D) for b in bufs)

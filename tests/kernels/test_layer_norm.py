@@ -40,6 +40,7 @@ RANDOM_SHAPES = [(_rng.randint(1, 40), _rng.randint(1, 3000)) for _ in range(6)]
 # ulps of O(1) outputs -> 1e-5. bf16: the kernel computes in fp32 and rounds once (the
 # interpreter truncates), within 1 ulp <= 2**-7 |v| of the fp32 value; rtol allows 2 ulps.
 from tolerances import BF16_REL, DTYPE_TOLS  # noqa: E402
+from triton_backend import triton_or_skip  # noqa: E402
 
 FP32_BF16 = DTYPE_TOLS[:2]
 AFFINE = [pytest.param(True, True, id="affine"), pytest.param(False, False, id="no-affine"),
@@ -54,14 +55,6 @@ def make_inputs(shape, dtype, device, weight=True, bias=True):
     return x, w, b
 
 
-def _triton_or_skip():
-    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not mk.backends(device)["triton"]["available"]:
-        pytest.skip("triton backend unavailable here")
-    return triton_kernels, device
-
-
 def _public_op_or_skip():
     if not hasattr(mk, "layer_norm"):
         pytest.skip("mosaic_kernels.layer_norm is not registered yet")
@@ -71,7 +64,7 @@ def _public_op_or_skip():
 @pytest.mark.parametrize("dtype, atol, rtol", FP32_BF16)
 @pytest.mark.parametrize("shape", SHAPES + RANDOM_SHAPES, ids=str)
 def test_triton_matches_reference_and_oracle(shape, dtype, atol, rtol, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs(shape, dtype, device)
     y = triton_kernels.layer_norm_triton(x, w, b, 1e-5)
     assert y.dtype == dtype and y.shape == x.shape
@@ -83,7 +76,7 @@ def test_triton_matches_reference_and_oracle(shape, dtype, atol, rtol, check_clo
 @pytest.mark.parametrize("D", [72, 640, 2301])
 def test_optional_affine(D, has_weight, has_bias, check_close):
     """weight/bias None (``elementwise_affine=False``, ``bias=False``) leave their term out."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs((3, 5, D), torch.float32, device, has_weight, has_bias)
     y = triton_kernels.layer_norm_triton(x, w, b, 1e-5)
     check_close(y, oracle.layer_norm(x, w, b, 1e-5), 1e-5, 1e-5, f"{OP} D={D} weight={has_weight} bias={has_bias}")
@@ -100,7 +93,7 @@ def test_tolerance_rejects_missing_bias(check_close):
 def test_block_m_sweep_and_no_store_past_the_rows(D, check_close):
     """Every BLOCK_M (9 rows: 2, 4 and 8 leave a partial last tile) is right, and writes nothing
     past ``out`` (the head of a larger buffer whose rest keeps its sentinel)."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs((3, 3, D), torch.float32, device)
     expected = oracle.layer_norm(x, w, b, 1e-5)
     for block_m in (1, 2, 4, 8, 16):
@@ -114,7 +107,7 @@ def test_block_m_sweep_and_no_store_past_the_rows(D, check_close):
 def test_tail_statistics_matter(check_close):
     """Rows whose tail columns (1024..1279 of 1280) have another mean and spread: a norm that
     dropped the tail from the statistics would be far off."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs((1, 3, 1280), torch.float32, device)
     x[..., 1024:] = 4.0 + 3.0 * x[..., 1024:]
     check_close(triton_kernels.layer_norm_triton(x, w, b, 1e-5, config={"BLOCK_M": 2}),
@@ -123,7 +116,7 @@ def test_tail_statistics_matter(check_close):
 
 def test_mixed_dtypes_bf16_x_fp32_affine(check_close):
     """bf16 activations with fp32 weight/bias: the output keeps x's dtype."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs((2, 4, 640), torch.bfloat16, device)
     y = triton_kernels.layer_norm_triton(x, w.float(), b.float(), 1e-5)
     assert y.dtype == torch.bfloat16
@@ -132,7 +125,7 @@ def test_mixed_dtypes_bf16_x_fp32_affine(check_close):
 
 def test_eps_is_used(check_close):
     """Constant rows normalize to 0 only through eps: a large eps shrinks a small spread."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x = torch.randn(2, 3, 72, device=device) * 1e-2
     for eps in (1e-5, 1e-1):
         check_close(triton_kernels.layer_norm_triton(x, None, None, eps), oracle.layer_norm(x, None, None, eps),
@@ -142,7 +135,7 @@ def test_eps_is_used(check_close):
 def test_nonfinite_propagate_as_the_reference():
     """An inf or NaN in a row makes that row NaN (inf - inf in the centering); an inf weight
     column gives +-inf there; other rows and columns stay finite and right."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs((1, 6, 1152), torch.float32, device)
     x[0, 1, 5] = float("inf")
     x[0, 2, 1100] = float("nan")  # in the tail chunk
@@ -159,7 +152,7 @@ def test_nonfinite_propagate_as_the_reference():
 
 
 def test_launcher_refuses_bad_inputs():
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs((2, 3, 72), torch.float32, device)
     with pytest.raises(AssertionError, match="contiguous"):
         triton_kernels.layer_norm_triton(x.transpose(0, 1), w, b)

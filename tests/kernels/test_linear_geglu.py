@@ -33,6 +33,7 @@ RANDOM_SHAPES = [(_rng.randint(1, 100), _rng.randint(1, 150), _rng.randint(1, 12
 # -> 1e-5. bf16: exact operands, fp32 accumulation and epilogue, one rounding of the output
 # (truncated in the interpreter): <= 1 ulp <= 2**-7 |v|; rtol allows 2 ulps.
 from tolerances import BF16_REL, DTYPE_TOLS, assert_within_gemm_bound, fp32_gemm_bound  # noqa: E402
+from triton_backend import triton_or_skip  # noqa: E402
 
 FP32_BF16 = DTYPE_TOLS[:2]
 TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 3}
@@ -43,14 +44,6 @@ def make_inputs(M, K, inner, dtype, device, bias=True):
     w = (torch.randn(2 * inner, K) / math.sqrt(K)).to(device, dtype)
     b = torch.randn(2 * inner).to(device, dtype) if bias else None
     return x, w, b
-
-
-def _triton_or_skip():
-    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    device = torch.device("cuda" if HAS_CUDA else "cpu")
-    if not mk.backends(device)["triton"]["available"]:
-        pytest.skip("triton backend unavailable here")
-    return triton_kernels, device
 
 
 def _public_op_or_skip():
@@ -72,7 +65,7 @@ def test_reference_is_diffusers_geglu():
 @pytest.mark.parametrize("dtype, atol, rtol", FP32_BF16)
 @pytest.mark.parametrize("M, K, inner", SHAPES + RANDOM_SHAPES, ids=str)
 def test_triton_matches_reference_and_oracle(M, K, inner, dtype, atol, rtol, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs(M, K, inner, dtype, device)
     y = triton_kernels.linear_geglu_triton(x, w, b)
     assert y.dtype == dtype and y.shape == (M, inner)
@@ -82,7 +75,7 @@ def test_triton_matches_reference_and_oracle(M, K, inner, dtype, atol, rtol, che
 
 def test_no_bias_and_transposed_weight(check_close):
     """No bias; a weight that is a transposed (column-major) view is read through its strides."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, _ = make_inputs(9, 40, 24, torch.float32, device, bias=False)
     w_t = w.t().contiguous().t()
     assert not w_t.is_contiguous()
@@ -102,7 +95,7 @@ def test_two_configs_agree():
     """Different M/N tiling and group order with the same BLOCK_K agree: bitwise on a GPU, within
     the fp32 summation-order bound on the CPU interpreter (GELU is 1.13-Lipschitz, and the value
     half multiplies: the bound covers both accumulators)."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs(130, 96, 50, torch.float32, device)
     base = {"BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     a = triton_kernels.linear_geglu_triton(x, w, b, config={**base, "BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 1})
@@ -122,7 +115,7 @@ def test_two_configs_agree():
 def test_tensor_descriptor_variant(M, K, inner, uses_tma, dtype, monkeypatch, check_close):
     """The TMA-descriptor path (value rows past ``inner`` read gate rows, never stored) matches the
     reference; unaligned rows (inner = 17) fall back to the pointer loop."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     from mosaic_kernels.triton import _matmul
 
     if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
@@ -145,7 +138,7 @@ def test_nonfinite_propagate_as_the_reference():
     """Pre-activations of +-inf and NaN (through the bias, over zero weight rows, so the product is
     exact): gelu(+inf) = +inf, gelu(-inf) = NaN (-inf * 0), inf * gelu(0) = NaN; an inf in x
     spreads over its row as IEEE sums say (the oracle's exact product). All as the reference."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     inner, K = 8, 16
     x, w, b = make_inputs(5, K, inner, torch.float32, device)
     w[:4] = 0.0
@@ -166,7 +159,7 @@ def test_nonfinite_propagate_as_the_reference():
 
 
 def test_launcher_refuses_bad_inputs():
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b = make_inputs(4, 40, 24, torch.float32, device)
     with pytest.raises(AssertionError, match="Incompatible dimensions"):
         triton_kernels.linear_geglu_triton(x, w[:, :39], b)
@@ -237,7 +230,7 @@ def test_split_views_are_views():
 @pytest.mark.parametrize("dtype, atol, rtol", FP32_BF16)
 @pytest.mark.parametrize("M, K, total, run", SPLIT_SHAPES, ids=str)
 def test_triton_split_gate_matches_oracle(M, K, total, run, dtype, atol, rtol, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, (w, b, wg, bg), dense_w, dense_b = _split_views(M, K, total, run, dtype, device)
     y = triton_kernels.linear_geglu_triton(x, w, b, gate_weight=wg, gate_bias=bg, config=TILE)
     assert y.shape == (M, run[1] - run[0])
@@ -250,7 +243,7 @@ def test_triton_split_gate_matches_oracle(M, K, total, run, dtype, atol, rtol, c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_split_tensor_descriptor_variant(dtype, monkeypatch, check_close):
     """The TMA path describes the two views separately (value and gate descriptors)."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     from mosaic_kernels.triton import _matmul
 
     if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
@@ -310,7 +303,7 @@ def test_split_bad_inputs_raise():
 
 
 def test_split_launcher_refuses_bad_inputs():
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, (w, b, wg, bg), _, _ = _split_views(4, 24, 20, (3, 15), torch.float32, device)
     with pytest.raises(AssertionError, match="bad gate_weight"):
         triton_kernels.linear_geglu_triton(x, w, b, gate_weight=wg[1:], gate_bias=bg[1:])

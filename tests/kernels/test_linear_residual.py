@@ -34,6 +34,7 @@ RANDOM_SHAPES = [(_rng.randint(1, 140), _rng.randint(1, 150), _rng.randint(1, 14
 # (~K * 2**-24 * sum|x*w|, ~1e-6) plus one add -> 1e-5. bf16: exact operands, fp32 accumulation
 # and epilogue, one rounding of the output (truncated in the interpreter): <= 1 ulp; rtol 2 ulps.
 from tolerances import BF16_REL, DTYPE_TOLS, assert_within_gemm_bound, fp32_gemm_bound  # noqa: E402
+from triton_backend import triton_or_skip  # noqa: E402
 
 FP32_BF16 = DTYPE_TOLS[:2]
 TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 3}
@@ -47,14 +48,6 @@ def make_inputs(lead, K, N, dtype, device, bias=True):
     b = torch.randn(N).to(device, dtype) if bias else None
     res = torch.randn(*lead, N).to(device, dtype)
     return x, w, b, res
-
-
-def _triton_or_skip():
-    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    device = torch.device("cuda" if HAS_CUDA else "cpu")
-    if not mk.backends(device)["triton"]["available"]:
-        pytest.skip("triton backend unavailable here")
-    return triton_kernels, device
 
 
 def test_reference_matches_the_oracle_and_diffusers(check_close):
@@ -77,7 +70,7 @@ def test_tolerance_rejects_a_dropped_bias(check_close):
 @pytest.mark.parametrize("dtype, atol, rtol", FP32_BF16)
 @pytest.mark.parametrize("M, K, N", SHAPES + RANDOM_SHAPES, ids=str)
 def test_triton_matches_reference_and_oracle(M, K, N, dtype, atol, rtol, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b, res = make_inputs(M, K, N, dtype, device)
     out = triton_kernels.linear_residual_triton(x, w, b, res)
     assert out.dtype == dtype and out.shape == (M, N)
@@ -87,7 +80,7 @@ def test_triton_matches_reference_and_oracle(M, K, N, dtype, atol, rtol, check_c
 
 def test_no_bias_transposed_weight_and_in_place(check_close):
     """No bias; a column-major weight read through its strides; ``out=res`` updates the stream in place."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, _, res = make_inputs((3, 11), 40, 24, torch.float32, device, bias=False)
     w_t = w.t().contiguous().t()
     assert not w_t.is_contiguous()
@@ -102,7 +95,7 @@ def test_no_bias_transposed_weight_and_in_place(check_close):
 def test_two_configs_agree():
     """Different M/N tiling and group order with the same BLOCK_K agree: bitwise on a GPU, within
     the fp32 summation-order bound on the CPU interpreter."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b, res = make_inputs(130, 96, 100, torch.float32, device)
     base = {"BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     a = triton_kernels.linear_residual_triton(x, w, b, res, config={**base, "BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 1})
@@ -118,7 +111,7 @@ def test_two_configs_agree():
 def test_tensor_descriptor_variant(M, K, N, uses_tma, dtype, monkeypatch, check_close):
     """The TMA-descriptor kernel (residual and output described by column halves) matches the
     reference; unaligned rows (N = 17) fall back to the pointer loop."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     from mosaic_kernels.triton import _matmul
 
     if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
@@ -139,7 +132,7 @@ def test_tensor_descriptor_variant(M, K, N, uses_tma, dtype, monkeypatch, check_
 
 
 def test_launcher_refuses_bad_inputs():
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, w, b, res = make_inputs(4, 40, 24, torch.float32, device)
     with pytest.raises(AssertionError, match="Incompatible dimensions"):
         triton_kernels.linear_residual_triton(x, w[:, :39], b, res)

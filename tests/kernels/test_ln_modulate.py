@@ -43,6 +43,7 @@ SWEEP_BLOCK_M = [1, 2, 4, 8, 16]
 # is within 1 ulp of the fp32 result, and 1 ulp <= 2**-7 |v| for bf16 (2**-10 |v| for fp16);
 # rtol allows 2 ulps, atol covers outputs that round to ~0.
 from tolerances import BF16_REL, DTYPE_TOLS, FP16_REL  # noqa: E402,F401
+from triton_backend import triton_or_skip  # noqa: E402
 
 
 def make_inputs(shape, dtype, device):
@@ -116,14 +117,6 @@ def test_bad_eps_raises():
         mk.ln_modulate(torch.zeros(1, 2, 8), torch.zeros(1, 8), torch.zeros(1, 8), eps=0.0)
 
 
-def _triton_or_skip():
-    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not mk.backends(device)["triton"]["available"]:
-        pytest.skip("triton backend unavailable here")
-    return triton_kernels, device
-
-
 @pytest.mark.parametrize("D", SWEEP_D)
 def test_block_m_sweep_fp32(D, check_close):
     """Every BLOCK_M (dividing the 9 rows or not) matches the reference for every chunk split.
@@ -131,7 +124,7 @@ def test_block_m_sweep_fp32(D, check_close):
     Configs are not compared with each other bitwise: a row's reduction order may depend on the
     tiling (and CPU float results on the machine); each must be within the fp32 tolerance.
     """
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, shift, scale = make_inputs((3, 3, D), torch.float32, device)
     expected = ln_modulate_ref(x, shift, scale, 1e-6)
     for block_m in SWEEP_BLOCK_M:
@@ -142,7 +135,7 @@ def test_block_m_sweep_fp32(D, check_close):
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS[1:])
 @pytest.mark.parametrize("D", [1025, 1152, 2301])
 def test_block_m_sweep_half(D, dtype, atol, rtol, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, shift, scale = make_inputs((3, 3, D), dtype, device)
     expected = ln_modulate_ref(x.float(), shift.float(), scale.float(), 1e-6)
     for block_m in (2, 16):
@@ -154,7 +147,7 @@ def test_block_m_sweep_half(D, dtype, atol, rtol, check_close):
 def test_no_store_past_the_rows(D, check_close):
     """A partial last row tile (9 rows, BLOCK_M 4 and 16) and a masked tail write nothing past the
     output: ``out`` is the head of a larger buffer whose rest must keep its sentinel."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     x, shift, scale = make_inputs((3, 3, D), torch.float32, device)
     for block_m in (4, 16):
         buf = torch.full((9 * D + 4096,), -7.0, device=device)
@@ -167,7 +160,7 @@ def test_no_store_past_the_rows(D, check_close):
 def test_tail_statistics_matter(check_close):
     """Rows whose tail columns differ from their main columns: a norm that drops the tail from the
     mean or the variance is far off (D = 1152: the tail is 128 of the 1152 columns)."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     B, L, D = 1, 3, 1152
     x = torch.randn(B, L, D, device=device)
     x[..., 1024:] = 4.0 + 3.0 * x[..., 1024:]  # the tail has another mean and spread
@@ -178,7 +171,7 @@ def test_tail_statistics_matter(check_close):
 
 def test_broadcast_modulation_vectors(check_close):
     """(1, D) shift/scale expanded to (B, D) (row stride 0) and a 2-D adaLN chunk of odd stride."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     B, L, D = 3, 2, 72
     x = torch.randn(B, L, D, device=device)
     shift = torch.randn(1, D, device=device).expand(B, D)

@@ -18,6 +18,7 @@ import mosaic_kernels as mk
 import oracle
 from mosaic_kernels.reference import ln_modulate_table_ref
 from tolerances import BF16_REL, DTYPE_TOLS  # noqa: F401
+from triton_backend import triton_or_skip
 
 OP = "ln_modulate_table"
 
@@ -84,19 +85,11 @@ def test_bad_inputs_raise():
         mk.ln_modulate_table(x, shift, scale, st, sc, eps=float("nan"))
 
 
-def _triton_or_skip():
-    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not mk.backends(device)["triton"]["available"]:
-        pytest.skip("triton backend unavailable here")
-    return triton_kernels, device
-
-
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS[:2])
 @pytest.mark.parametrize("D", [1, 13, 72, 1025, 1152, 2301])
 def test_block_m_sweep(D, dtype, atol, rtol, check_close):
     """Every BLOCK_M (9 rows: 2, 4 and 8 leave a partial last tile) within the reference's tolerance."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     inputs = make_inputs((3, 3, D), dtype, device)
     expected = ln_modulate_table_ref(*(t.float() for t in inputs), 1e-6)
     for block_m in (1, 2, 4, 16) if dtype == torch.float32 else (2, 16):
@@ -106,7 +99,7 @@ def test_block_m_sweep(D, dtype, atol, rtol, check_close):
 
 @pytest.mark.parametrize("D", [13, 1152, 2301])
 def test_no_store_past_the_rows(D, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     inputs = make_inputs((3, 3, D), torch.float32, device)
     buf = torch.full((9 * D + 4096,), -7.0, device=device)
     out = buf[:9 * D].view(3, 3, D)

@@ -16,6 +16,7 @@ import mosaic_kernels as mk
 import oracle
 from mosaic_kernels.reference import residual_layer_norm_ref
 from tolerances import DTYPE_TOLS
+from triton_backend import triton_or_skip
 
 OP = "residual_layer_norm"
 FP32_BF16 = DTYPE_TOLS[:2]
@@ -35,14 +36,6 @@ def make_inputs(shape, dtype, device, weight=True, bias=True):
     return res, y, w, b
 
 
-def _triton_or_skip():
-    triton_kernels = pytest.importorskip("mosaic_kernels.triton")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not mk.backends(device)["triton"]["available"]:
-        pytest.skip("triton backend unavailable here")
-    return triton_kernels, device
-
-
 def _check_pair(got, want, atol, rtol, check_close, what):
     for name, g, w in zip(("h", "normed"), got, want):
         check_close(g, w, atol, rtol, f"{what}: {name}")
@@ -51,7 +44,7 @@ def _check_pair(got, want, atol, rtol, check_close, what):
 @pytest.mark.parametrize("dtype, atol, rtol", FP32_BF16)
 @pytest.mark.parametrize("shape", SHAPES + RANDOM_SHAPES, ids=str)
 def test_triton_matches_reference_and_oracle(shape, dtype, atol, rtol, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     res, y, w, b = make_inputs(shape, dtype, device)
     got = triton_kernels.residual_layer_norm_triton(res, y, w, b, 1e-5)
     assert all(t.dtype == dtype and t.shape == res.shape for t in got)
@@ -61,7 +54,7 @@ def test_triton_matches_reference_and_oracle(shape, dtype, atol, rtol, check_clo
 
 @pytest.mark.parametrize("has_weight, has_bias", [(True, True), (False, False), (True, False), (False, True)])
 def test_optional_affine(has_weight, has_bias, check_close):
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     res, y, w, b = make_inputs((3, 5, 640), torch.float32, device, has_weight, has_bias)
     _check_pair(triton_kernels.residual_layer_norm_triton(res, y, w, b), oracle.residual_layer_norm(res, y, w, b),
                 1e-5, 1e-5, check_close, "optional affine")
@@ -69,7 +62,7 @@ def test_optional_affine(has_weight, has_bias, check_close):
 
 def test_the_norm_reads_the_unrounded_sum(check_close):
     """bf16: normed is LN of the fp32 res + y, not of the bf16-rounded h (as the reference says)."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     res, y, w, b = make_inputs((4, 9, 640), torch.bfloat16, device)
     h, normed = triton_kernels.residual_layer_norm_triton(res, y, w, b)
     from_fp32 = oracle.residual_layer_norm(res, y, w, b)[1]
@@ -79,7 +72,7 @@ def test_the_norm_reads_the_unrounded_sum(check_close):
 
 def test_the_branch_is_added_and_stored(check_close):
     """Mutants ignoring y, or storing res instead of h, fail the comparison."""
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     res, y, w, b = make_inputs((2, 3, 72), torch.float32, device)
     h, normed = triton_kernels.residual_layer_norm_triton(res, y, w, b)
     assert not torch.allclose(normed, oracle.layer_norm(res, w, b).float(), atol=1e-2)
@@ -87,7 +80,7 @@ def test_the_branch_is_added_and_stored(check_close):
 
 
 def test_launcher_refuses_bad_inputs():
-    triton_kernels, device = _triton_or_skip()
+    triton_kernels, device = triton_or_skip()
     res, y, w, b = make_inputs((2, 3, 72), torch.float32, device)
     with pytest.raises(AssertionError, match="bad res/y"):
         triton_kernels.residual_layer_norm_triton(res, y[:1], w, b)
