@@ -38,15 +38,21 @@
 #   pixart  <=420s    ~150-250s        pixart.json (gpu_suite.py --stages pixart: PixArt-Sigma 1024 px
 #                                      transformer per forward, eager / compile / engine dense /
 #                                      mosaic 0.3, per step and step-weighted over DPM-Solver++ 20)
+# Parts 3 and 4 (each its own call, as part 2): env, build, then
+#   flux    <=420s    ~200-300s        flux.json (FLUX.1-dev 1024 px transformer, bf16, batch 1,
+#                                      flow-matching Euler 28 steps; each engine config freed once timed)
+#   sd3     <=420s    ~150-250s        sd3.json (SD3.5-Large 1024 px transformer, bf16, batch 2 = CFG,
+#                                      flow-matching Euler 28 steps, shift 3)
 #
 # Exit status: a bitmask of failed stages: build 1, correctness 2, kernels 4, e2e 8, profile 16,
-# tests 32, sdxl 64, pixart 128 (failed, timed out or skipped for lack of time; 0 = everything
+# tests 32, sdxl 64, pixart 128, flux 256, sd3 512 (failed, timed out or skipped for lack of time; 0 = everything
 # passed). check.log has one "stage NAME: ok|failed|timeout" line each.
 #
 # Before the device call, on the dev machine: bash benchmarks/prepare_gpu_run.sh (wheels into .whl/)
 # Then run with carry [".whl"] and timeout_s 600 (leaves room for one rerun in a 15-minute lease):
 #   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh            # part 1
 #   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh --part 2   # part 2 (OUT=... another folder)
+#   ... --part 3 (flux), --part 4 (sd3): one call each, in later sessions
 # Results land in $OUT (the device tool's folder), else benchmarks/results/<date>-<card>/.
 #
 # Rehearsal on a CPU (same suite code paths, tiny model, no build unless MOSAIC_CHECK_BUILD=1;
@@ -62,11 +68,11 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --part) shift; PART="${1:-}" ;;
-    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --part 1|2)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --part 1|2|3|4)" >&2; exit 2 ;;
   esac
   shift
 done
-case "$PART" in 1|2) ;; *) echo "gpu_check.sh: --part must be 1 or 2, got '$PART'" >&2; exit 2 ;; esac
+case "$PART" in 1|2|3|4) ;; *) echo "gpu_check.sh: --part must be 1, 2, 3 or 4, got '$PART'" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 MOSAIC_COMMIT="${MOSAIC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 PY="${PYTHON:-python3}"
 
@@ -119,20 +125,22 @@ else
   say "stage build: skipped (dry run; set MOSAIC_CHECK_BUILD=1 to build)"
 fi
 
-# part 2: the newer families' forward stages, each in its own process, with what the total leaves.
-if [ "$PART" = 2 ]; then
-  pixart_args=(--out "$OUT" --stages pixart)
+# parts 2-4: one newer family's forward stage each (pixart, flux, sd3), in its own process, with what
+# the total leaves.
+if [ "$PART" != 1 ]; then
+  case "$PART" in 2) family=pixart bit=128 ;; 3) family=flux bit=256 ;; 4) family=sd3 bit=512 ;; esac
+  family_args=(--out "$OUT" --stages "$family")
   if [ "$DRY" = 1 ]; then
-    pixart_guard=300  # tiny model: seconds on 2 shared cores
-    pixart_args+=(--dry-run)
+    family_guard=300  # tiny model: seconds on 2 shared cores
+    family_args+=(--dry-run)
   else
-    pixart_guard=$(( TOTAL_S - ($(date +%s) - CHECK_START) - 10 ))
-    [ "$pixart_guard" -gt 420 ] && pixart_guard=420
-    pixart_args+=(--pixart-guard-s $(( pixart_guard - 15 )))  # its own guard first: pixart.json is complete
+    family_guard=$(( TOTAL_S - ($(date +%s) - CHECK_START) - 10 ))
+    [ "$family_guard" -gt 420 ] && family_guard=420
+    family_args+=("--$family-guard-s" $(( family_guard - 15 )))  # its own guard first: the json is complete
   fi
-  run_stage pixart 128 "$pixart_guard" "$PY" benchmarks/gpu_suite.py "${pixart_args[@]}" 2>&1 | tee -a "$LOG"
-  [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$(( failed | 128 ))
-  say "done: exit status $failed (bits: build 1, pixart 128)"
+  run_stage "$family" "$bit" "$family_guard" "$PY" benchmarks/gpu_suite.py "${family_args[@]}" 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -ne 0 ] && failed=$(( failed | bit ))
+  say "done: exit status $failed (bits: build 1, $family $bit)"
   ls -l "$OUT" | tee -a "$LOG"
   exit $failed
 fi

@@ -35,9 +35,16 @@ Stages, in order, each under its own wall-clock guard and each writing its own f
    compile, engine dense and mosaic 0.3, per step at each stage's timestep and step-weighted
    over DPM-Solver++ 20 steps, with the target (mosaic >= 1.4x compile-dense). gpu_check.sh runs
    it in its second call (``--part 2``): the first call's stages fill its 600 s.
+7. ``flux`` -> flux.json: one FLUX.1-dev 1024 px transformer forward (bf16, 4096 image + 512 text
+   tokens, batch 1: guidance-distilled) per config, as pixart, over FluxPipeline's flow-matching
+   Euler 28 steps (``--part 3``).
+8. ``sd3`` -> sd3.json: one SD3.5-Large 1024 px transformer forward (bf16, 4096 image + 333 text
+   tokens, batch 2 = CFG) per config, as pixart, over flow-matching Euler 28 steps, shift 3
+   (``--part 4``).
 
-This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stages 5 and 6 in
-suite_sdxl.py and suite_pixart.py (their shared body, one forward per config, in suite_forward.py),
+This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stages 5 to 8 in
+suite_sdxl.py, suite_pixart.py, suite_flux.py and suite_sd3.py (their shared body, one forward per
+config, in suite_forward.py),
 the run's models and inputs (`Suite`) in suite_context.py, the helpers the stages share (guard,
 results files, run header, timing with `triton.testing.do_bench`, step weights, dynamo graph
 count) in suite_common.py, the model configs in dit_models.py, sdxl_config.py and
@@ -45,11 +52,13 @@ pixart_config.py. The stages import those (suite_sdxl and suite_pixart also suit
 never this file or each other.
 
 The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8,
-sdxl 16, pixart 32); each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
+sdxl 16, pixart 32, flux 64, sd3 128); each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
 
     python benchmarks/gpu_suite.py --out DIR              # one H100/H200: stages 1-5
     python benchmarks/gpu_suite.py --out DIR --stages sdxl  # at most 225 s (--sdxl-guard-s)
     python benchmarks/gpu_suite.py --out DIR --stages pixart  # at most 300 s (--pixart-guard-s)
+    python benchmarks/gpu_suite.py --out DIR --stages flux    # at most 400 s (--flux-guard-s)
+    python benchmarks/gpu_suite.py --out DIR --stages sd3     # at most 400 s (--sd3-guard-s)
     python benchmarks/gpu_suite.py --out DIR --dry-run    # tiny model on the CPU, same code paths
 """
 
@@ -78,16 +87,19 @@ from suite_common import (  # noqa: E402,F401 - StageTimeout: the tests read it
 )
 from suite_context import Suite  # noqa: E402
 from suite_e2e import TARGETS, e2e_plan, stage_e2e  # noqa: E402,F401 - TARGETS, e2e_plan: the dry-run tests read them
+from suite_flux import stage_flux  # noqa: E402
 from suite_pixart import stage_pixart  # noqa: E402
+from suite_sd3 import stage_sd3  # noqa: E402
 from suite_sdxl import stage_sdxl  # noqa: E402
 
-STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl", "pixart")
-#: What one run does unless told: pixart is gpu_check.sh's second call (its own 600 s).
+STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl", "pixart", "flux", "sd3")
+#: What one run does unless told: pixart, flux and sd3 are gpu_check.sh's later calls (600 s each).
 DEFAULT_STAGES = STAGES[:5]
 STAGE_BITS = {name: 1 << i for i, name in enumerate(STAGES)}
 #: Wall-clock guard per stage on the GPU, seconds. The CPU dry run scales them by
 #: DRY_RUN_GUARD_SCALE: inductor compiles for the CPU with a cold cache take minutes on 2 cores.
-GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25, "sdxl": 225, "pixart": 300}
+GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25, "sdxl": 225, "pixart": 300, "flux": 400,
+          "sd3": 400}
 DRY_RUN_GUARD_SCALE = 4
 
 
@@ -212,7 +224,7 @@ def stage_profile(suite: Suite, out: Path) -> bool:
 
 
 STAGE_FNS = {"correctness": stage_correctness, "kernels": stage_kernels, "e2e": stage_e2e, "profile": stage_profile,
-             "sdxl": stage_sdxl, "pixart": stage_pixart}
+             "sdxl": stage_sdxl, "pixart": stage_pixart, "flux": stage_flux, "sd3": stage_sd3}
 
 
 def main(argv=None) -> int:
@@ -226,13 +238,14 @@ def main(argv=None) -> int:
     p.add_argument("--kernel-rep-ms", type=int, default=None, help="timing window per kernel provider")
     p.add_argument("--sdxl-guard-s", type=float, default=None,
                    help=f"the sdxl stage's guard on the GPU, seconds (default {GUARDS['sdxl']})")
-    p.add_argument("--pixart-guard-s", type=float, default=None,
-                   help=f"the pixart stage's guard on the GPU, seconds (default {GUARDS['pixart']})")
+    for flag in ("pixart", "flux", "sd3"):
+        p.add_argument(f"--{flag}-guard-s", type=float, default=None,
+                       help=f"the {flag} stage's guard on the GPU, seconds (default {GUARDS[flag]})")
     p.add_argument("--sdxl-prune-time", action="store_true",
                    help="sdxl: also time OBS pruning of the SDXL U-Net (minutes; always on, tiny, in a dry run)")
     p.add_argument("--sdxl-prune-samples", type=int, default=32, help="sdxl: calibration samples per stage")
     args = p.parse_args(argv)
-    for flag in ("sdxl", "pixart"):
+    for flag in ("sdxl", "pixart", "flux", "sd3"):
         guard = getattr(args, f"{flag}_guard_s")
         if guard is not None and guard <= 0:
             p.error(f"--{flag}-guard-s must be positive, got {guard}")

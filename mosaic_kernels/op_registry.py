@@ -6,7 +6,8 @@ Every op module ends with one ``register(BenchCase(...))``. The benchmarks
 Triton GEMM, the SDPA kernel) by timing the providers of its case. Nothing else lists the ops.
 
 Canonical shapes: row ops ``(B, L, D)``, GEMM ops ``(M, N, K)`` with ``M`` the rows of ``x``
-and ``N`` the rows of the weight, ``attention`` ``(B, L, H, hd)``.
+and ``N`` the rows of the weight, ``attention`` ``(B, L, H, hd)``, ``rms_norm_rope``
+``(B, S, H, D, rope)`` (``rope`` 1: cos/sin passed, 0: none).
 """
 
 from __future__ import annotations

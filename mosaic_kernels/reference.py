@@ -30,6 +30,7 @@ __all__ = [
     "ln_modulate_ref",
     "ln_modulate_table_ref",
     "residual_layer_norm_ref",
+    "rms_norm_rope_ref",
 ]
 
 
@@ -119,6 +120,57 @@ def layer_norm_ref(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def _rotate_pairs(y: torch.Tensor) -> torch.Tensor:
+    """``(-y[2i+1], y[2i])`` for every pair of the last dim (diffusers' ``use_real_unbind_dim=-1``)."""
+    real, imag = y.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-imag, real), dim=-1).flatten(-2)
+
+
+def rms_norm_rope_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """``y = x * rsqrt(mean(x^2) + eps) * weight``, then RoPE on pairs: ``y * cos + rot(y) * sin``.
+
+    The per-head q/k norm of SD3.5 and Flux followed, when ``cos``/``sin`` are given, by Flux's
+    ``apply_rotary_emb(y, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)``:
+    ``out[2i] = y[2i] cos[2i] - y[2i+1] sin[2i]``, ``out[2i+1] = y[2i+1] cos[2i+1] + y[2i]
+    sin[2i+1]``. Computed in fp32 with the roundings of the diffusers modules each form replaces
+    (diffusers 0.42), so that for a weight of ``x``'s dtype the result is theirs up to the order
+    of the fp32 sums:
+
+    - without RoPE, SD3.5's ``attn.norm_q`` (diffusers' ``RMSNorm``): the normalized row is
+      rounded to a half-precision weight's dtype before the product, and the product to that
+      dtype; without a weight it is rounded to ``x.dtype``;
+    - with RoPE, Flux's ``attn.norm_q`` (``torch.nn.RMSNorm``): ``x * rstd * weight`` rounded
+      once to ``x.dtype`` (what ``apply_rotary_emb`` receives); RoPE then runs in fp32 on that
+      and is rounded once to ``x.dtype``.
+
+    Args:
+        x: (B, S, H, D) queries or keys, any strides.
+        weight: (D,) RMSNorm scale, or None (``elementwise_affine=False``).
+        cos: (S, D) float32 cosines (Flux's ``image_rotary_emb[0]``), or None (no RoPE).
+        sin: (S, D) float32 sines, or None (with ``cos``).
+        eps: the RMSNorm epsilon.
+
+    Returns:
+        (B, S, H, D) tensor of ``x.dtype``.
+    """
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+    if weight is not None and cos is None and weight.dtype in (torch.float16, torch.bfloat16):
+        y = (y.to(weight.dtype).float() * weight.float()).to(weight.dtype).float()
+    elif weight is not None:
+        y = y * weight.float()
+    if cos is None:
+        return y.to(x.dtype)
+    y = y.to(x.dtype).float()
+    return (y * cos.float()[:, None, :] + _rotate_pairs(y) * sin.float()[:, None, :]).to(x.dtype)
 
 
 def gated_residual_ref(res: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

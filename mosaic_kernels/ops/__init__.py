@@ -41,6 +41,7 @@ from .residual_layer_norm import residual_layer_norm
 from .linear_residual import linear_residual
 from .ln_modulate_table import ln_modulate_table
 from .gated_residual_ln_modulate_table import gated_residual_ln_modulate_table
+from .rms_norm_rope import rms_norm_rope
 
 #: The public names: the backend controls, then every registered op.
 __all__ = ["BACKEND_ENV", "backends", "current_backend", "record_dispatch", "select_backend", "use_backend",

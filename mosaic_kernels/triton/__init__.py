@@ -19,6 +19,7 @@ from .linear_residual import linear_residual_triton
 from .ln_modulate import ln_modulate_triton
 from .ln_modulate_table import ln_modulate_table_triton
 from .residual_layer_norm import residual_layer_norm_triton
+from .rms_norm_rope import rms_norm_rope_triton
 
 __all__ = [
     "INTERPRETED",
@@ -33,5 +34,6 @@ __all__ = [
     "ln_modulate_table_triton",
     "ln_modulate_triton",
     "residual_layer_norm_triton",
+    "rms_norm_rope_triton",
 ]
 

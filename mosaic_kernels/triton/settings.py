@@ -39,7 +39,7 @@ __all__ = [
 
 #: Row ops that hold whole rows (a LayerNorm needs the row's statistics).
 NORM_OPS = ("ln_modulate", "gated_residual_ln_modulate", "layer_norm", "residual_layer_norm",
-            "ln_modulate_table", "gated_residual_ln_modulate_table")
+            "ln_modulate_table", "gated_residual_ln_modulate_table", "rms_norm_rope")
 #: Every row op: the norms and the elementwise gated residual (2-D tiles).
 ROW_OPS = ("gated_residual", *NORM_OPS)
 #: Widest row a single-pass row kernel holds in registers (as Liger-Kernel's limit).

@@ -7,7 +7,8 @@ once per batch (once per stage and batch for compile_pruned), the ratios and tar
 in the run, at most 8 result files (what the device tool returns), and an exit status that
 names the failed stages while the later stages still run. The sdxl stage runs diffusers' tiny
 SDXL test U-Net through the same configs as the SDXL base U-Net on the GPU; the second call
-(``--part 2``) runs a tiny PixArt through the configs of PixArt-Sigma 1024 px.
+(``--part 2``) runs a tiny PixArt through the configs of PixArt-Sigma 1024 px, the third and fourth
+(``--part 3``, ``--part 4``) a tiny Flux and SD3.5 through those of FLUX.1-dev and SD3.5-Large.
 """
 
 from __future__ import annotations
@@ -150,6 +151,35 @@ def test_part_two_times_pixart_per_step_and_step_weighted(tmp_path):
     assert target["target"] == 1.4
     assert target["ratio"] == pytest.approx(by["diffusers_compile_dense"]["ms_per_forward"]
                                              / by["mosaic_0.3"]["ms_per_forward"])
+    assert result["memory"]["mosaic_0.3"]["ratio"] > 0 and result["memory"]["engine_dense"]["ratio"] > 0
+
+
+@pytest.mark.parametrize("part, family, steps, batch", [("3", "flux", 28, 1), ("4", "sd3", 28, 2)])
+def test_parts_three_and_four_time_the_flow_families(tmp_path, part, family, steps, batch):
+    """`gpu_check.sh --part 3` (FLUX.1-dev) and `--part 4` (SD3.5-Large), on tiny configs: only env and
+    the family's stage; its json has every config at each stage's timestep of flow-matching Euler 28
+    steps (the first step, t = 1000, in the early stage), the step-weighted mean, the 1.4x target
+    and the memory of both engine configs (Flux frees each once timed)."""
+    proc = run_check(tmp_path, "--part", part)
+    log = (tmp_path / "check.log").read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}\n{proc.stderr[-2000:]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.log", f"{family}.json"]
+    assert f"stage {family}: ok" in log and "stage suite" not in log and "stage pixart" not in log
+    result = load(tmp_path, f"{family}.json")
+    assert not result["errors"], result["errors"]
+    assert result["inputs"]["hidden_states"][0] == batch
+    stages = result["stages"]
+    assert [s["name"] for s in stages] == ["early", "middle", "late"] and sum(s["steps"] for s in stages) == steps
+    assert stages[0]["t_end"] == 1001 and stages[0]["timestep"] == 1000, stages
+    by = {r["config"]: r for r in result["records"]}
+    assert set(by) == {"diffusers_eager_dense", "mosaic_0.3", "diffusers_compile_dense", "engine_dense"}
+    for name, rec in by.items():
+        weighted = sum(rec["per_stage_ms"][str(s["timestep"])] * s["steps"] for s in stages) / steps
+        assert rec["ms_per_forward"] == pytest.approx(weighted)
+        assert rec["dynamo_graphs_compiled"] == (1 if name == "diffusers_compile_dense" else 0), rec
+    target = result["targets"][f"{family}_mosaic_0.3_vs_compile_dense"]
+    assert target["target"] == 1.4 and target["ratio"] == pytest.approx(
+        by["diffusers_compile_dense"]["ms_per_forward"] / by["mosaic_0.3"]["ms_per_forward"])
     assert result["memory"]["mosaic_0.3"]["ratio"] > 0 and result["memory"]["engine_dense"]["ratio"] > 0
 
 

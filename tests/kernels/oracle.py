@@ -57,6 +57,20 @@ def residual_layer_norm(res, y, weight, bias, eps: float = 1e-5) -> tuple[torch.
     return h, layer_norm(h, weight, bias, eps)
 
 
+def rms_norm_rope(x, weight, cos=None, sin=None, eps: float = 1e-6) -> torch.Tensor:
+    """``F.rms_norm`` over head_dim, then the rotation of each pair ``(2i, 2i+1)`` written out on
+    the even and odd lanes, float64 (no intermediate rounding)."""
+    x64 = _f64(x)
+    y = F.rms_norm(x64, x64.shape[-1:], _f64(weight), eps=eps)
+    if cos is None:
+        return y
+    c, s = _f64(cos)[:, None, :], _f64(sin)[:, None, :]  # (S, 1, D): broadcast over heads
+    even, odd = y[..., 0::2], y[..., 1::2]
+    out_even = even * c[..., 0::2] - odd * s[..., 0::2]
+    out_odd = odd * c[..., 1::2] + even * s[..., 1::2]
+    return torch.stack((out_even, out_odd), dim=-1).flatten(-2)
+
+
 def gated_residual(res, gate, y) -> torch.Tensor:
     """``res + gate * y`` per sample, float64 (``addcmul``)."""
     return torch.addcmul(_f64(res), _f64(gate).unsqueeze(1), _f64(y))

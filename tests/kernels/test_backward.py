@@ -132,6 +132,25 @@ def _gemm(rng, gen, N_mult: int = 1) -> tuple[int, int, int, int, dict]:
     return B, L, K, N, t
 
 
+def _rms_norm_rope(rng, gen) -> Spec:
+    B, S, H = rng.randint(1, 3), rng.randint(1, 5), rng.randint(1, 3)
+    D = rng.choice([2, 8, 24, 40])
+    rope, with_weight = rng.random() < 0.7, rng.random() < 0.7
+    angles = torch.rand(S, D // 2, generator=gen) * 6.3
+    t = {"qkv": _randn(gen, B, S, 3, H, D, scale=2, shift=0.3),
+         "weight": _randn(gen, D, scale=0.2, shift=1) if with_weight else None,
+         "cos": angles.cos().repeat_interleave(2, -1) if rope else None,
+         "sin": angles.sin().repeat_interleave(2, -1) if rope else None}
+
+    def table(t, name):  # RoPE tables stay float32 whatever the test dtype (the op's contract)
+        return None if t[name] is None else t[name].float()
+
+    def run(fn):  # the keys of a fused qkv output: a strided view
+        return lambda t: fn(t["qkv"][:, :, 1], t["weight"], table(t, "cos"), table(t, "sin"), 1e-6)
+
+    return t, run(mk.rms_norm_rope), run(oracle.rms_norm_rope)
+
+
 def _linear_gelu(rng, gen) -> Spec:
     _, _, _, _, t = _gemm(rng, gen)
     return (t, lambda t: mk.linear_gelu(t["x"], t["weight"], t["bias"]),
@@ -199,6 +218,7 @@ SPECS: dict[str, Callable[[random.Random, torch.Generator], Spec]] = {
     "linear_residual": _linear_residual,
     "ln_modulate_table": _ln_modulate_table,
     "gated_residual_ln_modulate_table": _gated_residual_ln_modulate_table,
+    "rms_norm_rope": _rms_norm_rope,
 }
 
 

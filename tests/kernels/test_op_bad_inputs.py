@@ -57,9 +57,11 @@ def test_attention_num_heads_integral_accepted(heads):
 _LN_ARGS = (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8))
 _GRLN_ARGS = (torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 8))
 _AFFINE_LN_ARGS = (torch.randn(2, 3, 8), torch.randn(8), torch.randn(8))
+_RMS_ROPE_ARGS = (torch.randn(2, 3, 2, 8), torch.randn(8), torch.randn(3, 8), torch.randn(3, 8))
 _EPS_OPS = {"ln_modulate": (mk.ln_modulate, _LN_ARGS),
             "gated_residual_ln_modulate": (mk.gated_residual_ln_modulate, _GRLN_ARGS),
-            "layer_norm": (mk.layer_norm, _AFFINE_LN_ARGS)}
+            "layer_norm": (mk.layer_norm, _AFFINE_LN_ARGS),
+            "rms_norm_rope": (mk.rms_norm_rope, _RMS_ROPE_ARGS)}
 
 
 @pytest.mark.parametrize("op", list(_EPS_OPS))
@@ -146,6 +148,8 @@ def test_row_ops_empty(backend, device, shape):
     assert h.shape == normed.shape == shape
     w = torch.randn(D, device=device)
     assert mk.layer_norm(x, w, w).shape == mk.layer_norm(x, None, None).shape == shape
+    cos_sin = torch.randn(L, D, device=device)
+    assert mk.rms_norm_rope(x.unsqueeze(2), w, cos_sin, cos_sin).shape == (B, L, 1, D)
 
 
 @pytest.mark.parametrize("M, N, K", [(0, 5, 8), (4, 0, 8), (0, 0, 0)], ids=["M0", "N0", "all0"])

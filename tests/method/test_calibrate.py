@@ -146,8 +146,9 @@ def test_collect_hessians_errors():
                          adapter=DIT)
     with pytest.raises(ValueError, match=r"^mosaicdiff.prune: no model adapter for this model; supported: diffusers "
                                          r"DiTTransformer2DModel, diffusers UNet2DConditionModel \(SD 1.x/2.x, SDXL\), "
-                                         r"diffusers PixArtTransformer2DModel \(PixArt-alpha, PixArt-Sigma\); "
-                                         r"got Linear"):
+                                         r"diffusers PixArtTransformer2DModel \(PixArt-alpha, PixArt-Sigma\), "
+                                         r"diffusers SD3Transformer2DModel \(SD3, SD3.5\), "
+                                         r"diffusers FluxTransformer2DModel \(FLUX.1\); got Linear"):
         adapter_for(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="DiT"):  # the adapter refuses a model not of its family
         collect_hessians(torch.nn.Linear(2, 2), x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),

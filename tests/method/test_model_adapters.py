@@ -51,7 +51,8 @@ def test_an_unknown_model_is_refused_in_one_line(model, name):
     message = str(info.value)
     assert message == (f"mosaicdiff.prune: no model adapter for this model; supported: diffusers "
                        f"DiTTransformer2DModel, diffusers UNet2DConditionModel (SD 1.x/2.x, SDXL), diffusers "
-                       f"PixArtTransformer2DModel (PixArt-alpha, PixArt-Sigma); got {name} "
+                       f"PixArtTransformer2DModel (PixArt-alpha, PixArt-Sigma), diffusers SD3Transformer2DModel (SD3, "
+                       f"SD3.5), diffusers FluxTransformer2DModel (FLUX.1); got {name} "
                        f"(see docs/adding_a_model.md to add one)")
     assert "\n" not in message
 

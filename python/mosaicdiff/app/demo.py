@@ -167,11 +167,11 @@ def _sample_dense(run: Experiment, guidance_scale: float, report: ReportFile, ou
     _grid(run, images, out / "grid_dense.png")
     mse, _ = schedule.empirical_curve(traj.xs, images, traj.timesteps)
     report.data["empirical_curve"] = {"timesteps": traj.timesteps.tolist(), "mse": mse.tolist()}
-    report.data["stage_curve"] = schedule.curve_agreement(run.scheduler.alphas_cumprod, traj.timesteps, mse,
+    report.data["stage_curve"] = schedule.curve_agreement(run.process, traj.timesteps, mse,
                                                           run.calibration.x0_sq_norm)
-    plots.plot_stage_curves(out / "stages.png", run.scheduler.alphas_cumprod, run.boundaries,
+    plots.plot_stage_curves(out / "stages.png", run.process, run.boundaries,
                             empirical=(traj.timesteps.tolist(), mse.tolist()), x0_sq_norm=run.calibration.x0_sq_norm,
-                            title=f"{run.subject.title}, DDIM {run.steps} steps: stages {run.boundaries}")
+                            title=f"{run.subject.title}, {run.steps} steps: stages {run.boundaries}")
     report.save()
     return images
 

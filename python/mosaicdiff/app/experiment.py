@@ -26,6 +26,7 @@ from mosaicdiff import api
 from mosaicdiff.app.inputs import sample_labels
 from mosaicdiff.core import sampling
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
+from mosaicdiff.core.schedulers import noise_process
 from mosaicdiff.eval import quality
 from mosaicdiff.method import pruning, schedule
 from mosaicdiff.zoo.data import NUM_CLASSES
@@ -82,9 +83,14 @@ class Experiment:
         return len(self.labels) // len(self.seeds)
 
     @property
+    def process(self):
+        """The sampler's forward process (DDPM, or rectified flow for the MMDiT)."""
+        return noise_process(self.scheduler)
+
+    @property
     def stages(self):
         """(name, t_start, t_end) of the early, middle and late stage."""
-        return schedule.stages_from_boundaries(*self.boundaries, T=len(self.scheduler.alphas_cumprod))
+        return schedule.stages_from_boundaries(*self.boundaries, T=self.process.timestep_end)
 
     def prune(self, method: str, sparsity: float) -> tuple[nn.Module, float]:
         """`mosaicdiff.prune` of the dense model at this run's stages; returns (mosaic, seconds)."""
@@ -125,14 +131,15 @@ def prepare(model: nn.Module | None, *, steps: int, seed: int, num_samples: int,
     scheduler = subject.scheduler()
     scheduler.set_timesteps(steps)
     if boundaries is None:
-        boundaries = schedule.stage_boundaries(scheduler.alphas_cumprod, speed_threshold=speed_threshold,
+        boundaries = schedule.stage_boundaries(noise_process(scheduler), speed_threshold=speed_threshold,
                                                log_snr_weight=log_snr_weight, x0_sq_norm=calibration.x0_sq_norm)
     seeds = tuple(int(seed) + k for k in range(int(num_seeds)))
     return Experiment(
         subject=subject, dense=dense, calibration=calibration, scheduler=scheduler,
         boundaries=(int(boundaries[0]), int(boundaries[1])),
         labels=sample_labels(num_samples, NUM_CLASSES).repeat(len(seeds)),
-        noise=torch.cat([sampling.make_noise(dense, num_samples, seed=s) for s in seeds]),
+        noise=torch.cat([sampling.make_noise(dense, num_samples, seed=s, sample_shape=getattr(subject, "image_shape", None))
+                         for s in seeds]),
         steps=steps, seed=seed, seeds=seeds, samples_per_stage=samples_per_stage, speed_threshold=speed_threshold,
         log_snr_weight=log_snr_weight, progress=progress)
 
@@ -145,8 +152,8 @@ def warmup(subject, model: nn.Module, label: int = 0) -> None:
     timed sampling run.
     """
     p = next(model.parameters())
-    c, s = int(model.config.in_channels), int(model.config.sample_size)
-    x = torch.zeros(2, c, s, s, device=p.device, dtype=p.dtype)
+    x = torch.zeros(2, *sampling.image_shape(model, getattr(subject, "image_shape", None)), device=p.device,
+                    dtype=p.dtype)
     for t in torch.linspace(999, 0, 11).round().long():
         subject.warmup(model, x, t.expand(2).to(p.device), label)
 

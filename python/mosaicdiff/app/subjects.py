@@ -8,7 +8,9 @@ else of an experiment (stages, pruning, metrics, the report) is the same for all
 - ``digits-unet``: the text-conditioned U-Net (`mosaicdiff.zoo.load_digits_unet`) whose prompt is
   the digit's row of learned label tokens, DDIM on ``scaled_linear`` betas;
 - ``digits-pixart``: the text-conditioned DiT in PixArt's layout (`mosaicdiff.zoo.load_digits_pixart`),
-  prompted by its own label tokens, DPM-Solver++ on linear betas.
+  prompted by its own label tokens, DPM-Solver++ on linear betas;
+- ``digits-mmdit``: the rectified-flow MMDiT in Flux's layout (`mosaicdiff.zoo.load_digits_mmdit`),
+  prompted by its label conditioning, Euler flow matching without guidance.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mosaicdiff import zoo
 from mosaicdiff.core import sampling
 from mosaicdiff.zoo.data import NUM_CLASSES
 
-__all__ = ["SUBJECTS", "DigitsDiT", "DigitsPixArt", "DigitsUNet", "subject_named"]
+__all__ = ["SUBJECTS", "DigitsDiT", "DigitsMMDiT", "DigitsPixArt", "DigitsUNet", "subject_named"]
 
 
 @dataclass
@@ -143,8 +145,69 @@ class DigitsPixArt(_TextDigits):
         return zoo.digits_pixart_scheduler()
 
 
+@dataclass
+class DigitsMMDiT:
+    """The embedded rectified-flow MMDiT in Flux.1's layout (double- and single-stream blocks, RoPE),
+    prompted by its label conditioning; guidance-free like Flux-schnell: one forward per step."""
+
+    name = "digits-mmdit"
+    title = "digits MMDiT (Flux layout)"
+    guidance_scale = 1.0  # trained without a null prompt: there is no unconditional branch to guide with
+    sampler = "Euler flow matching (shift 3, as SD3)"
+    align = 16  # kept MLP widths: multiples of 16 of the 256 channels
+    image_shape = (1, 16, 16)  # the model reads these pixels packed 2x2 into 64 tokens (zoo.train_mmdit.pack)
+
+    def load(self) -> nn.Module:
+        return zoo.load_digits_mmdit()
+
+    def _conditioning(self, labels, like: torch.Tensor) -> dict:
+        return zoo.load_digits_mmdit_conditioning(labels, device=like.device, torch_dtype=like.dtype)
+
+    def calibration(self, dense: nn.Module):
+        from mosaicdiff.app.inputs import digits_calibration
+        from mosaicdiff.calibrate import ConditionedCalibration
+
+        digits = digits_calibration(NUM_CLASSES)
+        cond = zoo.load_digits_mmdit_conditioning(digits.labels)
+        # unpacked images (the Flux adapter packs them) and the prompt; the positions are the
+        # pipeline's defaults (zeros for the text, the 8x8 grid), which the adapter fills in
+        return ConditionedCalibration(digits.x0, {k: cond[k] for k in ("encoder_hidden_states", "pooled_projections")},
+                                      cfg=False)
+
+    def scheduler(self):
+        return zoo.digits_mmdit_scheduler()
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, labels: torch.Tensor, noise: torch.Tensor, *, steps: int,
+               guidance_scale: float, progress: bool, return_trajectory: bool = False):
+        from mosaicdiff.zoo.train_mmdit import pack, unpack
+
+        if guidance_scale != 1.0:
+            raise ValueError(f"{self.name} has no unconditional branch (trained without a null prompt): "
+                             f"guidance_scale must be 1.0, got {guidance_scale}")
+        p = next(model.parameters())
+        conditioning = self._conditioning(labels, p)
+
+        def forward(x_in, t_in, rows: slice, cfg: bool) -> torch.Tensor:
+            cond = {k: v[rows] if k in ("encoder_hidden_states", "pooled_projections") else v
+                    for k, v in conditioning.items()}
+            v = model(hidden_states=pack(x_in.to(p.dtype)), timestep=t_in.to(p.dtype) / 1000, **cond,
+                      return_dict=False)[0]
+            return unpack(v.float())
+
+        return sampling.guided_denoise(model, forward, len(labels), num_inference_steps=steps, guidance_scale=1.0,
+                                       scheduler=self.scheduler(), noise=noise, progress=progress,
+                                       return_trajectory=return_trajectory, sample_shape=self.image_shape)
+
+    @torch.no_grad()
+    def warmup(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, label: int) -> None:
+        from mosaicdiff.zoo.train_mmdit import pack
+
+        model(hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, **self._conditioning([label] * len(x), x))
+
+
 #: The subjects by name (the demo's and eval's ``--model`` accepts these names).
-SUBJECTS = {s.name: s for s in (DigitsDiT, DigitsUNet, DigitsPixArt)}
+SUBJECTS = {s.name: s for s in (DigitsDiT, DigitsUNet, DigitsPixArt, DigitsMMDiT)}
 
 
 def subject_named(name: str):

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["GROUP_KINDS", "ModelAdapter", "PrunableGroup", "PrunedGroup", "linear_bias", "unwrap_model"]
+__all__ = ["GROUP_KINDS", "ModelAdapter", "PrunableGroup", "PrunedGroup", "hessian_keys", "linear_bias", "unwrap_model"]
 
 #: How a sparsity becomes a number of removed units: "heads" rounds to the nearest head and
 #: always keeps one; "channels" keeps a width aligned to a multiple (`mosaicdiff.method.compact`).
@@ -58,9 +58,18 @@ class PrunableGroup:
         producers: the linears writing the units as output rows (``to_q/k/v``, ``fc1``); their
             rows of the removed units are dropped.
         unit_size: input columns of `consumer` per unit (``head_dim`` for heads, 1 for channels).
-        producer_rows: maps the consumer's kept columns to each producer's kept rows; default the
-            same indices. A GEGLU MLP (value and gate halves in one linear) maps ``c`` to
-            ``[c, c + F]``.
+        producer_rows: maps the group's kept columns (counted from the group's first column) to
+            each producer's kept rows; default the same indices. A GEGLU MLP (value and gate halves
+            in one linear) maps ``c`` to ``[c, c + F]``.
+        consumer_offset: the group's first input column of `consumer`, for a consumer that reads
+            several groups side by side (Flux's single-stream ``proj_out`` reads ``[attention |
+            MLP]``: the MLP group starts at the attention width). Groups sharing one consumer are
+            pruned in order on one compensated weight (`mosaicdiff.method.compact.prune_groups`).
+        units: the group's number of units when it does not span the rest of `consumer`'s inputs
+            (default ``(consumer.in_features - consumer_offset) // unit_size``).
+        more_consumers: further linears reading the same units at the same columns (joint
+            attention's ``to_add_out`` beside ``to_out[0]``): a unit's OBS cost is the sum over all
+            consumers, each compensated with its own input Hessian.
     """
 
     kind: str
@@ -68,14 +77,43 @@ class PrunableGroup:
     producers: tuple[nn.Linear, ...]
     unit_size: int = 1
     producer_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+    consumer_offset: int = 0
+    units: int | None = None
+    more_consumers: tuple[nn.Linear, ...] = ()
 
     def __post_init__(self):
         if self.kind not in GROUP_KINDS:
             raise ValueError(f"PrunableGroup.kind must be one of {GROUP_KINDS}, got {self.kind!r}")
+        span = self.consumer_offset + self.num_units * self.unit_size
+        if self.consumer_offset < 0 or self.num_units < 1 or span > self.consumer.in_features:
+            raise ValueError(f"PrunableGroup: columns [{self.consumer_offset}, {span}) do not fit the consumer's "
+                             f"{self.consumer.in_features} input columns")
+        for other in self.more_consumers:
+            if other.in_features != self.consumer.in_features:
+                raise ValueError(f"PrunableGroup: more_consumers must read as many columns as the consumer "
+                                 f"({self.consumer.in_features}), got {other.in_features}")
 
     @property
     def num_units(self) -> int:
-        return self.consumer.in_features // self.unit_size
+        if self.units is not None:
+            return int(self.units)
+        return (self.consumer.in_features - self.consumer_offset) // self.unit_size
+
+    @property
+    def consumers(self) -> tuple[nn.Linear, ...]:
+        """Every consumer: `consumer` first, then `more_consumers`."""
+        return (self.consumer, *self.more_consumers)
+
+    @property
+    def columns(self) -> slice:
+        """The group's input columns in each consumer."""
+        return slice(self.consumer_offset, self.consumer_offset + self.num_units * self.unit_size)
+
+
+def hessian_keys(name: str, group: PrunableGroup) -> list[str]:
+    """The keys of a group's consumers' Hessians in `collect_hessians`' output, in `consumers` order:
+    the group's name for `consumer`, ``"<name>:<i>"`` for ``more_consumers[i - 1]``."""
+    return [name] + [f"{name}:{i}" for i in range(1, len(group.more_consumers) + 1)]
 
 
 @dataclass
@@ -87,6 +125,10 @@ class PrunedGroup:
         consumer_weight: the compensated consumer weight, kept columns only.
         consumer_bias: the consumer's bias (unchanged: removing inputs does not touch it).
         producer_weights / producer_biases: each producer's kept rows, in `producers` order.
+        more_consumer_weights / more_consumer_biases: the same for `PrunableGroup.more_consumers`.
+
+    For a consumer shared by several groups, `consumer_weight` is the consumer's final compensated
+    weight (after every group on it was pruned) restricted to this group's kept columns.
     """
 
     kept: torch.Tensor
@@ -94,6 +136,8 @@ class PrunedGroup:
     consumer_bias: torch.Tensor
     producer_weights: list[torch.Tensor]
     producer_biases: list[torch.Tensor]
+    more_consumer_weights: list[torch.Tensor] = field(default_factory=list)
+    more_consumer_biases: list[torch.Tensor] = field(default_factory=list)
 
 
 class ModelAdapter(ABC):
@@ -168,6 +212,15 @@ class ModelAdapter(ABC):
         from mosaicdiff.core.schedulers import default_scheduler
 
         return default_scheduler()
+
+    def noise_process(self, model: nn.Module, scheduler, calibration: Any = None):
+        """The forward process `scheduler` samples on (`mosaicdiff.core.schedulers.noise_process`).
+
+        A family whose pipeline sets the sampler from the image size (Flux's dynamic shift) derives
+        what the scheduler alone does not say from the calibration latents."""
+        from mosaicdiff.core.schedulers import noise_process
+
+        return noise_process(scheduler)
 
     def source_name(self, model: nn.Module) -> str:
         """Where the model came from (hub id or path) if its config says so, else its class name."""

@@ -41,7 +41,7 @@ from torch import nn
 
 from mosaicdiff.core import layerwise_casting
 from mosaicdiff.core.runtime import StageRuntimeMixin
-from mosaicdiff.core.stages import stage_index
+from mosaicdiff.core.stages import StageSpec, stage_index
 from mosaicdiff.core.weight_init import init_weights, skip_weight_init, weight_init_skipped
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,21 @@ class MosaicModel(StageRuntimeMixin, ModelMixin, ConfigMixin):
         self._init_stage_runtime()
         if not weight_init_skipped():
             init_weights(self)
+
+    #: The dense model's config keys the mosaic's config repeats (family hook, read by `dense_config`).
+    dense_config_keys: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def dense_config(self) -> dict[str, Any]:
+        """The dense model's config this mosaic was pruned from (its `dense_config_keys`)."""
+        return {k: self.config[k] for k in self.dense_config_keys}
+
+    @property
+    def stages(self) -> list[StageSpec]:
+        """The stages, their blocks' tensors being this module's (a shared-producer block's rows re-laid
+        out in the copies layout: copies)."""
+        return [StageSpec(name, t0, t1, sp, [b.weights() for b in self.stage_blocks[i]])
+                for i, (name, t0, t1, sp) in enumerate(self._ranges)]
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from mosaicdiff.core.schedulers import default_scheduler
 logger = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteError", "Trajectory", "check_guidance_scale", "default_scheduler", "guided_denoise",
-           "make_noise", "sample"]
+           "image_shape", "make_noise", "sample"]
 
 
 class NonFiniteError(ValueError):
@@ -71,18 +71,31 @@ def _param_like(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def make_noise(model: nn.Module, num: int, seed: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, sample_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Initial noise `(num, C, H, W)` float32 on CPU.
 
     Drawn from a CPU generator by default (``seed``), which makes the noise of a seed identical
     on every device and for every method. A generator on another device (e.g.
     ``torch.Generator("cuda")``) draws on its device; the noise is then moved to the CPU.
+    ``(C, H, W)`` is `sample_shape`, or the model config's ``in_channels`` and ``sample_size``.
     """
-    c, s = int(_cfg(model, "in_channels")), int(_cfg(model, "sample_size"))
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
+    return _noise((num, *image_shape(model, sample_shape)), generator)
+
+
+def image_shape(model: nn.Module, sample_shape: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """``(C, H, W)`` of one sample: `sample_shape` if given, else the model config's ``in_channels``
+    and ``sample_size`` (a model whose config does not say it, as Flux's, needs `sample_shape`)."""
+    if sample_shape is not None:
+        return tuple(int(v) for v in sample_shape)
+    size = int(_cfg(model, "sample_size"))
+    return int(_cfg(model, "in_channels")), size, size
+
+
+def _noise(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
     device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn((num, c, s, s), generator=generator, dtype=torch.float32, device=device).cpu()
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=device).cpu()
 
 
 @torch.no_grad()
@@ -164,16 +177,19 @@ def sample(
 def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: int, guidance_scale: float,
                    scheduler=None, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                    return_trajectory: bool = False, progress: bool = True, batch_size: int | None = None,
-                   clamp: bool = True):
+                   clamp: bool = True, sample_shape: tuple[int, int, int] | None = None):
     """The CFG sampling loop shared by every conditioning (class labels here, text in `text_sampling`).
 
     Args:
         model: the denoiser (its ``config`` gives the sample shape, its parameters device and dtype).
         forward: ``forward(x_in, t_in, rows, cfg) -> eps`` for the images ``rows`` (a slice) of the
             current batch: ``x_in`` is ``[x, x]`` (conditional, then unconditional) when ``cfg``,
-            else ``x``; ``t_in`` the (len(x_in),) int64 timesteps; returns float32 noise
-            predictions shaped like ``x_in``.
+            else ``x``; ``t_in`` the (len(x_in),) timesteps (int64, or float32 for a scheduler with
+            float timesteps: flow matching's ``1000 * sigma``); returns float32 predictions shaped
+            like ``x_in`` (noise, or velocity for a flow-matching scheduler: ``scheduler.step`` reads them).
         n: number of images.
+        sample_shape: ``(C, H, W)`` of an image, for a model whose config does not say it (Flux's
+            packed tokens); default ``config.in_channels`` and ``config.sample_size``.
         The other arguments are those of `sample`.
 
     Returns:
@@ -185,13 +201,13 @@ def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: in
     """
     from tqdm.auto import tqdm
 
-    in_ch, size = int(_cfg(model, "in_channels")), int(_cfg(model, "sample_size"))
     if int(num_inference_steps) < 1:
         raise ValueError(f"sample: num_inference_steps must be >= 1, got {num_inference_steps}")
+    shape = image_shape(model, sample_shape)
     if noise is None:
-        noise = make_noise(model, n, generator=generator)
-    elif tuple(noise.shape) != (n, in_ch, size, size):
-        raise ValueError(f"sample: noise must be {(n, in_ch, size, size)}, got {tuple(noise.shape)}")
+        noise = _noise((n, *shape), generator)
+    elif tuple(noise.shape) != (n, *shape):
+        raise ValueError(f"sample: noise must be {(n, *shape)}, got {tuple(noise.shape)}")
     bs = n if batch_size is None else int(batch_size)
     if bs < 1:
         raise ValueError(f"sample: batch_size must be >= 1, got {batch_size}")
@@ -214,15 +230,18 @@ def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: in
         step_kwargs = {"generator": generator} if _takes_generator(sched) else {}
         rows = slice(i, min(i + bs, n))
         b = rows.stop - rows.start
-        x = noise[rows].to(device=device, dtype=torch.float32) * float(sched.init_noise_sigma)
+        # flow-matching schedulers have float timesteps and neither an initial sigma nor input scaling
+        x = noise[rows].to(device=device, dtype=torch.float32) * float(getattr(sched, "init_noise_sigma", 1.0))
+        float_t = sched.timesteps.is_floating_point()
         xs = []
         first_bad = torch.zeros((), dtype=torch.long, device=x.device)  # 1-based step; 0: all finite so far
         for k, t in enumerate(sched.timesteps, 1):
             if return_trajectory:
                 xs.append(x.detach().float().cpu())
-            x_in = sched.scale_model_input(x, t)
+            x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
             x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
-            t_in = torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=t_device)
+            t_in = (torch.full((x_in.shape[0],), float(t), dtype=torch.float32, device=t_device) if float_t
+                    else torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=t_device))
             eps = forward(x_in, t_in, rows, use_cfg)
             if use_cfg:
                 eps_c, eps_u = eps[:b], eps[b:]
@@ -233,7 +252,7 @@ def guided_denoise(model: nn.Module, forward, n: int, *, num_inference_steps: in
         _check_finite(int(first_bad), sched.timesteps, g)
         outputs.append((x.float().clamp(-1, 1) if clamp else x.float()).cpu())
         traj_chunks.append(xs)
-        step_ts = sched.timesteps.detach().cpu().long()
+        step_ts = sched.timesteps.detach().cpu().float() if float_t else sched.timesteps.detach().cpu().long()
     bar.close()
     images = torch.cat(outputs)
     if not return_trajectory:

@@ -284,7 +284,8 @@ def share_stages(share: Callable[[Sequence[Any], int], Any], stage_weights: Sequ
         for i, (ranges, _) in enumerate(per_stage):  # the kept lists in storage order
             for kind, (a, b) in ranges.items():
                 stage_configs[i]["blocks"][j][f"kept_{kind}"] = getattr(store, kind)[a:b].tolist()
-    return shared, [{k: getattr(store, k).tolist() for k in KINDS} for store, _ in shared]
+    # a storage naming its own unit kinds (``kinds``: Flux's) lists those
+    return shared, [{k: getattr(store, k).tolist() for k in getattr(store, "kinds", KINDS)} for store, _ in shared]
 
 
 def install_shared_blocks(mosaic: nn.Module, shared: Sequence[Any], block_class: type, head_dims: Sequence[int],

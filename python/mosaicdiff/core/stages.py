@@ -7,6 +7,7 @@ each block entry the kept units of the family's compact block.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["NUM_TRAIN_TIMESTEPS", "StageSpec", "check_stage_ranges", "coverage_problem", "frozen", "stage_index"]
+__all__ = ["NUM_TRAIN_TIMESTEPS", "StageSpec", "check_stage_ranges", "checked_stage_configs", "coverage_problem", "frozen",
+           "stage_index"]
 
 #: Default trajectory range [0, NUM_TRAIN_TIMESTEPS) (DiT's training schedule).
 NUM_TRAIN_TIMESTEPS = 1000
@@ -65,10 +67,13 @@ def _is_int(v: Any) -> bool:
 def coverage_problem(stages: Sequence[dict], meta: Any) -> str | None:
     """Why the stages do not tile [0, T) (every sampling step needs exactly one stage), or None.
 
-    T is ``meta["num_train_timesteps"]`` (written by `mosaicdiff.prune`), else 1000.
+    T is ``meta["num_train_timesteps"]`` (written by `mosaicdiff.prune`), else 1000, or 1001 when
+    the stages end there (a flow scheduler's tiling: its first timestep is t = 1000 at sigma = 1).
     """
     T = meta.get("num_train_timesteps") if isinstance(meta, dict) else None
-    T = T if _is_int(T) and T > 0 else NUM_TRAIN_TIMESTEPS
+    if not (_is_int(T) and T > 0):
+        flow = max((s["t_end"] for s in stages), default=0) == NUM_TRAIN_TIMESTEPS + 1
+        T = NUM_TRAIN_TIMESTEPS + 1 if flow else NUM_TRAIN_TIMESTEPS
     spans = sorted(((s["t_start"], s["t_end"], s["name"]) for s in stages), key=lambda x: x[:2])
     need = f"the stages must cover [0, {T}) without gaps or overlaps"
     if spans[0][0] != 0:
@@ -80,6 +85,25 @@ def coverage_problem(stages: Sequence[dict], meta: Any) -> str | None:
     if spans[-1][1] != T:
         return f"the last stage {spans[-1][2]!r} ends at t={spans[-1][1]}, not at {T}; {need}"
     return None
+
+
+def checked_stage_configs(owner: str, stages: Sequence[dict] | None, meta: Any) -> list[dict]:
+    """A mosaic constructor's ``stages`` config as a list of dicts, after checking that `meta` is
+    JSON-serialisable and that the stages tile the timesteps (`coverage_problem`).
+
+    Raises:
+        TypeError: a `meta` that is not JSON-serialisable.
+        ValueError: no stages, or stages with a gap, an overlap or the wrong ends (`owner` named).
+    """
+    try:
+        json.dumps(meta)
+    except TypeError as exc:
+        raise TypeError(f"{owner}: meta must be JSON-serialisable, got {meta!r} ({exc})") from None
+    stages = [dict(s) for s in stages or ()]
+    problem = coverage_problem(stages, meta) if stages else "no stages"
+    if problem:
+        raise ValueError(f"{owner}: {problem}")
+    return stages
 
 
 def stage_index(ranges: Sequence[tuple[str, int, int, float]], t: float) -> int:

@@ -68,7 +68,8 @@ def plot_stage_curves(path: str | os.PathLike, alphas_cumprod, boundaries: tuple
 
     Args:
         path (`str` or `os.PathLike`): output PNG path (parent directories are created).
-        alphas_cumprod: ``abar_t`` for t = 0..T-1.
+        alphas_cumprod: ``abar_t`` for t = 0..T-1, or the sampler's `NoiseProcess` (a flow model's:
+            `mosaicdiff.core.schedulers.noise_process`).
         boundaries (`tuple[int, int]`): ``(t_low, t_high)`` of the middle stage.
         empirical (`tuple`, *optional*): ``(timesteps, mse)`` from a sampling run (see
             `schedule.empirical_curve`), timesteps in sampling order.
@@ -78,13 +79,15 @@ def plot_stage_curves(path: str | os.PathLike, alphas_cumprod, boundaries: tuple
     Returns:
         `str`: the path written.
     """
+    from mosaicdiff.core.schedulers import NoiseProcess
+
     plt = _pyplot()
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    T = abar.size
+    source = alphas_cumprod if isinstance(alphas_cumprod, NoiseProcess) else np.asarray(alphas_cumprod, np.float64)
+    mse = schedule.expected_mse(source, x0_sq_norm)
+    grad = schedule.learning_grad(source, x0_sq_norm)
+    T = source.timestep_end if isinstance(source, NoiseProcess) else source.size
     stages = schedule.stages_from_boundaries(*boundaries, T=T)
-    t = np.arange(T)
-    mse = schedule.expected_mse(abar, x0_sq_norm)
-    grad = schedule.learning_grad(abar, x0_sq_norm)
+    t = np.arange(mse.size)
 
     fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for ax in axes:
@@ -97,9 +100,11 @@ def plot_stage_curves(path: str | os.PathLike, alphas_cumprod, boundaries: tuple
         ts, emse = (np.asarray(v, dtype=np.float64) for v in empirical)
         if ts.shape != emse.shape:
             raise ValueError(f"empirical timesteps and mse must have the same length, got {ts.size} and {emse.size}")
-        # rate between consecutive sampler steps; the last step (t_n -> clean sample, dt = 1) is
-        # left out: its tiny dt would dominate the normalisation and flatten the rest
-        rate = (emse[:-1] - emse[1:]) / np.maximum(ts[:-1] - ts[1:], 1e-12)
+        # rate between consecutive sampler steps, per unit of the sampler's uniform axis (t itself for
+        # DDPM; T u for a shifted flow sampler, as the closed form's Grad); the last step (t_n ->
+        # clean sample) is left out: its tiny step would dominate the normalisation
+        axis = source.sampler_axis(ts) if isinstance(source, NoiseProcess) else ts
+        rate = (emse[:-1] - emse[1:]) / np.maximum(axis[:-1] - axis[1:], 1e-12)
         axes[0].plot(ts, _norm_max(emse), "o-", ms=3, color="tab:red", label="MSE measured")
         if rate.size:
             axes[1].plot(ts[:-1], _norm_max(rate), "o-", ms=3, color="tab:red", label="rate measured")

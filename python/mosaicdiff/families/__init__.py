@@ -22,6 +22,8 @@ FAMILIES: list[Family] = [
     import_module("mosaicdiff.families.dit").FAMILY,
     import_module("mosaicdiff.families.unet").FAMILY,
     import_module("mosaicdiff.families.pixart").FAMILY,
+    import_module("mosaicdiff.families.sd3").FAMILY,
+    import_module("mosaicdiff.families.flux").FAMILY,
 ]
 
 

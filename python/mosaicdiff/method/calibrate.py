@@ -38,8 +38,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mosaicdiff.core import distributed
-from mosaicdiff.core.adapter import ModelAdapter, unwrap_model
-from mosaicdiff.core.schedulers import scheduler_alphas_cumprod
+from mosaicdiff.core.adapter import ModelAdapter, hessian_keys, unwrap_model
+from mosaicdiff.core.schedulers import noise_process, scheduler_alphas_cumprod
 from mosaicdiff.method import schedule
 from mosaicdiff.method.conditioned_calibration import ConditionedCalibration, Shared, _describe, _unwrap
 from mosaicdiff.method.text_calibration import TextCalibration  # the text-conditioned constructor (U-Nets)
@@ -204,39 +204,46 @@ def prepare_calibration(model: nn.Module, adapter: ModelAdapter, calibration: An
 
 
 def resolve_alphas_cumprod(alphas_cumprod=None) -> torch.Tensor:
-    """``alphas_cumprod`` as float64 CPU tensor from None (DiT's linear schedule), an array or a scheduler."""
+    """``alphas_cumprod`` as float64 CPU tensor from None (DiT's linear schedule), an array, a scheduler
+    or a `mosaicdiff.core.schedulers.NoiseProcess` (rectified flow: the variance-preserving
+    equivalent, `mosaicdiff.core.schedulers.flow_alphas_cumprod`)."""
     if alphas_cumprod is None:
         return torch.from_numpy(schedule.linear_alphas_cumprod())
-    if hasattr(alphas_cumprod, "alphas_cumprod"):
-        return scheduler_alphas_cumprod(alphas_cumprod)
     if isinstance(alphas_cumprod, np.ndarray):
         return torch.from_numpy(alphas_cumprod.astype(np.float64))
-    return torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+    if isinstance(alphas_cumprod, (torch.Tensor, list, tuple)):
+        return torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
+    return scheduler_alphas_cumprod(alphas_cumprod)
 
 
 def stage_inputs(calibration: ConditionedCalibration, t_start: int, t_end: int, n_samples: int, cfg: bool = True,
                  generator: torch.Generator | None = None,
                  alphas_cumprod=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Calibration inputs of one stage: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``.
+    """Calibration inputs of one stage: ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (DDPM) or
+    ``x_t = (1 - s) x_0 + s eps`` with ``s = t / T`` (rectified flow).
 
     Samples are drawn from `calibration` in random order, cycling through it when `n_samples`
-    exceeds its size; ``t`` is uniform on ``[t_start, t_end)``.
+    exceeds its size; ``t`` is uniform on ``[t_start, t_end)``: integers for DDPM, floats in
+    ``[t_start, min(t_end, T)]`` for flow (the model's training timestep ``1000 s``; an adapter
+    whose model wants ``s`` divides).
 
     Args:
         calibration (`ConditionedCalibration`): the clean data and its conditions.
         t_start (`int`): first timestep of the stage (inclusive).
-        t_end (`int`): end of the stage (exclusive), ``<= len(alphas_cumprod)``.
+        t_end (`int`): end of the stage (exclusive), ``<= T`` (``<= T + 1`` for flow).
         n_samples (`int`): noised samples to draw (before CFG duplication).
         cfg (`bool`, *optional*, defaults to True): append a copy of the batch with the
             calibration's null conditions (so the result has ``2 * n_samples`` rows); ignored
             for a calibration with ``cfg=False``.
         generator (`torch.Generator`, *optional*): CPU generator for indices, t and noise.
-        alphas_cumprod (*optional*): ``abar`` (array/tensor of length T) or a diffusers scheduler;
-            default: DiT's linear schedule (1e-4 .. 0.02, T = 1000).
+        alphas_cumprod (*optional*): ``abar`` (array/tensor of length T), a diffusers scheduler or a
+            `mosaicdiff.core.schedulers.NoiseProcess` (a ``FlowMatchEulerDiscreteScheduler`` or
+            ``noise_process(scheduler, mu=...)`` for rectified flow); default: DiT's linear
+            schedule (1e-4 .. 0.02, T = 1000).
 
     Returns:
-        `(x_t, t, condition)`: ``x_t`` like ``x0`` (its dtype and device), ``t`` int64 on that
-        device, ``condition`` the rows' conditions (a dict like ``calibration.conditions``, each
+        `(x_t, t, condition)`: ``x_t`` like ``x0`` (its dtype and device), ``t`` on that device
+        (int64; float32 for flow), ``condition`` the rows' conditions (a dict like ``calibration.conditions``, each
         entry split by row holding the drawn rows and then their null rows; the others as
         `Shared`). For a `Calibration`: ``{"class_labels": int64 labels}``.
 
@@ -244,8 +251,8 @@ def stage_inputs(calibration: ConditionedCalibration, t_start: int, t_end: int, 
         ValueError: on an empty or out-of-range t interval, a non-positive `n_samples`, or
             `cfg` with a calibration that has no null conditions.
     """
-    abar = resolve_alphas_cumprod(alphas_cumprod)
-    T = abar.numel()
+    process = noise_process(alphas_cumprod)
+    T = process.timestep_end
     if not (0 <= t_start < t_end <= T):
         raise ValueError(f"need 0 <= t_start < t_end <= T={T}, got t_start={t_start}, t_end={t_end}")
     if int(n_samples) != n_samples or n_samples < 1:
@@ -258,13 +265,11 @@ def stage_inputs(calibration: ConditionedCalibration, t_start: int, t_end: int, 
     N = len(calibration)
     reps = -(-n_samples // N)
     idx = torch.cat([torch.randperm(N, generator=generator) for _ in range(reps)])[:n_samples]
-    t = torch.randint(int(t_start), int(t_end), (n_samples,), generator=generator)
+    t = process.draw_timesteps(t_start, t_end, n_samples, generator)
     x0 = calibration.x0.detach()
     noise = torch.randn((n_samples, *x0.shape[1:]), generator=generator, dtype=torch.float32)
-    a = abar[t].to(torch.float32).view(-1, *[1] * (x0.dim() - 1))
     dev = x0.device
-    x_t = a.sqrt().to(dev) * x0[idx.to(dev)].float() + (1 - a).sqrt().to(dev) * noise.to(dev)
-    x_t = x_t.to(x0.dtype)
+    x_t = process.add_noise(x0[idx.to(dev)], noise, t).to(x0.dtype)
     t = t.to(dev)
     condition = calibration.condition_rows(idx)
     if cfg:
@@ -387,11 +392,14 @@ def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condi
     param = next(model.parameters())
     hooks, handles = [], []
     for block in adapter.blocks(model):
-        entry = {}
+        entry, by_consumer = {}, {}
         for name, group in adapter.groups(block).items():
-            hook = _HessianHook(group.consumer.in_features, param.device)
-            handles.append(group.consumer.register_forward_pre_hook(hook))
-            entry[name] = hook
+            for consumer, key in zip(group.consumers, hessian_keys(name, group)):
+                hook = by_consumer.get(id(consumer))
+                if hook is None:  # a consumer read by two groups (Flux's proj_out) is hooked once
+                    hook = by_consumer[id(consumer)] = _HessianHook(consumer.in_features, param.device)
+                    handles.append(consumer.register_forward_pre_hook(hook))
+                entry[key] = hook
         hooks.append(entry)
     # every rank must sum over the same rows: a different seed or data on one rank is an error
     distributed.check_same_tensor(_fingerprint(x_t, t, condition, param.device),
@@ -411,20 +419,26 @@ def collect_hessians(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, condi
         model.train(was_training)
     if distributed.is_distributed():
         _all_reduce_hooks(hooks, param.device)
-    out = []
-    for entry in hooks:
-        out.append({name: hook.H.div_(max(hook.tokens, 1)) for name, hook in entry.items()})
+    for hook in _distinct(hooks):
+        hook.H.div_(max(hook.tokens, 1))
+    out = [{key: hook.H for key, hook in entry.items()} for entry in hooks]
     logger.debug("collected Hessians of %d blocks from %d samples", len(out), B)
     return out
 
 
+def _distinct(hooks: list[dict[str, _HessianHook]]) -> list[_HessianHook]:
+    """Every hook once (a shared consumer's hook appears under several keys)."""
+    return list({id(hook): hook for entry in hooks for hook in entry.values()}.values())
+
+
 def _all_reduce_hooks(hooks: list[dict[str, _HessianHook]], device: torch.device) -> None:
     """Sum the hooks' ``X^T X`` and token counts over the ranks (before the division by the tokens)."""
-    sums = {f"{i}.{name}": hook.H for i, entry in enumerate(hooks) for name, hook in entry.items()}
-    tokens = torch.tensor([float(hook.tokens) for entry in hooks for hook in entry.values()],
+    distinct = _distinct(hooks)
+    sums = {str(i): hook.H for i, hook in enumerate(distinct)}
+    tokens = torch.tensor([float(hook.tokens) for hook in distinct],
                           dtype=torch.float64, device=device)  # exact: counts far below 2**53
     distributed.all_reduce_sums({**sums, "tokens": tokens})
-    for hook, count in zip((h for entry in hooks for h in entry.values()), tokens.tolist()):
+    for hook, count in zip(distinct, tokens.tolist()):
         hook.tokens = int(count)
 
 

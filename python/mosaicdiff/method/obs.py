@@ -34,6 +34,7 @@ __all__ = [
     "inverse_hessian",
     "magnitude_prune_columns",
     "prune_columns",
+    "prune_columns_joint",
     "random_prune_columns",
 ]
 
@@ -209,16 +210,13 @@ class _LazyOBS:
         self.gd = _block_diag(self.Gb, self.g)
         self.alive = torch.ones(nb // self.g, dtype=torch.bool, device=dev)
 
-    def step(self, k: int, pick: torch.Tensor | None = None):
-        """Removes the k lowest-saliency alive groups jointly (k = 1: exact greedy), or the
-        alive groups `pick` (base group indices) when given."""
+    def saliency(self) -> torch.Tensor:
+        """Each base group's saliency now (inf for removed groups)."""
+        return _saliency_from_blocks(self.hd, self.gd).masked_fill(~self.alive, math.inf)
+
+    def step(self, pick: torch.Tensor):
+        """Removes the alive groups `pick` (sorted base group indices) jointly, with the exact update."""
         g, r = self.g, self.r
-        if pick is None:
-            sal = _saliency_from_blocks(self.hd, self.gd).masked_fill(~self.alive, math.inf)
-            if k == 1:
-                pick = sal.argmin().reshape(1)
-            else:
-                pick = torch.topk(sal, k, largest=False).indices.sort().values
         S = _group_cols(pick, g)
         Ut, Pt, Gct, Rt, At = (t[:r] for t in (self.Ut, self.Pt, self.Gct, self.Rt, self.At))
         PS = Pt.index_select(1, S).T  # (s, r) = P[S]
@@ -245,11 +243,14 @@ class _LazyOBS:
         self.r = r + s
         self.alive[pick] = False
 
-    def flush(self, compact: bool | None = None):
+    def flush(self, compact: bool | None = None) -> bool:
         """Applies the accumulated updates; drops the removed rows/columns when worthwhile.
 
         Args:
             compact: drop removed rows/columns now (default: when over 15% of the base are removed).
+
+        Returns:
+            `bool`: whether it compacted.
         """
         nb = self.Hb.shape[0]
         n_alive = int(self.alive.sum()) * self.g
@@ -275,6 +276,7 @@ class _LazyOBS:
         self._reset()
         if not compact:
             self.alive = alive
+        return compact
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Flushes, compacts, and returns (W restricted to kept columns, kept original indices)."""
@@ -331,38 +333,87 @@ def prune_columns(weight: torch.Tensor, hessian: torch.Tensor, n_remove_groups: 
         raise ValueError(f"hessian must be ({n}, {n}) for weight {tuple(weight.shape)}, got {tuple(hessian.shape)}")
     if int(groups_per_step) != groups_per_step or groups_per_step < 1:
         raise ValueError(f"groups_per_step must be a positive integer, got {groups_per_step}")
-    n_remove_groups, g = int(n_remove_groups), int(group_size)
-    forced = _check_forced(must_remove, n_remove_groups, m, weight.device)
-    if n_remove_groups == 0:
+    if int(n_remove_groups) == 0:
+        _check_forced(must_remove, n_remove_groups, m, weight.device)
         return weight.detach().clone(), torch.arange(n, device=weight.device)
-    W = weight.detach().to(torch.float64).clone()
-    Hinv = inverse_hessian(hessian.to(W.device), damp=damp)
+    Hinv = inverse_hessian(hessian.to(weight.device), damp=damp)
+    weights, kept_idx = prune_columns_joint([weight], [Hinv], n_remove_groups, group_size,
+                                            groups_per_step=groups_per_step, block=block, must_remove=must_remove)
+    return weights[0], kept_idx
+
+
+def prune_columns_joint(weights: list[torch.Tensor], hinvs: list[torch.Tensor], n_remove_groups: int,
+                        group_size: int, groups_per_step: int = 1, block: int | None = None,
+                        must_remove: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Greedy structured OBS on several layers that read the same column groups (joint attention's
+    ``to_out[0]`` and ``to_add_out`` read the same heads): a group's cost is the sum of its
+    saliencies in every layer, and each layer is compensated with its own inverse Hessian.
+
+    Args:
+        weights (`list[torch.Tensor]`): (out_i, n) weights, one per layer.
+        hinvs (`list[torch.Tensor]`): (n, n) inverse Hessians (`inverse_hessian`), one per layer.
+        n_remove_groups, group_size, groups_per_step, block, must_remove: as in `prune_columns`.
+
+    Returns:
+        `(weights_kept, kept_idx)`: each layer's compensated weight on the kept columns (in its
+        dtype and device) and the kept column indices (sorted, int64).
+    """
+    if not weights or len(weights) != len(hinvs):
+        raise ValueError(f"prune_columns_joint needs one inverse Hessian per weight, got {len(weights)} weights "
+                         f"and {len(hinvs)} inverse Hessians")
+    out, n, m = _check(weights[0], n_remove_groups, group_size)
+    for w, hi in zip(weights, hinvs):
+        if w.dim() != 2 or w.shape[1] != n or hi.shape != (n, n):
+            raise ValueError(f"every weight must be (out, {n}) with a ({n}, {n}) inverse Hessian, got "
+                             f"{tuple(w.shape)} and {tuple(hi.shape)}")
+    if int(groups_per_step) != groups_per_step or groups_per_step < 1:
+        raise ValueError(f"groups_per_step must be a positive integer, got {groups_per_step}")
+    n_remove_groups, g = int(n_remove_groups), int(group_size)
+    device = weights[0].device
+    forced = _check_forced(must_remove, n_remove_groups, m, device)
+    if n_remove_groups == 0:
+        return [w.detach().clone() for w in weights], torch.arange(n, device=device)
     step_cols = int(groups_per_step) * g
     block = max(int(block) if block is not None else 128, step_cols)
-    engine = _LazyOBS(W, Hinv, g, block=block, cap=block + step_cols)
+    engines = [_LazyOBS(w.detach().to(torch.float64).clone(), hi.to(device, torch.float64), g, block=block,
+                        cap=block + step_cols) for w, hi in zip(weights, hinvs)]
+    one_thread = 1 if device.type == "cpu" else None
+
+    def step(pick: torch.Tensor) -> None:
+        for engine in engines:
+            engine.step(pick)
+
     # 1. The forced groups, in chunks that fit the accumulators (no flush has run: the base
     # group indices are still the original ones).
     removed = 0
-    with _cpu_threads(1 if W.device.type == "cpu" else None):
+    with _cpu_threads(one_thread):
         while removed < forced.numel():
-            if engine.r >= block:
-                engine.flush(compact=False)
-            k = min(forced.numel() - removed, max(int(groups_per_step), (block - engine.r) // g))
-            engine.step(k, pick=forced[removed:removed + k])
+            if engines[0].r >= block:
+                for engine in engines:
+                    engine.flush(compact=False)
+            k = min(forced.numel() - removed, max(int(groups_per_step), (block - engines[0].r) // g))
+            step(forced[removed:removed + k])
             removed += k
     # 2. The greedy removals.
     while removed < n_remove_groups:
         # The steps are many small O(n * block) ops: on a CPU, intra-op threading only adds
         # synchronization latency to them (severe on a loaded machine), so they run on one
         # thread; the flush GEMMs use all threads.
-        with _cpu_threads(1 if W.device.type == "cpu" else None):
-            while removed < n_remove_groups and engine.r < block:
+        with _cpu_threads(one_thread):
+            while removed < n_remove_groups and engines[0].r < block:
                 k = min(int(groups_per_step), n_remove_groups - removed)
-                engine.step(k)
+                sal = engines[0].saliency()
+                for engine in engines[1:]:
+                    sal = sal + engine.saliency()
+                pick = sal.argmin().reshape(1) if k == 1 else torch.topk(sal, k, largest=False).indices.sort().values
+                step(pick)
                 removed += k
-        engine.flush()
-    kept_weight, kept_idx = engine.result()
-    return kept_weight.to(weight.dtype).contiguous(), kept_idx.clone()
+        compact = None
+        for engine in engines:  # compact together: the engines' base group indices must stay equal
+            compact = engine.flush(compact)
+    results = [engine.result() for engine in engines]
+    kept_idx = results[0][1].clone()
+    return [w.to(orig.dtype).contiguous() for (w, _), orig in zip(results, weights)], kept_idx
 
 
 def magnitude_prune_columns(weight: torch.Tensor, n_remove_groups: int, group_size: int,

@@ -5,12 +5,14 @@ and the mosaic's ``meta``; the model is seen only through its `ModelAdapter` (th
 `mosaicdiff.prune` in `mosaicdiff.api` finds the family and builds its mosaic):
 
 1. **Divide** (``method="mosaic"``): stage boundaries from the closed-form learning-speed score
-   of the model's noise schedule (or explicit ones); steps per stage counted on the sampler's
-   actual timesteps; per-stage sparsities allocated so that their step-weighted mean equals the
-   target and the fast-learning middle stage is pruned least (or explicit ones).
-2. **Calibrate**: per stage, clean data noised to ``t ~ U[stage)`` (duplicated with the null
-   condition for CFG); one pass of the dense model collects the input Hessians of every prunable
-   group's consumer (a DiT block's ``proj`` and ``fc2``).
+   of the model's noise process (DDPM ``alphas_cumprod``, or rectified flow with the sampler's
+   shift: `mosaicdiff.core.schedulers.noise_process`) or explicit ones; steps per stage counted
+   on the sampler's actual timesteps; per-stage sparsities allocated so that their step-weighted
+   mean equals the target and the fast-learning middle stage is pruned least (or explicit ones).
+2. **Calibrate**: per stage, clean data noised by the model's forward process to
+   ``t ~ U[stage)`` (duplicated with the null condition for CFG); one pass of the dense model
+   collects the input Hessians of every prunable group's consumer (a DiT block's ``proj`` and
+   ``fc2``).
 3. **Prune**: per block, greedy structured OBS removes heads and MLP channels (same ratio in
    every block) and compensates the consumers; widths are aligned.
 
@@ -31,14 +33,12 @@ from tqdm.auto import tqdm
 
 from mosaicdiff._version import __version__
 from mosaicdiff.core import distributed
-from mosaicdiff.core.schedulers import sampler_timesteps
 from mosaicdiff.core.stages import StageSpec
 from mosaicdiff.method import compact
 from mosaicdiff.method.calibrate import (
     ConditionedCalibration,
     collect_hessians,
     prepare_calibration,
-    resolve_alphas_cumprod,
     stage_inputs,
 )
 from mosaicdiff.method.stage_plan import METHODS, check_fraction, default_s_max, plan_stages
@@ -124,12 +124,13 @@ def prune_with_adapter(model: nn.Module, adapter, calibration: ConditionedCalibr
     align = _check_align(align)
 
     # 2. Divide: stages, step counts, sparsities (on the family's own schedule unless one is given).
+    # `scheduler` may be a NoiseProcess: a flow scheduler with its mu (noise_process(scheduler, mu=...)).
     scheduler = adapter.default_scheduler() if scheduler is None else scheduler
-    abar = resolve_alphas_cumprod(scheduler)
-    timesteps = sampler_timesteps(num_inference_steps, scheduler)
+    process = adapter.noise_process(model, scheduler, calibration)
+    timesteps = process.sampler_timesteps(num_inference_steps)
     r = calibration.x0_sq_norm if calibration is not None else 1.0
     planned, info = plan_stages(target, method=method, boundaries=boundaries, stage_sparsities=stage_sparsities,
-                                alphas_cumprod=abar, timesteps=timesteps, speed_threshold=speed_threshold,
+                                alphas_cumprod=process, timesteps=timesteps, speed_threshold=speed_threshold,
                                 log_snr_weight=log_snr_weight, x0_sq_norm=r, s_max=s_max)
     blocks = adapter.blocks(model)
     _check_widths(planned, adapter.groups(blocks[0]), align, stage_sparsities)
@@ -154,7 +155,7 @@ def prune_with_adapter(model: nn.Module, adapter, calibration: ConditionedCalibr
         hessians = None
         if sp > 0 and pruner == "obs":
             x_t, t, condition = stage_inputs(calibration, t0, t1, int(samples_per_stage), cfg=cfg,
-                                             generator=generator, alphas_cumprod=abar)
+                                             generator=generator, alphas_cumprod=process)
             logger.info("stage %s [%d, %d): calibrating on %d inputs", name, t0, t1, x_t.shape[0])
             hessians = collect_hessians(model, x_t, t, condition, batch_size=batch_size, progress=progress,
                                         adapter=adapter)
@@ -189,7 +190,8 @@ def prune_with_adapter(model: nn.Module, adapter, calibration: ConditionedCalibr
         "method": method, "pruner": pruner, "target_sparsity": target, **info,
         "stage_widths": widths, "realized_mean_sparsity": realized,
         "num_inference_steps": int(num_inference_steps),
-        "scheduler": type(scheduler).__name__,
+        "scheduler": type(process.scheduler if process.scheduler is not None else scheduler).__name__,
+        "noise_process": process.describe(),
         "samples_per_stage": int(samples_per_stage) if needs_data else 0,
         "speed_threshold": float(speed_threshold), "log_snr_weight": float(log_snr_weight),
         "x0_sq_norm": float(r), "s_max": float(default_s_max(target) if s_max is None else s_max),

@@ -14,18 +14,36 @@ The middle ("fast-learning") stage is the contiguous run of t around ``argmax Sc
 late is ``t < t_low``. A timestep equal to a boundary belongs to the stage *above* it, so with
 boundaries 600/200 the DDIM-50 timesteps 980, 960, ..., 0 split 20 / 20 / 10.
 
+Rectified flow (SD3, Flux; docs/method.md, "Divide under flow matching"): pass a
+`mosaicdiff.core.schedulers.NoiseProcess` (``noise_process(scheduler, mu=...)``) or the flow scheduler
+where ``alphas_cumprod`` is asked for. With ``x_t = (1 - s) x_0 + s eps``, ``s = t / T``, and the
+sampler's noise levels ``s = shift(u)`` for uniformly spaced ``u``::
+
+    E[MSE(t)] = (1 + r) s^2                           # x_t - x_0 = s v, v = eps - x_0
+    Grad(t)   = (E[MSE(t)] - E[MSE(t - 1)]) * ds/du   # per sampler step, not per unit of t
+
+so the shift (SD3's ``shift``, Flux's resolution-dependent ``mu``) moves the boundaries. A flow
+process's model timesteps run over ``[0, T]`` (``t = T`` at ``s = 1``), so its stages tile
+``[0, T + 1)`` (`NoiseProcess.timestep_end`).
+
 Curves are returned as float64 numpy arrays indexed by the training timestep ``t = 0..T-1``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import operator
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+
+from mosaicdiff.core.schedulers import (
+    NoiseProcess,
+    linear_alphas_cumprod,
+    noise_process,
+    scaled_linear_alphas_cumprod,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +87,20 @@ def _as_abar(alphas_cumprod) -> np.ndarray:
     return abar
 
 
+def _source(alphas_cumprod) -> np.ndarray | NoiseProcess:
+    """A DDPM schedule as its ``abar`` array (the original formulas), a flow process as itself."""
+    if alphas_cumprod is None or isinstance(alphas_cumprod, (np.ndarray, torch.Tensor, list, tuple)):
+        return _as_abar(alphas_cumprod)
+    process = noise_process(alphas_cumprod)  # a scheduler or a process
+    return _as_abar(process.alphas_cumprod) if process.kind == "ddpm" else process
+
+
+def _gaussian_path_mse(process: NoiseProcess, t, x0_sq_norm: float) -> np.ndarray:
+    """``E||x_t - x_0||^2 / d = (1 - a_t)^2 r + b_t^2`` for ``x_t = a_t x_0 + b_t eps`` (flow: ``(1 + r) s^2``)."""
+    a, b = (c.numpy() for c in process.coefficients(t))
+    return (1.0 - a) ** 2 * float(x0_sq_norm) + b ** 2
+
+
 def _minmax(x: np.ndarray) -> np.ndarray:
     span = x.max() - x.min()
     if span <= 0:
@@ -76,50 +108,43 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - x.min()) / span
 
 
-def linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4,
-                          beta_end: float = 0.02) -> np.ndarray:
-    """``cumprod(1 - beta)`` for ``beta = linspace(beta_start, beta_end, T)`` (DiT's schedule)."""
-    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
-    return np.cumprod(1.0 - betas)
-
-
-def scaled_linear_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                                 beta_end: float = 0.012) -> np.ndarray:
-    """``cumprod(1 - beta)`` for ``beta = linspace(sqrt(b0), sqrt(b1), T)^2`` (SDXL's schedule)."""
-    betas = np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_train_timesteps,
-                        dtype=np.float64) ** 2
-    return np.cumprod(1.0 - betas)
-
-
 def expected_mse(alphas_cumprod, x0_sq_norm: float = 1.0) -> np.ndarray:
-    """``E[MSE(t)] = (1 - sqrt(abar_t))^2 * r + (1 - abar_t)``, per dimension.
+    """``E[MSE(t)] = E||x_t - x_0||^2 / d``: ``(1 - sqrt(abar_t))^2 * r + (1 - abar_t)`` for DDPM,
+    ``(1 + r) (t / T)^2`` for rectified flow.
 
     Args:
-        alphas_cumprod (`np.ndarray` or `torch.Tensor`): ``abar_t`` for t = 0..T-1.
+        alphas_cumprod (`np.ndarray` or `torch.Tensor`): ``abar_t`` for t = 0..T-1; or a
+            `NoiseProcess` or scheduler (flow matching: `mosaicdiff.core.schedulers.noise_process`).
         x0_sq_norm (`float`, *optional*, defaults to 1.0): ``r = ||x_0||^2 / d`` of the data.
 
     Returns:
         `np.ndarray` (T,) float64.
     """
-    abar = _as_abar(alphas_cumprod)
+    src = _source(alphas_cumprod)
     if x0_sq_norm < 0:
         raise ValueError(f"x0_sq_norm must be >= 0, got {x0_sq_norm}")
-    return (1.0 - np.sqrt(abar)) ** 2 * float(x0_sq_norm) + (1.0 - abar)
+    if isinstance(src, NoiseProcess):
+        return _gaussian_path_mse(src, np.arange(src.num_train_timesteps), x0_sq_norm)
+    return (1.0 - np.sqrt(src)) ** 2 * float(x0_sq_norm) + (1.0 - src)
 
 
 def learning_grad(alphas_cumprod, x0_sq_norm: float = 1.0) -> np.ndarray:
-    """Per-step change of `expected_mse`: ``Grad(t) = E[MSE(t)] - E[MSE(t-1)]``, ``E[MSE(-1)] = 0``.
+    """Per-step change of `expected_mse`: ``Grad(t) = E[MSE(t)] - E[MSE(t-1)]``, ``E[MSE(-1)] = 0``;
+    for rectified flow times the sampler's ``ds/du`` (`NoiseProcess.step_weight`): the change per
+    sampler step, which the shift slows down at high noise.
 
     Returns:
         `np.ndarray` (T,) float64, positive for any decreasing ``abar``.
     """
-    mse = expected_mse(alphas_cumprod, x0_sq_norm)
-    return np.diff(mse, prepend=0.0)
+    src = _source(alphas_cumprod)
+    grad = np.diff(expected_mse(src, x0_sq_norm), prepend=0.0)
+    return grad * src.step_weight() if isinstance(src, NoiseProcess) else grad
 
 
 def log_snr(alphas_cumprod) -> np.ndarray:
     """``ln SNR(t) = ln(abar_t / (1 - abar_t))`` (abar clipped below 1 to keep it finite)."""
-    abar = np.minimum(_as_abar(alphas_cumprod), 1.0 - 1e-12)
+    src = _source(alphas_cumprod)
+    abar = np.minimum(_as_abar(src.alphas_cumprod) if isinstance(src, NoiseProcess) else src, 1.0 - 1e-12)
     return np.log(abar) - np.log1p(-abar)
 
 
@@ -167,15 +192,20 @@ def stage_boundaries(alphas_cumprod, speed_threshold: float = DEFAULT_SPEED_THRE
             log-SNR weight, see `score`.
         x0_sq_norm (`float`, *optional*, defaults to 1.0): ``||x_0||^2 / d``.
 
+    For rectified flow (a `NoiseProcess` or flow scheduler), the score is per sampler step, so the
+    boundaries depend on the shift: with ``M = 0.55`` SD3's ``shift=3`` gives ``(152, 968)``; with
+    ``shift < 2.8`` the run reaches ``s = 1`` and ``t_high = T + 1`` (no slow high-noise stage).
+
     Returns:
-        `(t_low, t_high)` ints with ``0 <= t_low < t_high <= T``.
+        `(t_low, t_high)` ints with ``0 <= t_low < t_high <= T`` (``<= T + 1`` for flow).
 
     Raises:
         ValueError: if `speed_threshold` is not in (0, 1] or the score has no positive peak.
     """
     if not 0 < speed_threshold <= 1:
         raise ValueError(f"speed_threshold (the paper's M) must be in (0, 1], got {speed_threshold}")
-    s = score(alphas_cumprod, log_snr_weight, x0_sq_norm)
+    src = _source(alphas_cumprod)
+    s = score(src, log_snr_weight, x0_sq_norm)
     peak = int(np.argmax(s))
     if s[peak] <= 0:
         raise ValueError(f"the score has no positive peak (max {s[peak]:.3g}); pass explicit boundaries")
@@ -189,6 +219,8 @@ def stage_boundaries(alphas_cumprod, speed_threshold: float = DEFAULT_SPEED_THRE
     if int(above.sum()) != hi - lo:
         logger.info("score >= speed_threshold*max on %d timesteps outside the run [%d, %d) around the peak; ignored",
                     int(above.sum()) - (hi - lo), lo, hi)
+    if hi == s.size and isinstance(src, NoiseProcess):
+        hi = src.timestep_end  # the run reaches s = 1 (t = T), beyond the curve: no early stage
     return lo, hi
 
 
@@ -388,7 +420,9 @@ def curve_agreement(alphas_cumprod, timesteps, measured_mse, x0_sq_norm: float =
     as in the stage plot).
 
     Args:
-        alphas_cumprod: ``abar_t`` for t = 0..T-1.
+        alphas_cumprod: ``abar_t`` for t = 0..T-1, or a `NoiseProcess` / scheduler (rectified flow:
+            the closed form ``(1 + r) s^2`` at the steps' float timesteps, the rates per unit of
+            the sampler's uniform axis ``T u``, `NoiseProcess.sampler_axis`).
         timesteps: the steps' training timesteps, in sampling order (strictly decreasing).
         measured_mse: `(n_steps,)` measured MSE at those steps.
         x0_sq_norm: ``||x_0||^2 / d`` for the closed form.
@@ -399,15 +433,25 @@ def curve_agreement(alphas_cumprod, timesteps, measured_mse, x0_sq_norm: float =
     Raises:
         ValueError: fewer than 3 steps, mismatched lengths, or timesteps not strictly decreasing.
     """
-    ts = np.asarray(torch.as_tensor(timesteps).detach().cpu().numpy(), dtype=np.int64).reshape(-1)
+    src = _source(alphas_cumprod)
+    raw = torch.as_tensor(timesteps).detach().cpu()
+    ts = np.asarray(raw.numpy(), dtype=np.float64 if isinstance(src, NoiseProcess) else np.int64).reshape(-1)
     measured = np.asarray(measured_mse, dtype=np.float64).reshape(-1)
     if ts.size != measured.size or ts.size < 3:
         raise ValueError(f"curve_agreement: need >= 3 steps with one MSE each, got {ts.size} timesteps and "
                          f"{measured.size} values")
-    dt = (ts[:-1] - ts[1:]).astype(np.float64)
-    if np.any(dt <= 0):
+    if np.any(ts[:-1] - ts[1:] <= 0):
         raise ValueError(f"curve_agreement: timesteps must be strictly decreasing, got {ts.tolist()}")
-    closed = expected_mse(alphas_cumprod, x0_sq_norm)[ts]
+    if isinstance(src, NoiseProcess):
+        if ts[-1] < 0 or ts[0] > src.num_train_timesteps:
+            raise ValueError(f"curve_agreement: flow timesteps must lie in [0, {src.num_train_timesteps}], "
+                             f"got {ts.tolist()}")
+        closed = _gaussian_path_mse(src, ts, x0_sq_norm)
+        axis = src.sampler_axis(ts)
+    else:
+        closed = expected_mse(src, x0_sq_norm)[ts]
+        axis = ts.astype(np.float64)
+    dt = axis[:-1] - axis[1:]
 
     def rate(m):
         return (m[:-1] - m[1:]) / dt

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mosaicdiff.core.schedulers import sampler_timesteps
+from mosaicdiff.core.schedulers import noise_process, sampler_timesteps
 from mosaicdiff.method import schedule
-from mosaicdiff.method.calibrate import resolve_alphas_cumprod
 
 __all__ = ["DEFAULT_MAX_EXCESS", "METHODS", "SINGLE_STAGE_NAME", "check_fraction", "default_s_max", "plan_stages"]
 
@@ -54,9 +53,11 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
             default: `schedule.stage_boundaries` (``method="mosaic"`` only).
         stage_sparsities (*optional*): explicit sparsities: three values (early, middle, late)
             or a name -> value mapping for ``"mosaic"``, one value for the others.
-        alphas_cumprod (*optional*): training ``abar``; default DiT's linear schedule.
+        alphas_cumprod (*optional*): training ``abar``, a scheduler or a
+            `mosaicdiff.core.schedulers.NoiseProcess` (rectified flow: ``noise_process(scheduler,
+            mu=...)``, whose stages tile ``[0, T + 1)``); default DiT's linear schedule.
         timesteps (*optional*): the sampler's timesteps (for the step counts); default
-            `mosaicdiff.core.schedulers.sampler_timesteps(50)`.
+            `mosaicdiff.core.schedulers.sampler_timesteps(50)` (for flow the process's 50 steps).
         speed_threshold (`float`), log_snr_weight (`float`), x0_sq_norm (`float`): see
             `mosaicdiff.method.schedule.stage_boundaries`.
         s_max (`float`, *optional*): upper clip of the allocation; default
@@ -77,14 +78,24 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
         raise ValueError(f"s_max must be a number in (0, 1), got {s_max!r}")
     capped = s_max is None
     s_max = default_s_max(target) if s_max is None else float(s_max)
-    abar = resolve_alphas_cumprod(alphas_cumprod).numpy()
-    T = int(abar.size)
+    process = noise_process(alphas_cumprod)
+    # DDPM: the abar array (the original code path); flow: the process (score per sampler step)
+    curve = process.alphas_cumprod.numpy() if process.kind == "ddpm" else process
+    T = process.timestep_end  # the stages tile [0, T): T + 1 for flow (t = T at s = 1)
     if timesteps is None:
-        timesteps = sampler_timesteps(50)
+        timesteps = sampler_timesteps(50) if process.kind == "ddpm" else process.sampler_timesteps(50)
     info: dict[str, Any] = {}
     if method == "mosaic":
         if boundaries is None:
-            bounds = schedule.stage_boundaries(abar, speed_threshold, log_snr_weight, x0_sq_norm)
+            bounds = schedule.stage_boundaries(curve, speed_threshold, log_snr_weight, x0_sq_norm)
+            if not 0 < bounds[0] < bounds[1] < T:
+                side = "t = 0 (no slow low-noise stage)" if bounds[0] <= 0 else \
+                    f"the top t = {process.num_train_timesteps} (no slow high-noise stage)"
+                hint = " (rectified flow needs a shift above about 2.8 at M = 0.55)" if process.kind != "ddpm" else ""
+                raise ValueError(
+                    f"the closed-form score of {process} stays above speed_threshold={speed_threshold:g} times its "
+                    f"peak up to {side}, so the middle stage [{bounds[0]}, {bounds[1]}) leaves no room for three "
+                    f"stages{hint}; pass boundaries=(t_low, t_high) or a larger speed_threshold")
         else:
             if isinstance(boundaries, (str, bytes)) or not hasattr(boundaries, "__len__") or len(boundaries) != 2:
                 raise ValueError(f"boundaries must be a pair of integer timesteps (t_low, t_high), "
@@ -93,7 +104,8 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
         stages = schedule.stages_from_boundaries(*bounds, T=T)
         bounds = (int(bounds[0]), int(bounds[1]))
         steps = schedule.steps_per_stage(timesteps, stages)
-        scores = schedule.stage_mean_scores(stages, schedule.normalized_score(abar, log_snr_weight, x0_sq_norm))
+        norm = schedule.normalized_score(curve, log_snr_weight, x0_sq_norm)
+        scores = schedule.stage_mean_scores([(n, a, min(b, norm.size)) for n, a, b in stages], norm)
         explicit = None
         if stage_sparsities is not None:
             if isinstance(stage_sparsities, Mapping):
@@ -125,6 +137,6 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
     n_steps = sum(steps.values())
     mean = sum(steps[name] * s for (name, _, _), s in zip(stages, sparsities)) / n_steps
     info.update(steps_per_stage=dict(steps), stage_sparsities=[float(s) for s in sparsities],
-                mean_sparsity=float(mean), num_train_timesteps=T)
+                mean_sparsity=float(mean), num_train_timesteps=T)  # the stage ranges' end (coverage check)
     planned = [(name, int(t0), int(t1), float(s)) for (name, t0, t1), s in zip(stages, sparsities)]
     return planned, info
