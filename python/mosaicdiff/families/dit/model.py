@@ -80,6 +80,8 @@ class MosaicDiT(MosaicModel):
     #: 1.1 added ``weights_id``; 1.x folders are upgraded (`mosaicdiff.families.dit.legacy_format`).
     format_name = "mosaicdiff.MosaicDiT"
     format_version = "3.0"
+    #: The dense model's config keys this mosaic's config repeats (`MosaicModel.dense_config`).
+    dense_config_keys = DIT_CONFIG_KEYS
     readable_majors = (1, 2, 3)
     # diffusers model attributes (`MosaicModel.enable_layerwise_casting`, ``compile_repeated_blocks``):
     # the blocks are never split across devices; the patch embedding and the conditioning (embedder
@@ -205,17 +207,6 @@ class MosaicDiT(MosaicModel):
         return cls.from_dense(dense, [stage], source=source, meta={"method": "unpruned"})
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def dense_config(self) -> dict[str, Any]:
-        """The dense ``DiTTransformer2DModel`` config this mosaic was pruned from."""
-        return {k: self.config[k] for k in DIT_CONFIG_KEYS}
-
-    @property
-    def stages(self) -> list[StageSpec]:
-        """The stages, their blocks' tensors being this module's (no copy)."""
-        return [StageSpec(name, t0, t1, sp, [b.weights() for b in self.stage_blocks[i]])
-                for i, (name, t0, t1, sp) in enumerate(self._ranges)]
 
     @property
     def runtime_info(self) -> dict[str, Any]:

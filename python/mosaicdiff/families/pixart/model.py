@@ -13,7 +13,6 @@ compensated consumers.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +30,7 @@ from mosaicdiff.core.shared_producers import (
     install_shared_blocks,
     share_stages,
 )
-from mosaicdiff.core.stages import StageSpec, coverage_problem
+from mosaicdiff.core.stages import StageSpec, checked_stage_configs
 from mosaicdiff.core.tensor_cache import cached_for_tensor, tensor_key
 from mosaicdiff.core.text_blocks import CrossKVCacheMixin
 from mosaicdiff.core.traced_stages import run_stage_traced
@@ -101,6 +100,8 @@ class MosaicPixArt(CrossKVCacheMixin, MosaicModel):
     #: Saved folders (`mosaicdiff.core.serialization`).
     format_name = "mosaicdiff.MosaicPixArt"
     format_version = "1.0"
+    #: The dense model's config keys this mosaic's config repeats (`MosaicModel.dense_config`).
+    dense_config_keys = pixart.PIXART_CONFIG_KEYS
     readable_majors = (1,)
     # diffusers model attributes (`MosaicModel.enable_layerwise_casting`, ``compile_repeated_blocks``):
     # PixArtTransformer2DModel's, its BasicTransformerBlock replaced by the compact blocks.
@@ -138,14 +139,7 @@ class MosaicPixArt(CrossKVCacheMixin, MosaicModel):
         meta: dict | None = None,
     ):
         super().__init__()
-        try:
-            json.dumps(meta)
-        except TypeError as exc:
-            raise TypeError(f"MosaicPixArt: meta must be JSON-serialisable, got {meta!r} ({exc})") from None
-        stages = [dict(s) for s in stages or ()]
-        problem = coverage_problem(stages, meta) if stages else "no stages"
-        if problem:
-            raise ValueError(f"MosaicPixArt: {problem}")
+        stages = checked_stage_configs("MosaicPixArt", stages, meta)
         self.shared, self._facts = pixart.skeleton_from_config(self.dense_config)
         layers = self._facts["num_layers"]
         for spec in stages:
@@ -234,17 +228,6 @@ class MosaicPixArt(CrossKVCacheMixin, MosaicModel):
         return mosaic.eval()
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def dense_config(self) -> dict[str, Any]:
-        """The dense ``PixArtTransformer2DModel`` config this mosaic was pruned from."""
-        return {k: self.config[k] for k in pixart.PIXART_CONFIG_KEYS}
-
-    @property
-    def stages(self) -> list[StageSpec]:
-        """The stages, their blocks' tensors being this module's (shared rows re-laid out: copies)."""
-        return [StageSpec(name, t0, t1, sp, [b.weights() for b in self.stage_blocks[i]])
-                for i, (name, t0, t1, sp) in enumerate(self._ranges)]
 
     @property
     def use_additional_conditions(self) -> bool:

@@ -82,6 +82,8 @@ class MosaicSD3(MosaicModel):
     #: Saved folders (`mosaicdiff.core.serialization`).
     format_name = "mosaicdiff.MosaicSD3"
     format_version = "1.0"
+    #: The dense model's config keys this mosaic's config repeats (`MosaicModel.dense_config`).
+    dense_config_keys = sd3.SD3_CONFIG_KEYS
     readable_majors = (1,)
     # diffusers model attributes (`MosaicModel.enable_layerwise_casting`, ``compile_repeated_blocks``):
     # SD3Transformer2DModel's, its JointTransformerBlock replaced by the compact blocks.
@@ -201,17 +203,6 @@ class MosaicSD3(MosaicModel):
         return mosaic.eval()
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def dense_config(self) -> dict[str, Any]:
-        """The dense ``SD3Transformer2DModel`` config this mosaic was pruned from."""
-        return {k: self.config[k] for k in sd3.SD3_CONFIG_KEYS}
-
-    @property
-    def stages(self) -> list[StageSpec]:
-        """The stages, their blocks' tensors being this module's (shared rows re-laid out: copies)."""
-        return [StageSpec(name, t0, t1, sp, [b.weights() for b in self.stage_blocks[i]])
-                for i, (name, t0, t1, sp) in enumerate(self._ranges)]
 
     # ------------------------------------------------------------------ forward
 
