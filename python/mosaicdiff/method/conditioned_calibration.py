@@ -19,7 +19,7 @@ import torch
 
 from mosaicdiff.core.distributed import tensors_digest
 
-__all__ = ["ConditionedCalibration", "Shared"]
+__all__ = ["ConditionedCalibration", "Shared", "check_finite", "shape_of"]
 
 
 # ----------------------------------------------------------------------------- conditions
@@ -40,6 +40,21 @@ class Shared:
 
     def __repr__(self) -> str:
         return f"Shared({_describe(self.value)})"
+
+
+def shape_of(value: Any) -> Any:
+    """A tensor's shape, or a non-tensor's type name (for the families' one-line errors)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def check_finite(where: str, t: torch.Tensor) -> None:
+    """Raise ValueError naming `where` and the first bad rows when a floating tensor holds NaN/inf
+    (integer and meta tensors pass)."""
+    if not t.is_floating_point() or t.device.type == "meta" or bool(torch.isfinite(t).all()):
+        return
+    bad = ~torch.isfinite(t)
+    rows = bad.reshape(bad.shape[0], -1).any(1).nonzero().reshape(-1).tolist() if bad.dim() else []
+    raise ValueError(f"{where} contains NaN/inf (rows {rows[:8]}); drop or fix those samples")
 
 
 def _describe(value: Any) -> str:

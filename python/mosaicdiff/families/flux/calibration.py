@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mosaicdiff.method.conditioned_calibration import check_finite, shape_of
+
 __all__ = ["NO_CFG", "check_flux_calibration", "flux_forward_inputs", "image_ids", "pack_latents", "unpack_latents"]
 
 NO_CFG = ("Flux is guidance-distilled and sampled without classifier-free guidance: calibrate with "
@@ -72,21 +74,14 @@ def flux_forward_inputs(x_t: torch.Tensor, t: torch.Tensor, condition: Mapping[s
     return {"hidden_states": pack_latents(x_t), "timestep": timestep, **kwargs}
 
 
-def _shape(v: Any) -> Any:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-
-
-def _check_finite(where: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{where} contains NaN/inf; drop or fix those samples")
 
 
 def _check_rows(where: str, value: Any, shape: tuple[int, ...], what: str) -> None:
     if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-        raise ValueError(f"{where} must be {shape} ({what}), got {_shape(value)}")
+        raise ValueError(f"{where} must be {shape} ({what}), got {shape_of(value)}")
     if not value.is_floating_point():
         raise TypeError(f"{where} must be floating point, got {value.dtype}")
-    _check_finite(where, value)
+    check_finite(where, value)
 
 
 def check_flux_calibration(model: nn.Module, calibration: Any) -> None:
@@ -123,7 +118,7 @@ def check_flux_calibration(model: nn.Module, calibration: Any) -> None:
     text = cond["encoder_hidden_states"]
     if not isinstance(text, torch.Tensor) or text.dim() != 3:
         raise ValueError(f"{where}['encoder_hidden_states'] must be ({n}, S, {cfg.joint_attention_dim}), got "
-                         f"{_shape(text)}")
+                         f"{shape_of(text)}")
     seq = int(text.shape[1])
     _check_rows(f"{where}['encoder_hidden_states']", text, (n, seq, int(cfg.joint_attention_dim)),
                 "the T5 prompt_embeds, one row per latent; config.joint_attention_dim")
@@ -147,4 +142,4 @@ def check_flux_calibration(model: nn.Module, calibration: Any) -> None:
                          f"{where}['guidance'] out")
     if isinstance(guidance, torch.Tensor) and (guidance.numel() not in (1, n) or not guidance.is_floating_point()):
         raise ValueError(f"{where}['guidance'] must be a number or a float tensor of 1 or {n} values, got "
-                         f"{_shape(guidance)} {guidance.dtype}")
+                         f"{shape_of(guidance)} {guidance.dtype}")

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mosaicdiff.method.conditioned_calibration import check_finite, shape_of
+
 __all__ = ["NULL_CONDITIONS_NEEDED", "check_pixart_calibration"]
 
 NULL_CONDITIONS_NEEDED = (
@@ -34,14 +36,6 @@ _KIND = ("a PixArt is calibrated with ConditionedCalibration(latents, {'encoder_
          "'encoder_attention_mask': prompt_attention_mask}, null_conditions)")
 
 
-def _shape(v: Any) -> Any:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-
-
-def _check_finite(where: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        rows = (~torch.isfinite(t)).flatten(1).any(1).nonzero().reshape(-1).tolist()
-        raise ValueError(f"{where} contains NaN/inf (rows {rows[:8]}); drop or fix those samples")
 
 
 def _check_text(where: str, text: Any, n: int | None, seq: int | None, width: int) -> None:
@@ -49,13 +43,13 @@ def _check_text(where: str, text: Any, n: int | None, seq: int | None, width: in
             or (seq is not None and text.shape[1] != seq):
         rows = "N" if n is None else n
         raise ValueError(f"{where} must be ({rows}, S{'' if seq is None else '=' + str(seq)}, {width}): text states, "
-                         f"one row per latent, got {_shape(text)}")
+                         f"one row per latent, got {shape_of(text)}")
     if text.shape[-1] != width:
         raise ValueError(f"{where} has width {text.shape[-1]}, the model's text width is {width} "
                          f"(config.caption_channels, the T5 width; cross_attention_dim without a caption projection)")
     if not text.is_floating_point():
         raise TypeError(f"{where} must be floating point, got {text.dtype}")
-    _check_finite(where, text)
+    check_finite(where, text)
 
 
 def _check_mask(where: str, mask: Any, rows: int, seq: int) -> None:
@@ -64,8 +58,8 @@ def _check_mask(where: str, mask: Any, rows: int, seq: int) -> None:
     ok = isinstance(mask, torch.Tensor) and tuple(mask.shape) in ((rows, seq), (rows, 1, seq))
     if not ok:
         raise ValueError(f"{where} must be ({rows}, {seq}) (1 = keep the token, 0 = padding; or diffusers' "
-                         f"({rows}, 1, {seq}) additive bias), matching the text states, got {_shape(mask)}")
-    _check_finite(where, mask.float() if not mask.is_floating_point() else mask)
+                         f"({rows}, 1, {seq}) additive bias), matching the text states, got {shape_of(mask)}")
+    check_finite(where, mask.float() if not mask.is_floating_point() else mask)
 
 
 def check_pixart_calibration(model: nn.Module, calibration: Any) -> None:
@@ -104,7 +98,7 @@ def check_pixart_calibration(model: nn.Module, calibration: Any) -> None:
                 what = "(height, width)" if cols == 2 else "height / width"
                 raise ValueError(f"this PixArt uses additional conditions (use_additional_conditions, PixArt-alpha "
                                  f"1024): {where}['added_cond_kwargs'][{key!r}] must be ({n}, {cols}) (the pipeline's "
-                                 f"{what} per latent), got {_shape(value)}")
+                                 f"{what} per latent), got {shape_of(value)}")
     elif given:
         raise ValueError(f"this PixArt takes no additional conditions (use_additional_conditions=False): leave "
                          f"{where}['added_cond_kwargs'] out or pass {{'resolution': None, 'aspect_ratio': None}}, got "

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mosaicdiff.method.conditioned_calibration import check_finite, shape_of
+
 __all__ = ["NULL_CONDITIONS_NEEDED", "check_sd3_calibration"]
 
 NULL_CONDITIONS_NEEDED = (
@@ -30,14 +32,6 @@ _KIND = ("an SD3 is calibrated with ConditionedCalibration(latents, {'encoder_hi
 _KEYS = ("encoder_hidden_states", "pooled_projections")
 
 
-def _shape(v: Any) -> Any:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-
-
-def _check_finite(where: str, t: torch.Tensor) -> None:
-    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        rows = (~torch.isfinite(t)).flatten(1).any(1).nonzero().reshape(-1).tolist()
-        raise ValueError(f"{where} contains NaN/inf (rows {rows[:8]}); drop or fix those samples")
 
 
 def _check(where: str, value: Any, rows: int | None, tail: tuple[int | None, ...], what: str, field: str) -> None:
@@ -45,10 +39,10 @@ def _check(where: str, value: Any, rows: int | None, tail: tuple[int | None, ...
     ok = ok and all(want is None or got == want for got, want in zip(value.shape[1:], tail))
     if not ok:
         dims = ", ".join(["N" if rows is None else str(rows)] + ["S" if d is None else str(d) for d in tail])
-        raise ValueError(f"{where} must be ({dims}): {what} (config.{field}), got {_shape(value)}")
+        raise ValueError(f"{where} must be ({dims}): {what} (config.{field}), got {shape_of(value)}")
     if not value.is_floating_point():
         raise TypeError(f"{where} must be floating point, got {value.dtype}")
-    _check_finite(where, value)
+    check_finite(where, value)
 
 
 def check_sd3_calibration(model: nn.Module, calibration: Any) -> None:
