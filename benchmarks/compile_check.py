@@ -24,6 +24,14 @@ for the arch Triton compiled), whether the PTX uses ``wgmma`` and TMA bulk tenso
 ``nvcc -Xptxas -v`` with the flags of the real build (CMakeLists.txt + torch's CMake config).
 The rules applied to the records are in `compile_rules.py`.
 
+FP8 (``--fp8``, on by default; :func:`fp8_check`): the float8-weight GEMM of
+``mosaic_kernels.ops.fp8`` through its launcher (``fp8_gemm_triton``), both activation modes, at
+the DiT-XL/2 fc1 shape (M = 16 * 256): every epilogue at the first FP8 autotune config (pointer and
+TMA), and every FP8 config for ``gelu_tanh``, plus the per-token row quantization kernel. On
+sm_90a the per-token kernels must use ``wgmma`` with e4m3 operands; on sm_80 (no FP8 tensor
+cores) the launcher must refuse with its one-line ``NotImplementedError`` before compiling. GEMM
+spills (any family) are findings unless listed in ``compile_rules.KNOWN_GEMM_SPILLS``.
+
 Arches: Triton compiles capability 9.0 as sm_90a (always, wgmma/TMA allowed) and 8.0 as sm_80;
 the real nvcc build uses TORCH_CUDA_ARCH_LIST "8.0;9.0", i.e. sm_90 and sm_80. So ``--arch``
 names a card family: ``sm_90a`` and ``sm_90`` both mean Triton sm_90a + nvcc sm_90.
@@ -50,6 +58,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -63,7 +72,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compile_rules import (  # noqa: E402,F401 - the rules are part of this script's interface
+    KNOWN_GEMM_SPILLS,
     compile_failures,
+    fp8_not_refused,
+    fp8_without_e4m3_wgmma,
+    gemm_spills,
     gemm_without_wgmma,
     missing_coverage,
     problems,
@@ -221,6 +234,101 @@ def triton_check(cards: list[Card], ops: Iterable[str], dtype_names: Iterable[st
 
 
 # ---------------------------------------------------------------------------------------------
+# FP8 check: the float8-weight GEMM (not a registered TritonCase: sm_80 must refuse it)
+# ---------------------------------------------------------------------------------------------
+
+#: DiT-XL/2 fc1 at batch 16: (M, N, K).
+FP8_SHAPE = (16 * 256, 4608, 1152)
+FP8_MODES = ("weight_only", "per_token")
+FP8_EPILOGUES = ("none", "gelu_tanh", "gated_residual", "residual", "geglu")
+_E4M3_WGMMA = re.compile(r"\bwgmma\.mma_async\S*\.e4m3\.e4m3")
+
+
+def fp8_jobs(dtype_name: str = "bf16", all_configs: bool = False) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """``(source, mode, epilogue, config)`` of the FP8 check, per mode: every epilogue at the first
+    FP8 config (pointer), ``gelu_tanh`` also with TMA; ``all_configs`` adds every other FP8
+    autotune config for ``gelu_tanh`` (about 2 s of compile each on sm_90a: off in CI)."""
+    import torch
+
+    from mosaic_kernels.triton.settings import gemm_candidate_configs
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    jobs = []
+    for mode in FP8_MODES:
+        x_dtype = torch.float8_e4m3fn if mode == "per_token" else dtype
+        cands = gemm_candidate_configs(x_dtype, "gelu_tanh", weight_dtype=torch.float8_e4m3fn)
+        for ep in FP8_EPILOGUES:
+            first = gemm_candidate_configs(x_dtype, ep, weight_dtype=torch.float8_e4m3fn)[0]
+            jobs += [(f"fp8_configs[0]{'+tma' if tma else ''}", mode, ep, {**first, "tma": tma})
+                     for tma in ((False, True) if ep == "gelu_tanh" else (False,))]
+        if all_configs:
+            jobs += [(f"fp8_configs[{i}]", mode, "gelu_tanh", dict(c)) for i, c in enumerate(cands) if i > 0]
+    return jobs
+
+
+def fp8_launch(mode: str, epilogue: str, dtype, cfg: dict[str, Any], shape=FP8_SHAPE) -> None:
+    """Call ``fp8_gemm_triton`` on uninitialized CPU tensors (float8 weight, fp32 scales)."""
+    import torch
+
+    from mosaic_kernels.triton import fp8_gemm_triton
+
+    M, N, K = shape
+    e = functools.partial(torch.empty, dtype=dtype)
+    rows = 2 * N if epilogue == "geglu" else N
+    w, scale = torch.empty(rows, K, dtype=torch.float8_e4m3fn), torch.empty(rows, dtype=torch.float32)
+    res = e(M, N) if epilogue in ("gated_residual", "residual") else None
+    gate = e(1, N) if epilogue == "gated_residual" else None
+    fp8_gemm_triton(epilogue, e(M, K), w, scale, e(rows), e(M, N), mode=mode, gate=gate, res=res, L=M, config=cfg)
+
+
+def fp8_check(cards: list[Card], dtype_name: str, log: Callable[[str], None],
+              all_configs: bool = False) -> list[dict[str, Any]]:
+    """Compile the FP8 jobs for every card: one record per compiled kernel (``kind`` "fp8", with
+    ``wgmma_e4m3`` counted in the PTX and ptxas figures), or per refusal/failure (``ok`` False).
+    """
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    ptxas = triton_ptxas()
+    records: dict[tuple, dict[str, Any]] = {}
+    for card in cards:
+        t0 = time.perf_counter()
+        with compile_only(card) as captures:
+            for source, mode, ep, cfg in fp8_jobs(dtype_name, all_configs):
+                start = len(captures)
+                error = None
+                try:
+                    fp8_launch(mode, ep, dtype, cfg)
+                except Exception as exc:  # noqa: BLE001 - a refusal or a compile failure: data
+                    error = f"{type(exc).__name__}: {exc}"[:4000]
+                caps = captures[start:] or [Capture("<launcher>", {"config": cfg}, error=error)]
+                for cap in caps:
+                    key = (card.capability, cap.kernel.hash if cap.kernel is not None else (mode, ep, source))
+                    rec = records.get(key)
+                    if rec is None:
+                        rec = records[key] = {**_base_record(f"fp8_gemm:{mode}:{ep}", "gemm", card, cap, dtype_name),
+                                              "kind": "fp8", "mode": mode, "epilogue": ep}
+                        if cap.kernel is not None:
+                            _kernel_record(rec, cap.kernel)
+                            if cap.fn_name != "_gemm_kernel":
+                                rec["family"] = "row"  # the per-token row quantization
+                            rec["wgmma_e4m3"] = len(_E4M3_WGMMA.findall(cap.kernel.asm["ptx"]))
+                            if ptxas:
+                                res = run_ptxas(ptxas, cap.kernel.asm["ptx"], card.triton_arch)
+                                rec.update(res)
+                                if "ptxas_error" not in res:
+                                    rec["spill_bytes"] = max(res["spill_stores"], res["spill_loads"])
+                        elif cap.error is None:
+                            rec.update(ok=False, error=error)
+                    if source not in rec["sources"]:
+                        rec["sources"].append(source)
+            captures.clear()
+        n = sum(1 for k in records if k[0] == card.capability)
+        log(f"fp8 {card.triton_arch}: {n} records in {time.perf_counter() - t0:.1f} s")
+    return list(records.values())
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
 
@@ -240,7 +348,7 @@ def _flag(values: list[bool]) -> str:
 def summary_table(report: dict[str, Any]) -> str:
     """One line per (arch, op, kernel): compiles, smem max (KB), registers, spills, wgmma, TMA."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in report.get("triton", []):
+    for r in report.get("triton", []) + report.get("fp8", []):
         groups.setdefault((r["arch"], r["op"], r["kernel"]), []).append(r)
     for r in report.get("cuda", []):  # one line per .cu file: its template instantiations together
         kernels = {x.get("kernel") for x in report["cuda"] if x["source"] == r["source"] and x["arch"] == r["arch"]}
@@ -256,8 +364,8 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{arch:7} {op:31} {kernel[:34]:34} {len(ok):>3}/{len(rs):<3} "
             f"{(f'{smem / 1024:.1f}' if smem is not None else '-'):>8} "
             f"{_span([r.get('registers') for r in ok]):>8} {_span([r.get('spill_bytes') for r in ok]):>8} "
-            f"{(_flag([bool(r.get('wgmma')) for r in ok]) if rs[0]['kind'] == 'triton' else '-'):>5} "
-            f"{(_flag([bool(r.get('tma_bulk_tensor')) for r in ok]) if rs[0]['kind'] == 'triton' else '-'):>5}")
+            f"{(_flag([bool(r.get('wgmma')) for r in ok]) if ok and rs[0]['kind'] != 'cuda' else '-'):>5} "
+            f"{(_flag([bool(r.get('tma_bulk_tensor')) for r in ok]) if ok and rs[0]['kind'] != 'cuda' else '-'):>5}")
     return "\n".join(lines)
 
 
@@ -288,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compile csrc/*.cu with nvcc (default: when nvcc is found)")
     cuda.add_argument("--no-cuda", dest="cuda", action="store_false")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    p.add_argument("--no-fp8", dest="fp8", action="store_false", help="skip the float8-weight GEMM check")
+    p.add_argument("--fp8-all-configs", action="store_true", help="compile every FP8 autotune config (slow)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a check of problems() has findings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return p
@@ -314,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
 
     t0 = time.perf_counter()
-    report: dict[str, Any] = {"triton": [], "cuda": [], "skipped": []}
+    report: dict[str, Any] = {"triton": [], "fp8": [], "cuda": [], "skipped": []}
     if args.no_triton:
         report["skipped"].append("triton: --no-triton")
     elif (reason := triton_unavailable()) is not None:
@@ -322,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report["triton"], skipped = triton_check(cards, ops, dtype_names, extra, log)
         report["skipped"] += skipped
+        if args.fp8:
+            report["fp8"] = fp8_check(cards, dtype_names[0], log, args.fp8_all_configs)
+        else:
+            report["skipped"].append("fp8: --no-fp8")
     if args.cuda is not False:
         if args.cuda is None and find_nvcc() is None:
             report["skipped"].append("cuda: nvcc not found (set CUDA_HOME or CUDACXX)")
@@ -340,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{rule}: {item}")
         if len(items) > 20:
             print(f"{rule}: ... {len(items) - 20} more")
-    print(f"compile check: {len(report['triton'])} Triton kernels, {len(report['cuda'])} CUDA kernels, "
+    print(f"compile check: {len(report['triton'])} Triton kernels, {len(report['fp8'])} FP8 records, "
+          f"{len(report['cuda'])} CUDA kernels, "
           f"{sum(map(len, findings.values()))} findings, {report['meta']['runtime_s']:.1f} s")
     if args.json is not None:
         from mosaicdiff.core.atomic_io import write_json_atomic

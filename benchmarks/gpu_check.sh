@@ -43,9 +43,23 @@
 #                                      flow-matching Euler 28 steps; each engine config freed once timed)
 #   sd3     <=420s    ~150-250s        sd3.json (SD3.5-Large 1024 px transformer, bf16, batch 2 = CFG,
 #                                      flow-matching Euler 28 steps, shift 3)
+# Part 5 (its own call, as part 2; issue 23 item 5), env, build, then
+#   stacked <=420s    ~200-350s (est.) stacked.json (gpu_suite.py --stages stacked: DiT-XL/2, random bf16
+#                                      weights, 256 px, forward batch 16 = 8 images with CFG, DDIM 50,
+#                                      per image: (a) diffusers + torch.compile dense; (b) the same
+#                                      diffusers DiT with FP8 attention/MLP linears (torch._scaled_mm,
+#                                      benchmarks/fp8_linear.py: no torchao there) + regionally compiled
+#                                      blocks + diffusers' first-block cache (threshold 0.1); (c) mosaic
+#                                      0.5 + mosaicdiff.quantize(fp8) + enable_cache(FirstBlockCacheConfig
+#                                      (0.1)); then engine dense + FP8 + cache and the per-token FP8
+#                                      mosaic. Targets: (a)/(c) >= 4x and (b)/(c) >= 1.5x in ms per image.
+#                                      Also compile time per stage (first pass less a steady one), dynamo
+#                                      graphs, block evaluations per image (count_block_evaluations). A
+#                                      card below cc 8.9 (or the CPU rehearsal) runs the FP8 torch
+#                                      fallbacks and says so: no FP8 speed then.)
 #
 # Exit status: a bitmask of failed stages: build 1, correctness 2, kernels 4, e2e 8, profile 16,
-# tests 32, sdxl 64, pixart 128, flux 256, sd3 512 (failed, timed out or skipped for lack of time; 0 = everything
+# tests 32, sdxl 64, pixart 128, flux 256, sd3 512, stacked 1024 (failed, timed out or skipped for lack of time; 0 = everything
 # passed). check.log has one "stage NAME: ok|failed|timeout" line each.
 #
 # Before the device call, on the dev machine: bash benchmarks/prepare_gpu_run.sh (wheels into .whl/)
@@ -53,12 +67,14 @@
 #   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh            # part 1
 #   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh --part 2   # part 2 (OUT=... another folder)
 #   ... --part 3 (flux), --part 4 (sd3): one call each, in later sessions
+#   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh --part 5   # the stacked benchmark (one call)
 # Results land in $OUT (the device tool's folder), else benchmarks/results/<date>-<card>/.
 #
 # Rehearsal on a CPU (same suite code paths, tiny model, no build unless MOSAIC_CHECK_BUILD=1;
 # MOSAIC_CHECK_SUITE_STAGES=a,b runs a subset of the suite's stages, sdxl included):
 #   bash benchmarks/gpu_check.sh --dry-run            # results in $OUT or a fresh temp folder
 #   bash benchmarks/gpu_check.sh --dry-run --part 2
+#   bash benchmarks/gpu_check.sh --dry-run --part 5   # tiny DiT; FP8 on the torch fallbacks (no FP8 speed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0 PART=1
@@ -68,11 +84,11 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --part) shift; PART="${1:-}" ;;
-    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --part 1|2|3|4)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --part 1|2|3|4|5)" >&2; exit 2 ;;
   esac
   shift
 done
-case "$PART" in 1|2|3|4) ;; *) echo "gpu_check.sh: --part must be 1, 2, 3 or 4, got '$PART'" >&2; exit 2 ;; esac
+case "$PART" in 1|2|3|4|5) ;; *) echo "gpu_check.sh: --part must be 1, 2, 3, 4 or 5, got '$PART'" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 MOSAIC_COMMIT="${MOSAIC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 PY="${PYTHON:-python3}"
 
@@ -125,10 +141,11 @@ else
   say "stage build: skipped (dry run; set MOSAIC_CHECK_BUILD=1 to build)"
 fi
 
-# parts 2-4: one newer family's forward stage each (pixart, flux, sd3), in its own process, with what
-# the total leaves.
+# parts 2-5: one stage each (pixart, flux, sd3: a newer family's forward; stacked: DiT-XL/2 with
+# FP8 + cache), in its own process, with what the total leaves.
 if [ "$PART" != 1 ]; then
-  case "$PART" in 2) family=pixart bit=128 ;; 3) family=flux bit=256 ;; 4) family=sd3 bit=512 ;; esac
+  case "$PART" in 2) family=pixart bit=128 ;; 3) family=flux bit=256 ;; 4) family=sd3 bit=512 ;;
+    5) family=stacked bit=1024 ;; esac
   family_args=(--out "$OUT" --stages "$family")
   if [ "$DRY" = 1 ]; then
     family_guard=300  # tiny model: seconds on 2 shared cores

@@ -41,24 +41,30 @@ Stages, in order, each under its own wall-clock guard and each writing its own f
 8. ``sd3`` -> sd3.json: one SD3.5-Large 1024 px transformer forward (bf16, 4096 image + 333 text
    tokens, batch 2 = CFG) per config, as pixart, over flow-matching Euler 28 steps, shift 3
    (``--part 4``).
+9. ``stacked`` -> stacked.json: DiT-XL/2 per image (forward batch 16 = 8 images with CFG, DDIM 50)
+   with what users already stack: diffusers + compile dense, the same diffusers DiT with FP8
+   linears + regional compile + diffusers' first-block cache, and mosaic 0.5 + FP8 + first-block
+   cache (the engine dense model with FP8 + cache, and the per-token FP8 mosaic, if time remains);
+   compile time per stage, block evaluations per image, targets 4x and 1.5x (``--part 5``).
 
-This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stages 5 to 8 in
-suite_sdxl.py, suite_pixart.py, suite_flux.py and suite_sd3.py (their shared body, one forward per
-config, in suite_forward.py),
-the run's models and inputs (`Suite`) in suite_context.py, the helpers the stages share (guard,
+This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stages 5 to 9 in
+suite_sdxl.py, suite_pixart.py, suite_flux.py, suite_sd3.py and suite_stacked.py (the first four's
+shared body, one forward per config, in suite_forward.py; the stacked stage's FP8 linears for
+diffusers in fp8_linear.py), the run's models and inputs (`Suite`) in suite_context.py, the helpers the stages share (guard,
 results files, run header, timing with `triton.testing.do_bench`, step weights, dynamo graph
 count) in suite_common.py, the model configs in dit_models.py, sdxl_config.py and
 pixart_config.py. The stages import those (suite_sdxl and suite_pixart also suite_forward),
 never this file or each other.
 
 The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8,
-sdxl 16, pixart 32, flux 64, sd3 128); each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
+sdxl 16, pixart 32, flux 64, sd3 128, stacked 256); each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
 
     python benchmarks/gpu_suite.py --out DIR              # one H100/H200: stages 1-5
     python benchmarks/gpu_suite.py --out DIR --stages sdxl  # at most 225 s (--sdxl-guard-s)
     python benchmarks/gpu_suite.py --out DIR --stages pixart  # at most 300 s (--pixart-guard-s)
     python benchmarks/gpu_suite.py --out DIR --stages flux    # at most 400 s (--flux-guard-s)
     python benchmarks/gpu_suite.py --out DIR --stages sd3     # at most 400 s (--sd3-guard-s)
+    python benchmarks/gpu_suite.py --out DIR --stages stacked # at most 420 s (--stacked-guard-s)
     python benchmarks/gpu_suite.py --out DIR --dry-run    # tiny model on the CPU, same code paths
 """
 
@@ -91,15 +97,16 @@ from suite_flux import stage_flux  # noqa: E402
 from suite_pixart import stage_pixart  # noqa: E402
 from suite_sd3 import stage_sd3  # noqa: E402
 from suite_sdxl import stage_sdxl  # noqa: E402
+from suite_stacked import stage_stacked  # noqa: E402
 
-STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl", "pixart", "flux", "sd3")
-#: What one run does unless told: pixart, flux and sd3 are gpu_check.sh's later calls (600 s each).
+STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl", "pixart", "flux", "sd3", "stacked")
+#: What one run does unless told: pixart, flux, sd3 and stacked are gpu_check.sh's later calls (600 s each).
 DEFAULT_STAGES = STAGES[:5]
 STAGE_BITS = {name: 1 << i for i, name in enumerate(STAGES)}
 #: Wall-clock guard per stage on the GPU, seconds. The CPU dry run scales them by
 #: DRY_RUN_GUARD_SCALE: inductor compiles for the CPU with a cold cache take minutes on 2 cores.
 GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25, "sdxl": 225, "pixart": 300, "flux": 400,
-          "sd3": 400}
+          "sd3": 400, "stacked": 420}
 DRY_RUN_GUARD_SCALE = 4
 
 
@@ -224,7 +231,8 @@ def stage_profile(suite: Suite, out: Path) -> bool:
 
 
 STAGE_FNS = {"correctness": stage_correctness, "kernels": stage_kernels, "e2e": stage_e2e, "profile": stage_profile,
-             "sdxl": stage_sdxl, "pixart": stage_pixart, "flux": stage_flux, "sd3": stage_sd3}
+             "sdxl": stage_sdxl, "pixart": stage_pixart, "flux": stage_flux, "sd3": stage_sd3,
+             "stacked": stage_stacked}
 
 
 def main(argv=None) -> int:
@@ -238,14 +246,14 @@ def main(argv=None) -> int:
     p.add_argument("--kernel-rep-ms", type=int, default=None, help="timing window per kernel provider")
     p.add_argument("--sdxl-guard-s", type=float, default=None,
                    help=f"the sdxl stage's guard on the GPU, seconds (default {GUARDS['sdxl']})")
-    for flag in ("pixart", "flux", "sd3"):
+    for flag in ("pixart", "flux", "sd3", "stacked"):
         p.add_argument(f"--{flag}-guard-s", type=float, default=None,
                        help=f"the {flag} stage's guard on the GPU, seconds (default {GUARDS[flag]})")
     p.add_argument("--sdxl-prune-time", action="store_true",
                    help="sdxl: also time OBS pruning of the SDXL U-Net (minutes; always on, tiny, in a dry run)")
     p.add_argument("--sdxl-prune-samples", type=int, default=32, help="sdxl: calibration samples per stage")
     args = p.parse_args(argv)
-    for flag in ("sdxl", "pixart", "flux", "sd3"):
+    for flag in ("sdxl", "pixart", "flux", "sd3", "stacked"):
         guard = getattr(args, f"{flag}_guard_s")
         if guard is not None and guard <= 0:
             p.error(f"--{flag}-guard-s must be positive, got {guard}")

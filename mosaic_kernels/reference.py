@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "attention_ref",
+    "dequantize_fp8_ref",
+    "fp8_gemm_ref",
     "gated_residual_ln_modulate_ref",
     "gated_residual_ln_modulate_table_ref",
     "gated_residual_ref",
@@ -29,6 +31,7 @@ __all__ = [
     "linear_residual_ref",
     "ln_modulate_ref",
     "ln_modulate_table_ref",
+    "quantize_rows_fp8_ref",
     "residual_layer_norm_ref",
     "rms_norm_rope_ref",
 ]
@@ -426,3 +429,81 @@ def attention_ref(qkv: torch.Tensor, num_heads: int, layout: str = "qkv") -> tor
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))
     out = scores.softmax(dim=-1) @ v  # (B, H, L, hd)
     return out.transpose(1, 2).reshape(B, L, num_heads * hd).to(qkv.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Float8 weights (mosaic_kernels.ops.fp8): dequantize, then the references above
+# ---------------------------------------------------------------------------------------------
+
+#: Largest finite ``float8_e4m3fn`` value, and the floor of a row's maximum (all-zero rows).
+_E4M3_MAX = 448.0
+_AMAX_EPS = 1e-12
+
+
+def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scale[m] = max(amax(|x[m]|), 1e-12) / 448``, ``q[m] = sat(x[m] / scale[m])`` in float8_e4m3fn.
+
+    Rounds to nearest even and saturates to +-448. Per output channel for an (N, K) weight, per
+    token for (M, K) activations.
+
+    Args:
+        x: (R, K) tensor.
+
+    Returns:
+        ``(q, scale)``: (R, K) ``float8_e4m3fn`` and (R,) fp32, ``x ~ q.float() * scale[:, None]``.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=1) if xf.shape[1] else xf.new_zeros(xf.shape[0])
+    scale = amax.clamp(min=_AMAX_EPS) / _E4M3_MAX
+    q = (xf / scale[:, None]).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8_ref(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q.float() * scale[:, None]``: the fp32 rows a float8 (R, K) tensor with (R,) scales stands for."""
+    return q.float() * scale.float()[:, None]
+
+
+def fp8_gemm_ref(
+    epilogue: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    mode: str = "weight_only",
+    gate: torch.Tensor | None = None,
+    res: torch.Tensor | None = None,
+    gate_weight: torch.Tensor | None = None,
+    gate_w_scale: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The GEMM op of ``epilogue`` on the dequantized weight (and, for ``mode="per_token"``, on
+    ``x`` quantized per row and dequantized): ``linear_gelu_ref(x, dequant(weight), bias)`` etc.
+
+    Args:
+        epilogue: ``"none"`` (``x @ w.T + bias``), ``"gelu_tanh"``, ``"gated_residual"``,
+            ``"residual"`` or ``"geglu"``.
+        x: (..., K) activations ((B, L, K) for ``gated_residual``).
+        weight: (N, K) ``float8_e4m3fn``; w_scale: (N,) fp32.
+        bias, gate, res, gate_weight (float8), gate_w_scale, gate_bias: as the epilogue's op.
+        mode: ``"weight_only"`` or ``"per_token"``.
+
+    Returns:
+        Tensor of ``x.dtype`` (``res.dtype`` for the residual epilogues).
+    """
+    out_dtype, xf = x.dtype, x.float()
+    if mode == "per_token":  # kept in fp32: the kernel applies the row scale to its fp32 accumulator
+        xf = dequantize_fp8_ref(*quantize_rows_fp8_ref(xf.reshape(-1, x.shape[-1]))).view(x.shape)
+    w = dequantize_fp8_ref(weight, w_scale)
+    if epilogue == "none":
+        return F.linear(xf, w, None if bias is None else bias.float()).to(out_dtype)
+    if epilogue == "gelu_tanh":
+        return linear_gelu_ref(xf, w, bias).to(out_dtype)
+    if epilogue == "gated_residual":
+        return linear_gated_residual_ref(xf, w, bias, gate, res)
+    if epilogue == "residual":
+        return linear_residual_ref(xf, w, bias, res)
+    if epilogue == "geglu":
+        wg = None if gate_weight is None else dequantize_fp8_ref(gate_weight, gate_w_scale)
+        return linear_geglu_ref(xf, w, bias, wg, gate_bias).to(out_dtype)
+    raise ValueError(f"fp8_gemm_ref: unknown epilogue {epilogue!r}")

@@ -43,6 +43,9 @@ from .ln_modulate_table import ln_modulate_table
 from .gated_residual_ln_modulate_table import gated_residual_ln_modulate_table
 from .rms_norm_rope import rms_norm_rope
 
-#: The public names: the backend controls, then every registered op.
+# Float8 weights: one op for every GEMM epilogue (not a BenchCase: it has no sm_80 kernel to compile).
+from .fp8 import fp8_gemm, quantize_fp8_weight, quantize_rows_fp8
+
+#: The public names: the backend controls, then every registered op, then the float8 GEMM.
 __all__ = ["BACKEND_ENV", "backends", "current_backend", "record_dispatch", "select_backend", "use_backend",
-           *BENCH_CASES]
+           *BENCH_CASES, "fp8_gemm", "quantize_fp8_weight", "quantize_rows_fp8"]

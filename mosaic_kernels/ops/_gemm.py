@@ -42,10 +42,12 @@ def gemm_triton_case(epilogue: str, launch) -> TritonCase:
     """A GEMM op's :class:`TritonCase`: every autotune config for its epilogue, pointer and TMA."""
 
     def configs(shape, dtype) -> list[tuple[str, dict[str, Any]]]:
-        from ..triton.settings import gemm_candidate_configs
+        from ..triton.settings import gemm_candidate_configs, rows_aligned
 
+        aligned = rows_aligned(shape[2])  # x and weight rows are K apart in the cases
         return [(f"gemm_configs[{i}]{'+tma' if tma else ''}", {**cfg, "tma": tma})
-                for i, cfg in enumerate(gemm_candidate_configs(dtype, epilogue)) for tma in (False, True)]
+                for i, cfg in enumerate(gemm_candidate_configs(dtype, epilogue, aligned=aligned))
+                for tma in (False, True)]
 
     return TritonCase(family="gemm", configs=configs, launch=launch)
 

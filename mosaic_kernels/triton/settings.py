@@ -23,6 +23,7 @@ import triton
 from ._common import INTERPRETED
 
 __all__ = [
+    "FP8_GEMM_CONFIGS",
     "GEMM_CONFIGS",
     "MAX_FUSED_D",
     "NORM_OPS",
@@ -35,6 +36,7 @@ __all__ = [
     "prune_gemm_configs",
     "row_blocks",
     "row_settings",
+    "rows_aligned",
 ]
 
 #: Row ops that hold whole rows (a LayerNorm needs the row's statistics).
@@ -208,21 +210,31 @@ def lane_utilization(op: str, D: int, config: dict[str, Any] | None = None) -> f
 # sm_80/sm_90, all compile-checked for both (benchmarks/compile_check.py); GROUP_M = 8.
 _GEMM_TILES = ((128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4),
                (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4))
+# Float8 weights (mosaic_kernels.ops.fp8): the fp8 tiles of Triton's matmul tutorial (BLOCK_K = 128;
+# compile-checked for sm_90a, benchmarks/compile_check.py). Not measured on a card yet.
+_FP8_TILES = ((128, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 128, 128, 4, 4), (64, 128, 128, 4, 4),
+              (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))
 # The interpreter's single config: 64-wide tiles keep the program count (its cost) low.
 _INTERPRETER_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
 # Operand buffers must fit the smaller opt-in shared memory of the supported cards (A100: 163 KB).
 _SMEM_BUDGET = 166912
 # The epilogue "geglu" keeps two accumulators (value and gate columns).
-_ACCUMULATORS = {"gelu_tanh": 1, "gated_residual": 1, "residual": 1, "geglu": 2}
+_ACCUMULATORS = {"none": 1, "gelu_tanh": 1, "gated_residual": 1, "residual": 1, "geglu": 2}
 # Above 128 fp32 accumulator values per thread the kernel spills (255 registers per thread).
 _MAX_ACC_PER_THREAD = 128
+# Rows whose stride is not a multiple of 16 elements (Triton's divisibility specialization; e.g.
+# K = 936, a 13-head proj) are not loaded by async copies: every stage's operand tiles pass through
+# registers (32-bit words per thread) beside the accumulator. At 255 registers, sm_90a ptxas spilled
+# (452-3042 B, linear_gated_residual at K = 936) every tile where accumulator + stage words reached
+# 256, and none at 160; tiles above this budget are left out for such rows.
+_MAX_UNALIGNED_REGS = 192
 
 
-def _gemm_dicts() -> list[dict[str, int]]:
+def _gemm_dicts(fp8: bool = False) -> list[dict[str, int]]:
     if INTERPRETED:
         return [dict(_INTERPRETER_TILE)]
     return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": w, "num_stages": s}
-            for bm, bn, bk, w, s in _GEMM_TILES]
+            for bm, bn, bk, w, s in (_FP8_TILES if fp8 else _GEMM_TILES)]
 
 
 def _to_config(cfg: dict[str, int]) -> triton.Config:
@@ -232,37 +244,59 @@ def _to_config(cfg: dict[str, int]) -> triton.Config:
 
 #: The autotune list of the GEMM kernel (one config under the interpreter).
 GEMM_CONFIGS: list[triton.Config] = [_to_config(c) for c in _gemm_dicts()]
+#: The autotune list of the GEMM kernel with float8 weights (one config under the interpreter).
+FP8_GEMM_CONFIGS: list[triton.Config] = [_to_config(c) for c in _gemm_dicts(fp8=True)]
 
 
-def _fits(cfg: dict[str, int], element_size: int, epilogue: str) -> bool:
+def _fits(cfg: dict[str, int], element_size: int, epilogue: str, weight_size: int | None = None,
+          aligned: bool = True) -> bool:
     n_acc = _ACCUMULATORS[epilogue]
-    smem = cfg["num_stages"] * (cfg["BLOCK_M"] + n_acc * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * element_size
-    acc_per_thread = n_acc * cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
+    weight_size = element_size if weight_size is None else weight_size  # float8 weights: 1 byte
+    smem = cfg["num_stages"] * (cfg["BLOCK_M"] * element_size + n_acc * cfg["BLOCK_N"] * weight_size) * cfg["BLOCK_K"]
+    threads = 32 * cfg["num_warps"]
+    acc_per_thread = n_acc * cfg["BLOCK_M"] * cfg["BLOCK_N"] // threads
+    if not aligned and acc_per_thread + smem // (4 * threads) > _MAX_UNALIGNED_REGS:
+        return False
     return smem <= _SMEM_BUDGET and acc_per_thread <= _MAX_ACC_PER_THREAD
 
 
-def gemm_candidate_configs(dtype: torch.dtype, epilogue: str = "gelu_tanh") -> list[dict[str, int]]:
+def rows_aligned(*row_strides: int) -> bool:
+    """Whether every operand row stride (elements) is a multiple of 16: Triton's alignment
+    specialization, which lets the loads be async copies (see ``_MAX_UNALIGNED_REGS``)."""
+    return all(int(s) % 16 == 0 for s in row_strides)
+
+
+def gemm_candidate_configs(dtype: torch.dtype, epilogue: str = "gelu_tanh",
+                           weight_dtype: torch.dtype | None = None, aligned: bool = True) -> list[dict[str, int]]:
     """The configs autotune benchmarks for operands of ``dtype`` and an epilogue, as dicts.
+
+    ``weight_dtype=torch.float8_e4m3fn`` (weights of ``mosaic_kernels.ops.fp8``; ``dtype`` is then
+    the activations', float8 too when quantized per token) takes :data:`FP8_GEMM_CONFIGS` instead.
 
     :data:`GEMM_CONFIGS` less those whose operand buffers exceed 163 KB of shared memory (fp32
     keeps the BLOCK_K = 32 and 64x64 tiles) or whose accumulators exceed 128 fp32 values per
-    thread (``geglu`` keeps two). A dict passed as ``config=`` runs the pointer kernel; add
-    ``"tma": True`` for the tensor-descriptor variant.
+    thread (``geglu`` keeps two); with ``aligned=False`` (an operand row stride that is not a
+    multiple of 16 elements, :func:`rows_aligned`) also those whose accumulator plus stage
+    buffers exceed 192 registers per thread (they spill). A dict passed as ``config=`` runs the
+    pointer kernel; add ``"tma": True`` for the tensor-descriptor variant.
     """
     if epilogue not in _ACCUMULATORS:
         raise ValueError(f"unknown GEMM epilogue {epilogue!r}, expected one of {tuple(_ACCUMULATORS)}")
     element_size = torch.empty((), dtype=dtype).element_size()
-    fitting = [c for c in _gemm_dicts() if _fits(c, element_size, epilogue)]
-    return fitting or _gemm_dicts()[-1:]
+    fp8 = weight_dtype == torch.float8_e4m3fn
+    weight_size = 1 if fp8 else element_size
+    fitting = [c for c in _gemm_dicts(fp8) if _fits(c, element_size, epilogue, weight_size, aligned)]
+    return fitting or _gemm_dicts(fp8)[-1:]
 
 
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     """``early_config_prune`` of the GEMM autotuner: :func:`gemm_candidate_configs`' rule on the
-    launch's operand dtype and epilogue."""
-    element_size = named_args["x"].element_size()
+    launch's operand dtypes, epilogue and row alignment."""
+    element_size, weight_size = named_args["x"].element_size(), named_args["w"].element_size()
     epilogue = kwargs["EPILOGUE"]
+    aligned = rows_aligned(named_args["stride_xm"], named_args["stride_wn"], named_args["stride_wgn"])
     fitting = [c for c in configs if _fits({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages},
-                                           element_size, epilogue)]
+                                           element_size, epilogue, weight_size, aligned)]
     return fitting or configs[-1:]
 
 

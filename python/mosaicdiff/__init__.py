@@ -31,6 +31,7 @@ _LAZY = {
     "ConditionedCalibration": ("mosaicdiff.calibrate", "ConditionedCalibration"),
     "TextCalibration": ("mosaicdiff.calibrate", "TextCalibration"),
     "sample": ("mosaicdiff.core.sampling", "sample"),
+    "quantize": ("mosaicdiff.core.quantize", "quantize"),
     "stage_boundaries": ("mosaicdiff.method.schedule", "stage_boundaries"),
 }
 

@@ -8,7 +8,8 @@ in the run, at most 8 result files (what the device tool returns), and an exit s
 names the failed stages while the later stages still run. The sdxl stage runs diffusers' tiny
 SDXL test U-Net through the same configs as the SDXL base U-Net on the GPU; the second call
 (``--part 2``) runs a tiny PixArt through the configs of PixArt-Sigma 1024 px, the third and fourth
-(``--part 3``, ``--part 4``) a tiny Flux and SD3.5 through those of FLUX.1-dev and SD3.5-Large.
+(``--part 3``, ``--part 4``) a tiny Flux and SD3.5 through those of FLUX.1-dev and SD3.5-Large, the
+fifth (``--part 5``) a tiny DiT through the stacked benchmark (FP8 + first-block cache, per image).
 """
 
 from __future__ import annotations
@@ -80,8 +81,11 @@ def test_e2e_measures_every_config_and_compiles_once_per_batch(dry_run):
     for (name, _), rec in by.items():
         assert rec["ms_per_forward"] > 0 and rec["ms_per_sample_run"] > 0
         stages = len(rec["per_stage_ms"])
+        assert list(rec["compile_s"]) == list(rec["per_stage_ms"]), rec  # compile time per stage
         if name == "diffusers_compile_dense":
             assert rec["dynamo_graphs_compiled"] == 1, f"{name}@{rec['batch']} recompiled: {rec}"
+            first, *rest = rec["compile_s"].values()
+            assert first > 0 and all(first >= r for r in rest), rec  # compiled on the first stage's first pass
         elif name == "compile_pruned_0.5":
             assert stages == 3 and rec["dynamo_graphs_compiled"] == stages, rec
         else:
@@ -225,3 +229,119 @@ def test_guard_fires_and_is_seen_through_wrapping_exceptions():
     except RuntimeError as wrapped:
         assert gpu_suite.is_timeout(wrapped)
     assert not gpu_suite.is_timeout(RuntimeError("a real failure"))
+
+
+def test_part_five_times_the_stacked_recipe_per_image(tmp_path):
+    """`gpu_check.sh --part 5` on the tiny DiT: only env and the stacked stage; stacked.json has every
+    config of the plan per image, compile time per stage with no recompile after the first passes,
+    block evaluations per image from two independent counts (the engine dense model's weighted
+    count equals its block count; a 0.5 mosaic's weighs about half), the two targets as ratios of
+    the records, and the log says that FP8 ran the torch fallbacks."""
+    import suite_stacked
+
+    proc = run_check(tmp_path, "--part", "5")
+    log = (tmp_path / "check.log").read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}\n{proc.stderr[-2000:]}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.log", "stacked.json"]
+    assert "stage stacked: ok" in log and "stage suite" not in log and "stage tests" not in log
+    assert "no FP8 tensor cores here" in log and "torch fallback of mosaic_kernels.fp8_gemm" in log
+    assert "no FP8 speed" in log
+    result = load(tmp_path, "stacked.json")
+    assert not result["errors"], result["errors"]
+    assert result["fp8"]["fp8_speed"] is False and "fallback" in result["fp8"]["mosaic"]
+    assert result["steps"] == 50 and result["images_per_run"] * 2 == result["batch"]
+    stages = result["stages"]
+    assert [s["name"] for s in stages] == ["early", "middle", "late"] and sum(s["steps"] for s in stages) == 50
+    by = {r["config"]: r for r in result["records"]}
+    assert list(by) == list(suite_stacked.PLAN)
+    layers = 2  # DIT_TINY
+    for name, rec in by.items():
+        assert list(rec["compile_s"]) == [str(s["timestep"]) for s in stages], rec
+        assert rec["recompiles_after_first_passes"] == 0, rec
+        assert rec["ms_per_image"] == pytest.approx(rec["ms_per_sample_run"] / result["images_per_run"])
+        assert 0 < rec["block_evaluations_per_image"] <= 2 * 50 * layers, rec
+    assert by["diffusers_compile_dense"]["dynamo_graphs_compiled"] == 1
+    assert by["diffusers_compile_dense"]["compile_s"][str(stages[0]["timestep"])] > 0
+    assert by["diffusers_compile_fp8_fbc"]["dynamo_graphs_compiled"] == 1  # regional: one graph, every block
+    for name in ("mosaic_0.5_fp8_fbc", "engine_dense_fp8_fbc"):
+        assert by[name]["dynamo_graphs_compiled"] == 0 and by[name]["dispatch"].get("fp8_gemm:torch"), by[name]
+    engine = by["engine_dense_fp8_fbc"]
+    assert engine["dense_block_equivalents_per_image"] == pytest.approx(engine["block_evaluations_per_image"])
+    mosaic = by["mosaic_0.5_fp8_fbc"]
+    share = mosaic["dense_block_equivalents_per_image"] / mosaic["block_evaluations_per_image"]
+    assert 0.35 < share < 0.65, share
+    assert mosaic["memory"]["mosaic_bytes"] < engine["memory"]["mosaic_bytes"]
+    for name, (num, den, target) in suite_stacked.TARGETS.items():
+        got = result["targets"][name]
+        assert got["target"] == target and got["ratio"] == pytest.approx(by[num]["ms_per_image"] / by[den]["ms_per_image"])
+    assert {t["target"] for t in result["targets"].values()} == {4.0, 1.5}
+
+
+def test_fp8_linear_scaled_mm_path_matches_its_fallback_and_the_float_layer():
+    """`FP8Linear`: the ``torch._scaled_mm`` path (the GPU's; torch runs it on the CPU too) and the
+    dequantized fallback agree, and both stay within e4m3's error of the float ``nn.Linear``."""
+    import torch
+    from fp8_linear import FP8Linear, swap_fp8_linears
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 5, 64)
+    fp8 = FP8Linear(linear)
+    assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (1, 48)
+    fallback = fp8(x)
+    with torch.no_grad():
+        ref = linear(x)
+    assert ((fallback - ref).norm() / ref.norm()).item() < 0.05  # e4m3: 3 mantissa bits
+    assert ((fallback - ref).norm() / ref.norm()).item() > 1e-4  # it did quantize
+    fp8.uses_scaled_mm = True
+    try:
+        scaled = fp8(x)
+    except (RuntimeError, NotImplementedError) as exc:  # a torch without CPU _scaled_mm
+        pytest.skip(f"torch._scaled_mm does not run on this CPU: {exc}")
+    torch.testing.assert_close(scaled, fallback, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="include"):
+        swap_fp8_linears(torch.nn.Sequential(linear), ("attn1.",))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        FP8Linear(torch.nn.Linear(10, 16))
+
+
+def test_diffusers_block_counter_sits_under_the_first_block_cache():
+    """The stacked stage's row counter on diffusers' DiT with diffusers' first-block cache: with a
+    threshold every step passes, only the first step runs the tail blocks (a counter outside the
+    hooks would count every block at every step), and the reset after a run makes the next run
+    compute its first step again."""
+    import torch
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from dit_models import DIT_TINY, build_dense
+    from suite_stacked import RowCounter, cache_context, compile_blocks
+
+    from mosaicdiff.core.sampling import sample
+
+    layers, steps, images = 3, 4, 2
+    model = build_dense(dict(DIT_TINY, num_layers=layers), "cpu", torch.float32)
+    compile_blocks(model.transformer_blocks, "eager")
+    counter = RowCounter(model.transformer_blocks)
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=1e9))
+    for _ in range(2):
+        counter.rows = 0
+        with torch.no_grad(), cache_context(model):
+            sample(model, torch.tensor([1, 2]), num_inference_steps=steps, guidance_scale=4.0, progress=False,
+                   generator=torch.Generator().manual_seed(0))
+        rows = 2 * images  # CFG
+        assert counter.rows == rows * (layers + (steps - 1)), counter.rows
+
+
+def test_stacked_stage_records_a_failed_config_and_stops_on_its_guard():
+    """A config that fails is recorded and the stage goes on; a guard timeout wrapped by
+    torch.compile's errors still ends the stage."""
+    from suite_stacked import record_failure
+
+    result = {"errors": []}
+    record_failure(result, "mosaic_0.5_fp8_fbc", NotImplementedError("no FP8 tensor cores"))
+    assert result["errors"] == [{"config": "mosaic_0.5_fp8_fbc", "error": "NotImplementedError: no FP8 tensor cores"}]
+    try:
+        raise RuntimeError("compile failed") from gpu_suite.StageTimeout("past its guard")
+    except RuntimeError as wrapped:
+        with pytest.raises(gpu_suite.StageTimeout):
+            record_failure(result, "diffusers_compile_dense", wrapped)
+    assert len(result["errors"]) == 1

@@ -40,6 +40,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from mosaicdiff.core import layerwise_casting
+from mosaicdiff.core.lora import MosaicLoraMixin
 from mosaicdiff.core.runtime import StageRuntimeMixin
 from mosaicdiff.core.stages import StageSpec, stage_index
 from mosaicdiff.core.weight_init import init_weights, skip_weight_init, weight_init_skipped
@@ -69,7 +70,7 @@ def split_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     return value
 
 
-class MosaicModel(StageRuntimeMixin, ModelMixin, ConfigMixin):
+class MosaicModel(MosaicLoraMixin, StageRuntimeMixin, ModelMixin, ConfigMixin):
     """Base of the stage-switching models; see the module docstring."""
 
     config_name = "config.json"

@@ -56,6 +56,11 @@ class CompactDiTBlock(nn.Module):
     Inside a stage the runtime chains blocks with `forward_normed`: the last line and the next
     block's first norm become one ``gated_residual_ln_modulate`` after a plain fc2 GEMM.
 
+    After `mosaicdiff.quantize` (``"fp8"``) the four GEMM weights are ``float8_e4m3fn`` with a
+    per-output-channel fp32 scale beside each (``<name>_weight_scale``, also a frozen parameter),
+    and the GEMMs run through ``mosaic_kernels.fp8_gemm`` with the same fused epilogues, in
+    `fp8_mode` (``"weight_only"`` or ``"per_token"`` activations).
+
     The weights are frozen parameters (``requires_grad=False``); the kept-index tensors are
     plain CPU attributes (metadata, never moved by ``.to()``).
 
@@ -106,6 +111,10 @@ class CompactDiTBlock(nn.Module):
 
     #: How the qkv GEMM's output is laid out for `mosaic_kernels.ops.attention` (``[q | k | v]``).
     qkv_layout = "qkv"
+    #: The activations of the FP8 GEMMs once the weights are float8 (set by `mosaicdiff.quantize`).
+    fp8_mode = "weight_only"
+    #: The GEMM weights `mosaicdiff.quantize` stores as float8 (each with a ``<name>_scale``).
+    fp8_weights = ("qkv_weight", "proj_weight", "fc1_weight", "fc2_weight")
 
     def qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (weight, bias) of the qkv GEMM, rows laid out as `qkv_layout`."""
@@ -114,6 +123,26 @@ class CompactDiTBlock(nn.Module):
     def fc1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (weight, bias) of fc1, one row per kept channel in `kept_channels` order."""
         return self.fc1_weight, self.fc1_bias
+
+    def qkv_scale(self) -> torch.Tensor | None:
+        """The fp32 per-row scale of a float8 qkv weight (rows as `qkv_params`), or None."""
+        return getattr(self, "qkv_weight_scale", None)
+
+    def fc1_scale(self) -> torch.Tensor | None:
+        """The fp32 per-row scale of a float8 fc1 weight (rows as `fc1_params`), or None."""
+        return getattr(self, "fc1_weight_scale", None)
+
+    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
+              epilogue: str = "none", **kw) -> torch.Tensor:
+        """``epilogue(x @ weight.T + bias)``: the bf16/fp32 op, or ``fp8_gemm`` for a float8 weight."""
+        ops = _ops()
+        if scale is not None:
+            return ops.fp8_gemm(x, weight, scale, bias, epilogue=epilogue, mode=self.fp8_mode, **kw)
+        if epilogue == "gelu_tanh":
+            return ops.linear_gelu(x, weight, bias)
+        if epilogue == "gated_residual":
+            return ops.linear_gated_residual(x, weight, bias, kw["gate"], kw["res"])
+        return F.linear(x, weight, bias)
 
     def weights(self) -> CompactBlockWeights:
         """The block's current tensors as a `CompactBlockWeights` (no copy).
@@ -170,21 +199,24 @@ class CompactDiTBlock(nn.Module):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         # 1. Attention branch on the kept heads.
         if self.num_heads > 0:
-            qkv = F.linear(x, *self.qkv_params())
+            qkv = self._gemm(x, *self.qkv_params(), self.qkv_scale())
             a = ops.attention(qkv, self.num_heads, layout=self.qkv_layout)
-            y = F.linear(a, self.proj_weight, self.proj_bias)
+            y = self._gemm(a, self.proj_weight, self.proj_bias, getattr(self, "proj_weight_scale", None))
         else:  # every head pruned: the branch is its (compensated) bias
             y = self._bias_rows(self.proj_bias, h)
         # 2. Gated residual fused with the MLP's norm + modulate.
         h, x2 = ops.gated_residual_ln_modulate(h, gate_msa, y, shift_mlp, scale_mlp, self.mlp_eps)
         # 3. MLP on the kept channels.
-        f = ops.linear_gelu(x2, *self.fc1_params()) if self.mlp_width > 0 else None
+        f = self._gemm(x2, *self.fc1_params(), self.fc1_scale(), "gelu_tanh") if self.mlp_width > 0 else None
+        fc2_scale = getattr(self, "fc2_weight_scale", None)
         if next_norm is not None:  # fc2, then its gated residual fused with the next norm
-            y = F.linear(f, self.fc2_weight, self.fc2_bias) if f is not None else self._bias_rows(self.fc2_bias, h)
+            y = self._gemm(f, self.fc2_weight, self.fc2_bias, fc2_scale) if f is not None \
+                else self._bias_rows(self.fc2_bias, h)
             shift, scale, eps = next_norm
             return ops.gated_residual_ln_modulate(h, gate_mlp, y, shift, scale, eps)
         if f is not None:  # fc2 with the gated residual in its epilogue
-            return ops.linear_gated_residual(f, self.fc2_weight, self.fc2_bias, gate_mlp, h), None
+            return self._gemm(f, self.fc2_weight, self.fc2_bias, fc2_scale, "gated_residual", gate=gate_mlp,
+                              res=h), None
         return ops.gated_residual(h, gate_mlp, self._bias_rows(self.fc2_bias, h)), None
 
     @staticmethod

@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from mosaicdiff.core.block_cache import MosaicCacheMixin
 from mosaicdiff.core.config_fields import FieldChecker, check_stage_fields
 from mosaicdiff.core.model import MosaicModel, skip_weight_init
 from mosaicdiff.core.stages import NUM_TRAIN_TIMESTEPS, StageSpec
@@ -33,6 +34,7 @@ from mosaicdiff.families.dit import adapter as dit
 from mosaicdiff.families.dit import build as mosaic_build
 from mosaicdiff.families.dit import inputs as mosaic_inputs
 from mosaicdiff.families.dit import legacy_format
+from mosaicdiff.families.dit import lora as dit_lora
 from mosaicdiff.families.dit.adapter import DIT_CONFIG_KEYS
 from mosaicdiff.families.dit.config_checks import check_config_fields, check_dense_fields, check_stage_layout
 
@@ -40,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["MosaicDiT"]
 
-class MosaicDiT(MosaicModel):
+class MosaicDiT(MosaicCacheMixin, MosaicModel):
     r"""A pruned DiT whose blocks change with the denoising stage; a drop-in ``DiTTransformer2DModel``.
 
     Build one with `from_dense` (from a dense model and pruned stages), `from_dense_unpruned` or
@@ -102,6 +104,8 @@ class MosaicDiT(MosaicModel):
     )
     #: `mosaicdiff.sample` hands this model its timesteps as CPU tensors (see `mosaic_inputs.select_stages`).
     accepts_host_timestep = True
+    #: Where a dense DiT LoRA's linears live (`mosaicdiff.core.lora`).
+    _lora_targets = dit_lora.lora_targets
 
     @register_to_config
     def __init__(

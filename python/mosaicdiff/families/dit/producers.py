@@ -48,6 +48,9 @@ class SharedProducers(nn.Module):
     assigned (`from_stage_weights` or a loaded state dict).
     """
 
+    #: The rows `mosaicdiff.quantize` stores as float8 (every stage's blocks read slices of them).
+    fp8_weights = ("qkv_weight", "fc1_weight")
+
     def __init__(self, heads, channels, head_dim: int, width: int):
         super().__init__()
         self.heads = torch.as_tensor(heads, dtype=torch.int64).reshape(-1).cpu()
@@ -106,6 +109,8 @@ class SharedProducerBlock(CompactDiTBlock):
     """
 
     qkv_layout = "heads"
+    #: The producers' qkv and fc1 rows live (and are quantized) in the `SharedProducers` storage.
+    fp8_weights = ("proj_weight", "fc2_weight")
 
     def __init__(self, producers: SharedProducers, head_range: tuple[int, int], channel_range: tuple[int, int],
                  consumers: dict[str, torch.Tensor], head_dim: int, eps: float = 1e-6, mlp_eps: float | None = None):
@@ -141,6 +146,16 @@ class SharedProducerBlock(CompactDiTBlock):
         a, b = self.channel_range
         p = self._producers
         return p.fc1_weight[a:b], p.fc1_bias[a:b]
+
+    def qkv_scale(self) -> torch.Tensor | None:
+        """The storage's float8 row scales (`mosaicdiff.quantize`) of this stage's qkv rows, or None."""
+        scale, rows = getattr(self._producers, "qkv_weight_scale", None), 3 * self.head_dim
+        return None if scale is None else scale[self.head_range[0] * rows:self.head_range[1] * rows]
+
+    def fc1_scale(self) -> torch.Tensor | None:
+        """The storage's float8 row scales of this stage's fc1 rows, or None."""
+        scale = getattr(self._producers, "fc1_weight_scale", None)
+        return None if scale is None else scale[self.channel_range[0]:self.channel_range[1]]
 
     def weights(self) -> CompactBlockWeights:
         """The block's tensors as a `CompactBlockWeights` (qkv re-laid out ``[q | k | v]``: a copy;

@@ -13,7 +13,6 @@ position stores its producer rows once for all stages (``producer_storage``,
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -23,12 +22,14 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
+from mosaicdiff.core.block_cache import MosaicCacheMixin, PairedJointBlock
 from mosaicdiff.core.model import MosaicModel, skip_weight_init, split_rows
 from mosaicdiff.core.serialization import check_common_fields
 from mosaicdiff.core.shared_producers import share_stages
 from mosaicdiff.core.stages import StageSpec, checked_stage_configs
 from mosaicdiff.core.traced_stages import run_stage_traced
 from mosaicdiff.families.flux import adapter as flux
+from mosaicdiff.families.flux import lora as flux_lora
 from mosaicdiff.families.flux.blocks import (
     CompactFluxDoubleBlock,
     CompactFluxDoubleWeights,
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["MosaicFlux"]
 
 
-class MosaicFlux(MosaicModel):
+class MosaicFlux(MosaicCacheMixin, MosaicModel):
     r"""A pruned Flux transformer whose blocks change with the denoising stage; a drop-in
     ``FluxTransformer2DModel``.
 
@@ -94,6 +95,10 @@ class MosaicFlux(MosaicModel):
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _repeated_blocks = ["CompactFluxDoubleBlock", "CompactFluxSingleBlock", "SharedFluxDoubleBlock",
                         "SharedFluxSingleBlock"]
+    #: Where a dense Flux LoRA's linears live (`mosaicdiff.core.lora`).
+    _lora_targets = flux_lora.lora_targets
+    #: diffusers' caches (`mosaicdiff.core.block_cache`): the double blocks take and return (image, text).
+    _cache_two_stream_blocks = (CompactFluxDoubleBlock,)
 
     @register_to_config
     def __init__(
@@ -231,11 +236,6 @@ class MosaicFlux(MosaicModel):
         return mosaic.eval()
 
     # ------------------------------------------------------------------ forward
-
-    @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """What ``FluxPipeline`` enters around each forward (diffusers' ``CacheMixin``): nothing to cache here."""
-        yield
 
     def stage_timestep(self, timestep: torch.Tensor | float) -> torch.Tensor | float:
         """The stage table's timestep of the forward's `timestep` (``t / 1000``): ``1000 * timestep``,
@@ -379,13 +379,30 @@ class MosaicFlux(MosaicModel):
         else:
             for i in range(L2):
                 img, txt = blocks[i](img, txt, double_mod[:, i], cos, sin)
-            h = torch.cat([txt, img], dim=1)
-            for j in range(L1):
-                h = blocks[L2 + j](h, single_mod[:, j], cos, sin)
+            paired = self.cache_stage_blocks(stage, "single_transformer_blocks") or []
+            if paired and isinstance(paired[0], PairedJointBlock):  # a first-block cache: one residual per stream
+                for j, block in enumerate(paired):
+                    img, txt = block(img, txt, single_mod[:, j], cos, sin)
+                h = torch.cat([txt, img], dim=1)
+            else:
+                h = torch.cat([txt, img], dim=1)
+                for j in range(L1):
+                    h = blocks[L2 + j](h, single_mod[:, j], cos, sin)
         # 3. Output: the image tokens' final modulated norm ([scale | shift]) and projection.
         emb = sk.norm_out.linear(nn.functional.silu(temb).to(h.dtype))
         scale, shift = emb.chunk(2, dim=1)
         return sk.proj_out(ops.ln_modulate(h[:, St:].contiguous(), shift, scale, sk.norm_out.norm.eps))
+
+    def _cache_block_lists(self, stage: int, config) -> dict[str, list[nn.Module]]:
+        """The double blocks, then the single ones; under a first-block cache over both kinds the single
+        blocks run through `PairedJointBlock` (diffusers keeps one residual per stream)."""
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        blocks, L2 = list(self.stage_blocks[stage]), self._facts["num_layers"]
+        doubles, singles = blocks[:L2], blocks[L2:]
+        if isinstance(config, FirstBlockCacheConfig) and doubles and singles:
+            singles = [PairedJointBlock(b) for b in singles]
+        return {"transformer_blocks": doubles, "single_transformer_blocks": singles}
 
     def _fused_chain(self, blocks, img, txt, double_mod, single_mod, cos, sin) -> torch.Tensor:
         """The blocks with each gated residual fused with the next block's modulated norm (the last

@@ -35,6 +35,7 @@ from mosaicdiff.core.tensor_cache import cached_for_tensor, tensor_key
 from mosaicdiff.core.text_blocks import CrossKVCacheMixin
 from mosaicdiff.core.traced_stages import run_stage_traced
 from mosaicdiff.families.pixart import adapter as pixart
+from mosaicdiff.families.pixart import lora as pixart_lora
 from mosaicdiff.families.pixart.blocks import (
     PIXART_INDEX_FIELDS,
     CompactPixArtBlock,
@@ -108,6 +109,8 @@ class MosaicPixArt(CrossKVCacheMixin, MosaicModel):
     _no_split_modules = ["CompactPixArtBlock", "SharedPixArtBlock", "PatchEmbed"]
     _skip_layerwise_casting_patterns = ["pos_embed", "adaln_single"]
     _repeated_blocks = ["CompactPixArtBlock", "SharedPixArtBlock"]
+    #: Where a dense PixArt LoRA's linears live (`mosaicdiff.core.lora`).
+    _lora_targets = pixart_lora.lora_targets
 
     @register_to_config
     def __init__(

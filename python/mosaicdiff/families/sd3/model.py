@@ -28,6 +28,7 @@ from mosaicdiff.core.shared_producers import share_stages
 from mosaicdiff.core.stages import StageSpec, checked_stage_configs
 from mosaicdiff.core.traced_stages import run_stage_traced
 from mosaicdiff.families.sd3 import adapter as sd3
+from mosaicdiff.families.sd3 import lora as sd3_lora
 from mosaicdiff.families.sd3.blocks import (
     SD3_INDEX_FIELDS,
     CompactSD3Block,
@@ -90,6 +91,8 @@ class MosaicSD3(MosaicModel):
     _no_split_modules = ["CompactSD3Block", "SharedSD3Block", "PatchEmbed"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _repeated_blocks = ["CompactSD3Block", "SharedSD3Block"]
+    #: Where a dense SD3 LoRA's linears live (`mosaicdiff.core.lora`).
+    _lora_targets = sd3_lora.lora_targets
 
     @register_to_config
     def __init__(

@@ -42,6 +42,7 @@ from mosaicdiff.core.shared_producers import (
 from mosaicdiff.core.stages import StageSpec, coverage_problem
 from mosaicdiff.core.text_blocks import CrossKVCacheMixin
 from mosaicdiff.core.traced_stages import run_stage_traced
+from mosaicdiff.families.unet import lora as unet_lora
 from mosaicdiff.families.unet.adapter import transformer_blocks, unet_skeleton
 from mosaicdiff.families.unet.blocks import (
     UNET_INDEX_FIELDS,
@@ -146,6 +147,8 @@ class MosaicUNet(CrossKVCacheMixin, MosaicModel):
     _no_split_modules = ["CompactUNetBlock", "SharedUNetBlock", "ResnetBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     _skip_layerwise_casting_patterns = ["norm", "time_embedding", "add_embedding"]
     _repeated_blocks = ["CompactUNetBlock", "SharedUNetBlock"]
+    #: Where a dense U-Net LoRA's linears live (`mosaicdiff.core.lora`).
+    _lora_targets = unet_lora.lora_targets
     #: The config fields that set each tensor's shape (loading errors name them).
     shape_fields = (
         ("unet.conv_in.", ("in_channels", "block_out_channels", "conv_in_kernel")),
