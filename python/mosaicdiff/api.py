@@ -16,7 +16,7 @@ from torch import nn
 
 from mosaicdiff.core.stages import StageSpec
 from mosaicdiff.families import Family, family_for
-from mosaicdiff.method import schedule
+from mosaicdiff.method import schedule, step_allocation
 from mosaicdiff.method.conditioned_calibration import ConditionedCalibration
 from mosaicdiff.method.pruning import prune_with_adapter
 
@@ -65,7 +65,9 @@ def prune(model: nn.Module, calibration: ConditionedCalibration | None, target_s
           speed_threshold: float = schedule.DEFAULT_SPEED_THRESHOLD,
           log_snr_weight: float = schedule.DEFAULT_LOG_SNR_WEIGHT, align: int | None = 64, cfg: bool = True,
           batch_size: int = 64, seed: int = 0, progress: bool = True, s_max: float | None = None,
-          groups_per_step: int = 1, share_producers: bool | None = None):
+          groups_per_step: int = 1, share_producers: bool | None = None,
+          num_stages: int = step_allocation.DEFAULT_NUM_STAGES,
+          exchange_rate: float = step_allocation.DEFAULT_EXCHANGE_RATE):
     r"""Prunes a dense model into its family's stage-switching mosaic (`MosaicDiT` for a DiT,
     `MosaicUNet` for a U-Net; `mosaicdiff.families`), without training.
 
@@ -82,7 +84,9 @@ def prune(model: nn.Module, calibration: ConditionedCalibration | None, target_s
         target_sparsity (`float`, *optional*, defaults to 0.5): mean sparsity over the sampler's
             steps, in [0, 1).
         method (`str`, *optional*, defaults to ``"mosaic"``): ``"mosaic"`` (three stages,
-            per-stage calibration and allocation), ``"uniform"`` (one OBS stage for all t),
+            per-stage calibration and allocation), ``"stepwise"`` (`num_stages` stages of equal
+            step counts, sparsities allocated from each stage's probed error, kept sets nested:
+            `mosaicdiff.method.step_allocation`), ``"uniform"`` (one OBS stage for all t),
             ``"magnitude"`` or ``"random"`` (one stage, no compensation).
         boundaries (`tuple[int, int]`, *optional*): integer timesteps ``(t_low, t_high)`` (floats,
             even ``200.0``, and bools are refused rather than rounded): early is
@@ -126,6 +130,10 @@ def prune(model: nn.Module, calibration: ConditionedCalibration | None, target_s
             every stage selects freely and stores its own producers (more memory; quality of both
             in ``docs/results.md``). None (default): True where the family's mosaic class
             supports it (``shares_producers``: DiT and U-Net).
+        num_stages (`int`, *optional*, defaults to 10): ``"stepwise"`` only: the stages.
+        exchange_rate (`float`, *optional*, defaults to 7.0): ``"stepwise"`` only: how fast a
+            stage's error is taken to grow with its sparsity (``c exp(a s)``); larger is closer to
+            uniform (`mosaicdiff.method.step_allocation.allocate_exponential`).
 
     Returns:
         The family's mosaic (`MosaicDiT` for a DiT) with the stages and ``meta`` (method,
@@ -159,6 +167,7 @@ def prune(model: nn.Module, calibration: ConditionedCalibration | None, target_s
         stage_sparsities=stage_sparsities, num_inference_steps=num_inference_steps, scheduler=scheduler,
         samples_per_stage=samples_per_stage, speed_threshold=speed_threshold, log_snr_weight=log_snr_weight,
         align=align, cfg=cfg, batch_size=batch_size, seed=seed, progress=progress, s_max=s_max,
-        groups_per_step=groups_per_step, share_producers=_share_default(family, share_producers))
+        groups_per_step=groups_per_step, share_producers=_share_default(family, share_producers),
+        num_stages=num_stages, exchange_rate=exchange_rate)
     return family.mosaic_class.from_dense(model, stages, source=family.adapter.source_name(model), meta=meta,
                                    share_producers=meta["share_producers"])

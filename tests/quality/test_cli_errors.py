@@ -205,7 +205,7 @@ CASES = [
     # other usage errors
     (["prune", "--out", "{out}/m", "--bogus"], "unrecognized arguments: --bogus"),
     (["prune"], "the following arguments are required: --out"),
-    (["demo", "--methods", "mosaic,foo"], "argument --methods: unknown 'foo' (choose from mosaic, uniform, magnitude)"),
+    (["demo", "--methods", "mosaic,foo"], "argument --methods: unknown 'foo' (choose from mosaic, stepwise, uniform, magnitude, searched)"),
     ([], "the following arguments are required: command"),
 ]
 

@@ -128,3 +128,31 @@ def test_demo_digits_unet_with_seeds_intervals_and_comparisons(tmp_path, capsys)
     assert curve["steps"] == 3 and -1 <= curve["pearson_rate"] <= 1 and curve["pearson_mse"] > 0.9
     for name in ("dense", "mosaic", "uniform"):
         assert (out / f"grid_{name}.png").is_file()
+
+
+def test_demo_three_way_stepwise_and_searched(tmp_path, monkeypatch, capsys):
+    """`demo --methods mosaic,stepwise,searched` (reduced: 4 samples, DDIM 6 steps, a one-generation
+    search on 2 held-out images): one stage per step for stepwise and searched (their ten stages
+    capped at the steps), stepwise's step-weighted mean at the target, and the paired differences
+    stepwise - searched and mosaic - stepwise."""
+    from mosaicdiff.app import searched
+
+    monkeypatch.setattr(searched, "EVOLUTION", dict(population=1, offspring=1, generations=1, seed=0))
+    monkeypatch.setattr(searched, "FITNESS_IMAGES", 2)
+    monkeypatch.setattr(searched, "FITNESS_STEPS", 2)
+    out = tmp_path / "three"
+    code = main(["demo", "--num-samples", "4", "--steps", "6", "--samples-per-stage", "4", "--sparsity", "0.3",
+                 "--methods", "mosaic,stepwise,searched", "--out", str(out), "--no-progress"])
+    assert code == 0
+    table = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["complete"] is True
+    stepwise, found = report["methods"]["stepwise"], report["methods"]["searched"]
+    assert len(stepwise["stages"]) == 6 and len(found["stages"]) == 6
+    assert stepwise["mean_sparsity"] == pytest.approx(0.3, abs=1e-6)
+    assert found["mean_sparsity"] == pytest.approx(0.3, abs=1e-6)
+    assert set(report["comparisons"]) == {"mosaic - stepwise", "mosaic - searched", "stepwise - searched"}
+    comp = report["comparisons"]["stepwise - searched"]["psnr_to_dense"]
+    assert comp["value"] == pytest.approx(stepwise["psnr_to_dense"] - found["psnr_to_dense"], abs=1e-9)
+    assert "stepwise - searched:" in table, table
+    assert stepwise["memory"]["ratio"] < found["memory"]["ratio"], "stepwise nests its producers; the search does not"

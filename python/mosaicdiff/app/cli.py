@@ -66,7 +66,7 @@ def _add_experiment_options(p: argparse.ArgumentParser, out: str, what: str, min
     """The options `demo` and `eval` share (`mosaicdiff.app.experiment` has the defaults)."""
     from mosaicdiff.app import experiment as ex
 
-    methods = ex.COMPARED_METHODS
+    methods = ex.KNOWN_METHODS
     p.add_argument("--seed", type=t.integer, default=0)
     p.add_argument("--out", type=Path, default=Path(out), help="output folder")
     p.add_argument("--num-samples", type=t.int_at_least(2), default=ex.DEFAULT_NUM_SAMPLES,
@@ -75,8 +75,9 @@ def _add_experiment_options(p: argparse.ArgumentParser, out: str, what: str, min
                    help="DDIM steps" + (f", >= {min_steps}" if min_steps > 1 else ""))
     p.add_argument("--samples-per-stage", type=t.positive_int, default=ex.DEFAULT_SAMPLES_PER_STAGE,
                    help="calibration samples per stage")
-    p.add_argument("--methods", type=t.choice_list(methods), default=list(methods),
-                   help="comma-separated subset of " + ",".join(methods))
+    p.add_argument("--methods", type=t.choice_list(methods), default=list(ex.COMPARED_METHODS),
+                   help="comma-separated subset of " + ",".join(methods) + " (default: all but searched, "
+                        "whose evolution search takes minutes per sparsity)")
     p.add_argument("--boundaries", type=t.boundary_pair, default=None,
                    help="explicit middle-stage boundaries t_low,t_high")
     _add_stage_split_options(p)

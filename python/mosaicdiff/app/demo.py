@@ -197,14 +197,20 @@ def _compare_pruned(run: Experiment, method: str, sparsity: float, guidance_scal
 
 
 def _record_comparisons(measured: dict[str, measure.Measured], newest: str, report: ReportFile) -> None:
-    """Paired differences MosaicDiff - each baseline, for the pairs the newest method completes."""
-    if "mosaic" not in measured:
-        return
-    baselines = [m for m in measured if m != "mosaic"] if newest == "mosaic" else [newest]
+    """Paired differences MosaicDiff (three stages, then stepwise) - each other method, for the pairs
+    the newest method completes ("mosaic - stepwise" rather than its negative)."""
     comparisons = report.data.setdefault("comparisons", {})
-    for m in baselines:
-        comparisons[f"mosaic - {m}"] = measure.difference(measured["mosaic"], measured[m])
+    for lead in _LEADS:
+        if lead not in measured:
+            continue
+        others = [m for m in measured if m != lead and not (m in _LEADS and _LEADS.index(m) < _LEADS.index(lead))]
+        for m in others if newest == lead else [newest] if newest in others else []:
+            comparisons[f"{lead} - {m}"] = measure.difference(measured[lead], measured[m])
     report.save()
+
+
+#: The methods whose paired differences to the others the report gives, in this order.
+_LEADS = ("mosaic", "stepwise")
 
 
 def _with_interval(m: dict, name: str, fmt: str) -> str:

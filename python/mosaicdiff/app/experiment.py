@@ -28,12 +28,15 @@ from mosaicdiff.core import sampling
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.core.schedulers import noise_process
 from mosaicdiff.eval import quality
-from mosaicdiff.method import pruning, schedule
+from mosaicdiff.method import pruning, schedule, step_allocation
 from mosaicdiff.zoo.data import NUM_CLASSES
 
-#: Methods compared with the dense model by default: all of `pruning.METHODS` except "random"
-#: (a floor any pruner beats, not a baseline worth a row).
-COMPARED_METHODS = tuple(m for m in pruning.METHODS if m != "random")
+#: Methods compared with the dense model by default: the paper's three stages and the baselines
+#: of its kind, not "random" (a floor any pruner beats, not a baseline worth a row).
+COMPARED_METHODS = ("mosaic", "uniform", "magnitude")
+#: Methods a run may name: every `pruning.METHODS` but "random", and the searched schedule
+#: (`mosaicdiff.app.searched`: minutes of evolution search per sparsity, so only on request).
+KNOWN_METHODS = tuple(m for m in pruning.METHODS if m != "random") + ("searched",)
 DEFAULT_SPARSITY = 0.5
 #: The FID optimum of the dense model's guidance sweep (docs/results.md, "Demo settings").
 DEFAULT_GUIDANCE = 1.5
@@ -49,10 +52,10 @@ DEFAULT_GUIDANCES = (1.5, 3.0)
 
 
 def check_methods(methods, command: str) -> None:
-    """Raises ValueError naming the entries of `methods` that are not `COMPARED_METHODS`."""
-    unknown = [m for m in methods if m not in COMPARED_METHODS]
+    """Raises ValueError naming the entries of `methods` that are not `KNOWN_METHODS`."""
+    unknown = [m for m in methods if m not in KNOWN_METHODS]
     if unknown:
-        raise ValueError(f"{command}: unknown methods {unknown}; expected a subset of {list(COMPARED_METHODS)}")
+        raise ValueError(f"{command}: unknown methods {unknown}; expected a subset of {list(KNOWN_METHODS)}")
 
 
 @dataclass
@@ -95,11 +98,17 @@ class Experiment:
     def prune(self, method: str, sparsity: float) -> tuple[nn.Module, float]:
         """`mosaicdiff.prune` of the dense model at this run's stages; returns (mosaic, seconds)."""
         t0 = time.perf_counter()
+        if method == "searched":
+            from mosaicdiff.app.searched import searched_mosaic
+
+            pruned, _ = searched_mosaic(self, sparsity, self.subject.guidance_scale)
+            return pruned, time.perf_counter() - t0
         pruned = api.prune(
             self.dense, self.calibration, sparsity, method=method, boundaries=self.boundaries,
             num_inference_steps=self.steps, scheduler=self.subject.scheduler(),
             samples_per_stage=self.samples_per_stage, speed_threshold=self.speed_threshold,
-            log_snr_weight=self.log_snr_weight, seed=self.seed, progress=self.progress, align=self.subject.align)
+            log_snr_weight=self.log_snr_weight, seed=self.seed, progress=self.progress, align=self.subject.align,
+            **({"num_stages": min(step_allocation.DEFAULT_NUM_STAGES, self.steps)} if method == "stepwise" else {}))
         return pruned, time.perf_counter() - t0
 
     def sample(self, model: nn.Module, guidance_scale: float, *, return_trajectory: bool = False):

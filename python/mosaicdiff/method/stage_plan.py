@@ -6,12 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from mosaicdiff.core.schedulers import noise_process, sampler_timesteps
-from mosaicdiff.method import schedule
+from mosaicdiff.method import schedule, step_allocation
 
-__all__ = ["DEFAULT_MAX_EXCESS", "METHODS", "SINGLE_STAGE_NAME", "check_fraction", "default_s_max", "plan_stages"]
+__all__ = ["DEFAULT_MAX_EXCESS", "METHODS", "SINGLE_STAGE_NAME", "STEPWISE_S_MAX", "check_fraction", "default_s_max",
+           "plan_stages"]
 
 #: Stage layouts of `mosaicdiff.prune`.
-METHODS = ("mosaic", "uniform", "magnitude", "random")
+METHODS = ("mosaic", "stepwise", "uniform", "magnitude", "random")
 #: Name of the single stage of the one-stage methods.
 SINGLE_STAGE_NAME = "all"
 
@@ -24,6 +25,11 @@ def check_fraction(name: str, value) -> float:
 
 #: How far above the target mean a stage's allocated sparsity may go by default (see `default_s_max`).
 DEFAULT_MAX_EXCESS = 0.1
+
+
+#: The allocation cap of ``method="stepwise"``: its allocation is fitted to the model, so it is
+#: only kept from pruning a stage to almost nothing (0.8 keeps 1 of 6 heads of the digits DiT).
+STEPWISE_S_MAX = 0.8
 
 
 def default_s_max(target_sparsity: float) -> float:
@@ -43,16 +49,21 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
                 stage_sparsities=None, alphas_cumprod=None, timesteps=None,
                 speed_threshold: float = schedule.DEFAULT_SPEED_THRESHOLD,
                 log_snr_weight: float = schedule.DEFAULT_LOG_SNR_WEIGHT, x0_sq_norm: float = 1.0,
-                s_max: float | None = None) -> tuple[list[tuple[str, int, int, float]], dict[str, Any]]:
+                s_max: float | None = None, num_stages: int = step_allocation.DEFAULT_NUM_STAGES,
+                sensitivities=None, exchange_rate: float = step_allocation.DEFAULT_EXCHANGE_RATE,
+                ) -> tuple[list[tuple[str, int, int, float]], dict[str, Any]]:
     """The stages (name, t_start, t_end, sparsity) of a method, without touching a model.
 
     Args:
         target_sparsity (`float`): mean sparsity over the sampler's steps, in [0, 1).
-        method (`str`): one of `METHODS`.
+        method (`str`): one of `METHODS`: ``"stepwise"`` cuts the steps into `num_stages` stages of
+            equal step counts and allocates from `sensitivities`
+            (`mosaicdiff.method.step_allocation`).
         boundaries (`tuple[int, int]`, *optional*): ``(t_low, t_high)`` of the middle stage;
             default: `schedule.stage_boundaries` (``method="mosaic"`` only).
         stage_sparsities (*optional*): explicit sparsities: three values (early, middle, late)
-            or a name -> value mapping for ``"mosaic"``, one value for the others.
+            or a name -> value mapping for ``"mosaic"``, one per stage for ``"stepwise"``, one value
+            for the others.
         alphas_cumprod (*optional*): training ``abar``, a scheduler or a
             `mosaicdiff.core.schedulers.NoiseProcess` (rectified flow: ``noise_process(scheduler,
             mu=...)``, whose stages tile ``[0, T + 1)``); default DiT's linear schedule.
@@ -61,7 +72,13 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
         speed_threshold (`float`), log_snr_weight (`float`), x0_sq_norm (`float`): see
             `mosaicdiff.method.schedule.stage_boundaries`.
         s_max (`float`, *optional*): upper clip of the allocation; default
-            `default_s_max(target_sparsity)`.
+            `default_s_max(target_sparsity)` (``"stepwise"``: `STEPWISE_S_MAX`).
+        num_stages (`int`, *optional*): ``"stepwise"`` only: stages of equal step counts
+            (`mosaicdiff.method.step_allocation.equal_step_stages`).
+        sensitivities (*optional*): ``"stepwise"`` only: the probed error of each stage
+            (`mosaicdiff.method.step_allocation.probe_errors`), needed unless `stage_sparsities` is given.
+        exchange_rate (`float`, *optional*): ``"stepwise"`` only: ``a`` of
+            `mosaicdiff.method.step_allocation.allocate_exponential`.
 
     Returns:
         `(stages, info)`: stages in sampling order and a JSON-ready dict (boundaries, steps per
@@ -77,7 +94,9 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
                               or not 0 < s_max < 1):
         raise ValueError(f"s_max must be a number in (0, 1), got {s_max!r}")
     capped = s_max is None
-    s_max = default_s_max(target) if s_max is None else float(s_max)
+    if s_max is None:
+        s_max = STEPWISE_S_MAX if method == "stepwise" else default_s_max(target)
+    s_max = float(s_max)
     process = noise_process(alphas_cumprod)
     # DDPM: the abar array (the original code path); flow: the process (score per sampler step)
     curve = process.alphas_cumprod.numpy() if process.kind == "ddpm" else process
@@ -124,6 +143,26 @@ def plan_stages(target_sparsity: float = 0.5, *, method: str = "mosaic", boundar
                 f"target_sparsity <= s_max < 1, or pass stage_sparsities")
         sparsities = schedule.allocate_sparsity(target, scores, steps, s_max=s_max, explicit=explicit)
         info.update(boundaries=list(bounds), stage_scores=[float(s) for s in scores])
+    elif method == "stepwise":
+        stages = step_allocation.equal_step_stages(timesteps, num_stages, T)
+        steps = schedule.steps_per_stage(timesteps, stages)
+        if stage_sparsities is not None:
+            vals = list(stage_sparsities.values()) if isinstance(stage_sparsities, Mapping) else list(stage_sparsities)
+            if len(vals) != len(stages):
+                raise ValueError(f"method='stepwise' with num_stages={num_stages} needs {len(stages)} stage "
+                                 f"sparsities, got {len(vals)}")
+            sparsities = [check_fraction("stage sparsity", v) for v in vals]
+        else:
+            if sensitivities is None or len(sensitivities) != len(stages):
+                raise ValueError(f"method='stepwise' needs one probed sensitivity per stage ({len(stages)}) or "
+                                 f"explicit stage_sparsities, got {sensitivities!r}")
+            if target > s_max:
+                raise ValueError(f"target_sparsity={target:g} is above s_max={s_max:g}, the largest sparsity the "
+                                 f"allocation may give a stage; use target_sparsity <= {s_max:g} or pass s_max")
+            sparsities = step_allocation.allocate_exponential(
+                list(sensitivities), [steps[n] for n, _, _ in stages], target, rate=exchange_rate, s_max=s_max)
+            info.update(stage_scores=[float(v) for v in sensitivities], exchange_rate=float(exchange_rate))
+        info.update(boundaries=None, num_stages=len(stages))
     else:
         stages = [(SINGLE_STAGE_NAME, 0, T)]
         steps = schedule.steps_per_stage(timesteps, stages)

@@ -1,0 +1,124 @@
+"""Three stages vs K probed stages vs the searched schedule, on one embedded model (issue 24, item 3).
+
+At each mean sparsity, on the demo's setup (DDIM-50, the subject's guidance, `--num-samples`
+images of each `--seeds` noise, pooled), side by side in one run:
+
+- ``mosaic``: the paper's three closed-form stages (`Experiment.prune("mosaic", s)`);
+- ``stepwise``: ``method="stepwise"`` with shared (nested) producers, the default;
+- ``stepwise-copies``: the same with a producer copy per stage (``share_producers=False``): what
+  the nesting costs;
+- ``searched``: the searched ten-stage schedule. ``--searched run`` searches here
+  (`mosaicdiff.app.searched`, minutes per sparsity); ``--searched FILE`` re-prunes the per-stage
+  sparsities a stored search found (its ``searches`` entry, as `scripts/compare_schedule_search.py`
+  writes) with that search's calibration settings, so the model is the searched one without
+  searching again (its pruning time is then the stored search's ``seconds``).
+
+Reported per model: FID, class accuracy, PSNR and SSIM to dense with 95% intervals, memory ratio
+and pruning seconds; paired differences stepwise - each other. The JSON is rewritten atomically
+after every model:
+
+    OMP_NUM_THREADS=1 python scripts/compare_stepwise.py --model digits-dit --sparsities 0.3 0.5 \\
+        --searched docs/data/schedule_search_stronger_dit.json --out docs/data/stepwise_dit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mosaicdiff import api
+from mosaicdiff.app import experiment
+from mosaicdiff.app.searched import searched_mosaic
+from mosaicdiff.app.subjects import SUBJECTS, subject_named
+from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
+from mosaicdiff.eval import measure
+from mosaicdiff.families import family_for
+from mosaicdiff.search.cache import StagePruneCache
+from mosaicdiff.search.search import uniform_stages
+
+METHODS = ("mosaic", "stepwise", "stepwise-copies", "searched")
+
+
+def stored_searched(run, path: Path, sparsity: float):
+    """The mosaic of a stored search's best sparsities at `sparsity`, re-pruned with its settings."""
+    log = json.loads(path.read_text())["searches"][f"{sparsity:g}"]
+    stages = [tuple(s) for s in log["stages"]] if "stages" in log else uniform_stages(log["num_stages"])
+    cache = StagePruneCache(run.dense, run.calibration, stages, samples_per_stage=log["samples_per_stage"],
+                            cfg=log["cfg"], seed=log["seed"], align=log["align"],
+                            groups_per_step=log["groups_per_step"], alphas_cumprod=run.subject.scheduler())
+    specs = [cache.stage_spec(i, s) for i, s in enumerate(log["stage_sparsities"])]
+    model = family_for(run.dense).mosaic_class.from_dense(run.dense, specs, share_producers=None,
+                                                          meta={"method": "searched", "mean_sparsity": log["mean_sparsity"]})
+    return model, float(log["seconds"])
+
+
+def build(run, method: str, sparsity: float, searched: str) -> tuple[object, float]:
+    started = time.perf_counter()
+    if method == "mosaic":
+        return run.prune("mosaic", sparsity)
+    if method == "searched":
+        if searched == "run":
+            model, _ = searched_mosaic(run, sparsity, run.subject.guidance_scale)
+            return model, time.perf_counter() - started
+        return stored_searched(run, Path(searched), sparsity)
+    model = api.prune(run.dense, run.calibration, sparsity, method="stepwise", num_inference_steps=run.steps,
+                      num_stages=min(10, run.steps),
+                      scheduler=run.subject.scheduler(), samples_per_stage=run.samples_per_stage, seed=run.seed,
+                      progress=False, align=run.subject.align, share_producers=method == "stepwise")
+    return model, time.perf_counter() - started
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="digits-dit", choices=sorted(SUBJECTS))
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--searched", default="run", help="'run' (search here) or a stored search's JSON")
+    p.add_argument("--seeds", type=int, default=1, help="noise seeds 0 .. seeds-1, images pooled")
+    p.add_argument("--num-samples", type=int, default=experiment.DEFAULT_NUM_SAMPLES, help="images per seed")
+    p.add_argument("--steps", type=int, default=experiment.DEFAULT_STEPS)
+    p.add_argument("--samples-per-stage", type=int, default=experiment.DEFAULT_SAMPLES_PER_STAGE)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    subject = subject_named(args.model)
+    run = experiment.prepare(None, steps=args.steps, seed=0, num_samples=args.num_samples,
+                             samples_per_stage=args.samples_per_stage, boundaries=None,
+                             speed_threshold=0.55, log_snr_weight=0.0, progress=False, subject=subject,
+                             num_seeds=args.seeds)
+    dense_images, _ = run.sample(run.dense, subject.guidance_scale)
+    report = {"model": args.model, "seeds": args.seeds, "num_samples": args.num_samples, "steps": run.steps,
+              "guidance_scale": subject.guidance_scale, "searched": args.searched,
+              "environment": experiment.environment(), "configs": {}, "differences": {}}
+    for sp in args.sparsities:
+        measured = {}
+        for method in args.methods:
+            model, seconds = build(run, method, sp, args.searched)
+            images, _ = run.sample(model, subject.guidance_scale)
+            measured[method] = measure.measure(images, run.labels, dense_images, run.per_seed)
+            report["configs"][f"{sp:g}/{method}"] = {
+                **measured[method].summary(), "prune_seconds": round(seconds, 2),
+                "memory_ratio": model.memory_report()["ratio"], "num_stages": model.num_stages,
+                "stage_sparsities": [round(r[3], 4) for r in model.stage_ranges],
+                "mean_sparsity": experiment.step_mean_sparsity(model, run.scheduler.timesteps),
+                "realized_mean_sparsity": (model.meta or {}).get("realized_mean_sparsity")}
+            write_json_atomic(args.out, json_safe(report), indent=2)
+            c = report["configs"][f"{sp:g}/{method}"]
+            iv = c["intervals"]["psnr_to_dense"]
+            print(f"{sp:g} {method:16s} PSNR {c['psnr_to_dense']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}] "
+                  f"SSIM {c['ssim_to_dense']:.4f} acc {c['class_accuracy']:.3f} FID {c['fid']:.1f} "
+                  f"memory {c['memory_ratio']:.2f} prune {c['prune_seconds']:.1f} s", flush=True)
+        for lead in ("stepwise", "stepwise-copies"):
+            for other in measured:
+                if lead in measured and other != lead and not (lead == "stepwise-copies" and other == "stepwise"):
+                    report["differences"][f"{sp:g}/{lead} - {other}"] = measure.difference(measured[lead],
+                                                                                          measured[other])
+        write_json_atomic(args.out, json_safe(report), indent=2)
+    for key, d in report["differences"].items():
+        print(key, measure.format_difference(d))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
