@@ -168,3 +168,46 @@ def test_probe_on_every_family_is_zero_at_sparsity_zero_and_restores_the_weights
     assert np.all(zero < 1e-20) and np.all(half > 1e-12), (zero, half)
     for k, v in dense.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed by the probe"
+
+
+def test_nested_stages_select_on_the_summed_hessians_of_every_later_stage_and_compensate_on_their_own(monkeypatch):
+    """The chain's selection: stage k's kept set is OBS-chosen on the unit-trace sum of the Hessians
+    of k and every more pruned stage, then compensated on stage k's own Hessian (oracle: the
+    Hessians recomputed here from the same calibration draws)."""
+    import mosaicdiff.method.pruning as pruning
+    from mosaicdiff.method.calibrate import collect_hessians
+
+    dense, calib = tiny_dit(heads=4), tiny_calibration(16)
+    sparsities = [0.5, 0.25, 0.75, 0.05]  # sampling order s0..s3; the chain runs s3, s1, s0, s2
+    calls = []
+    real = pruning.compact.prune_groups
+
+    def spy(groups, hessians, sp, **kw):
+        out = real(groups, hessians, sp, **kw)
+        calls.append((sp, {k: v.clone() for k, v in hessians.items()}, kw.get("keep_within"),
+                      {g: p.kept.clone() for g, p in out.items()}))
+        return out
+
+    monkeypatch.setattr(pruning.compact, "prune_groups", spy)
+    prune(dense, calib, 0.4, method="stepwise", num_stages=4, stage_sparsities=sparsities, num_inference_steps=8,
+          samples_per_stage=6, align=None, progress=False)
+    stages = step_allocation.equal_step_stages(sampler_timesteps(8), 4, 1000)
+    own = {}
+    for k, (_, t0, t1) in enumerate(stages):
+        x, t, cond = stage_inputs(calib, t0, t1, 6, cfg=True, generator=pruning.stage_generator(0, k))
+        own[k] = collect_hessians(dense, x, t, cond, progress=False, adapter=dit.DIT)[0]  # block 0
+
+    def unit(h):
+        return h / h.diagonal().mean()
+
+    chain = [3, 1, 0, 2]
+    # per stage, two calls per block (select, compensate), blocks in order: block 0's come first
+    per_stage = len(calls) // len(chain)
+    for rank, k in enumerate(chain):
+        select, compensate = calls[rank * per_stage], calls[rank * per_stage + 1]
+        for key in own[k]:
+            want = sum(unit(own[j][key]) for j in chain[rank:])
+            assert_close(select[1][key], want, rtol=1e-4, atol=1e-5)  # the running sum is subtracted from
+            assert_close(compensate[1][key], own[k][key], rtol=1e-4, atol=1e-6)  # batches sum in another order
+        assert {g: set(v.tolist()) for g, v in compensate[2].items()} == \
+            {g: set(v.tolist()) for g, v in select[3].items()}, "compensated on exactly the selected units"
