@@ -211,3 +211,21 @@ def test_nested_stages_select_on_the_summed_hessians_of_every_later_stage_and_co
             assert_close(compensate[1][key], own[k][key], rtol=1e-4, atol=1e-6)  # batches sum in another order
         assert {g: set(v.tolist()) for g, v in compensate[2].items()} == \
             {g: set(v.tolist()) for g, v in select[3].items()}, "compensated on exactly the selected units"
+
+
+def test_stepwise_mosaic_saves_and_loads(tmp_path, monkeypatch):
+    from mosaicdiff.families.dit.model import MosaicDiT
+
+    monkeypatch.setattr(step_allocation, "probe_errors",
+                        lambda model, adapter, calibration, stages, sparsity, **kw: np.geomspace(1, 50, len(stages)))
+    dense, calib = tiny_dit(heads=4), tiny_calibration(8)
+    mosaic = prune(dense, calib, 0.3, method="stepwise", num_stages=4, num_inference_steps=8, samples_per_stage=4,
+                   align=None, progress=False)
+    mosaic.save_pretrained(tmp_path / "m")
+    loaded = MosaicDiT.from_pretrained(tmp_path / "m")
+    assert loaded.stage_ranges == mosaic.stage_ranges and loaded.meta["method"] == "stepwise"
+    x = torch.randn(2, 4, 8, 8)
+    for t in (900, 10):
+        with torch.no_grad():
+            assert_close(loaded(x, timestep=t, class_labels=torch.tensor([1, 2])).sample,
+                         mosaic(x, timestep=t, class_labels=torch.tensor([1, 2])).sample)
