@@ -21,31 +21,25 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from mosaicdiff.app import experiment
 from mosaicdiff.app.subjects import SUBJECTS, subject_named
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.core.schedulers import noise_process
 from mosaicdiff.eval import measure
 from mosaicdiff.families import family_for
-from mosaicdiff.method import schedule
+from mosaicdiff.method import schedule, step_allocation
 from mosaicdiff.search.cache import StagePruneCache
 
 
 def step_windows(timesteps, num_windows: int, timestep_end: int) -> list[tuple[str, int, int]]:
-    """`num_windows` stages ``(name, t_start, t_end)`` holding equal numbers of the sampler's steps
-    (`timesteps` in sampling order, high t first), tiling ``[0, timestep_end)``; a cut lies halfway
-    between the last step of one window and the first of the next."""
-    ts = np.asarray(torch.as_tensor(timesteps).double().cpu())
-    if not 1 <= num_windows <= ts.size:
-        raise ValueError(f"--windows must be in [1, {ts.size}] (the sampler's steps), got {num_windows}")
-    chunks = np.array_split(ts, num_windows)
-    cuts = [int(np.ceil((a[-1] + b[0]) / 2)) for a, b in zip(chunks, chunks[1:])]
-    ends = [int(timestep_end)] + cuts
-    starts = cuts + [0]
-    return [(f"w{k}", starts[k], ends[k]) for k in range(num_windows)]
+    """`num_windows` stages ``(name, t_start, t_end)`` holding equal numbers of the sampler's steps,
+    tiling ``[0, timestep_end)`` high t first (`mosaicdiff.method.step_allocation.equal_step_stages`,
+    named ``"w0"`` ...)."""
+    try:
+        stages = step_allocation.equal_step_stages(timesteps, num_windows, timestep_end)
+    except ValueError as exc:
+        raise ValueError(f"--windows: {exc}") from None
+    return [(f"w{k}", t0, t1) for k, (_, t0, t1) in enumerate(stages)]
 
 
 def main(argv=None) -> int:
