@@ -19,13 +19,16 @@ from torch import nn
 
 from mosaicdiff.app.inputs import sample_labels
 from mosaicdiff.core import sampling
+from mosaicdiff.core.schedulers import sampler_timesteps
 from mosaicdiff.eval import quality
+from mosaicdiff.method.calibrate import resolve_alphas_cumprod
+from mosaicdiff.method.schedule import steps_per_stage
 from mosaicdiff.search.es import EvolutionConfig
 from mosaicdiff.search.fitness import PSNR_CEILING
-from mosaicdiff.search.search import DEFAULT_NUM_STAGES, search_schedule
+from mosaicdiff.search.search import DEFAULT_NUM_STAGES, search_schedule, uniform_stages
 from mosaicdiff.zoo.data import NUM_CLASSES
 
-__all__ = ["FITNESS_IMAGES", "FITNESS_SEED", "FITNESS_STEPS", "SubjectFidelity", "searched_mosaic"]
+__all__ = ["FITNESS_IMAGES", "FITNESS_SEED", "FITNESS_STEPS", "SubjectFidelity", "searched_mosaic", "stage_count"]
 
 FITNESS_IMAGES = 32
 FITNESS_SEED = 1000
@@ -73,13 +76,24 @@ class SubjectFidelity:
                 "psnr_ceiling": PSNR_CEILING, "sampler": self.subject.sampler}
 
 
+def stage_count(scheduler, steps: int) -> int:
+    """The most t-uniform stages, up to the search's ten, each holding a step of the `steps`-step
+    sampler (a short run, e.g. DDIM-6, leaves some of ten or even six stages without one)."""
+    abar = resolve_alphas_cumprod(scheduler)
+    timesteps = sampler_timesteps(steps, scheduler)
+    for k in range(min(DEFAULT_NUM_STAGES, int(steps)), 1, -1):
+        if all(n > 0 for n in steps_per_stage(timesteps, uniform_stages(k, abar.numel())).values()):
+            return k
+    return 1
+
+
 def searched_mosaic(run, sparsity: float, guidance_scale: float,
                     evolution: EvolutionConfig | None = None) -> tuple[nn.Module, dict]:
     """The searched schedule of an `mosaicdiff.app.experiment.Experiment` at `sparsity`;
     returns ``(mosaic, search log)`` (the log's ``seconds`` include the fitness's dense samples)."""
     fitness = SubjectFidelity.from_dense(run.subject, run.dense, guidance_scale=guidance_scale)
     return search_schedule(run.dense, run.calibration, sparsity, scheduler=run.subject.scheduler(),
-                           num_stages=min(DEFAULT_NUM_STAGES, run.steps),
+                           num_stages=stage_count(run.subject.scheduler(), run.steps),
                            evolution=evolution if evolution is not None else EvolutionConfig(**EVOLUTION),
                            num_inference_steps=run.steps, fitness=fitness, guidance_scale=guidance_scale,
                            samples_per_stage=run.samples_per_stage, seed=run.seed, align=run.subject.align,
