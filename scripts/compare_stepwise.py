@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from mosaicdiff import api
 from mosaicdiff.app import experiment
-from mosaicdiff.app.searched import searched_mosaic
 from mosaicdiff.app.subjects import SUBJECTS, subject_named
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.eval import measure
@@ -55,19 +52,11 @@ def stored_searched(run, path: Path, sparsity: float):
 
 
 def build(run, method: str, sparsity: float, searched: str) -> tuple[object, float]:
-    started = time.perf_counter()
-    if method == "mosaic":
-        return run.prune("mosaic", sparsity)
-    if method == "searched":
-        if searched == "run":
-            model, _ = searched_mosaic(run, sparsity, run.subject.guidance_scale)
-            return model, time.perf_counter() - started
+    if method == "searched" and searched != "run":
         return stored_searched(run, Path(searched), sparsity)
-    model = api.prune(run.dense, run.calibration, sparsity, method="stepwise", num_inference_steps=run.steps,
-                      num_stages=min(10, run.steps),
-                      scheduler=run.subject.scheduler(), samples_per_stage=run.samples_per_stage, seed=run.seed,
-                      progress=False, align=run.subject.align, share_producers=method == "stepwise")
-    return model, time.perf_counter() - started
+    if method == "stepwise-copies":
+        return run.prune("stepwise", sparsity, share_producers=False)
+    return run.prune(method, sparsity)  # mosaic, stepwise, and searched "run" (the demo's search)
 
 
 def main(argv=None) -> int:

@@ -95,8 +95,9 @@ class Experiment:
         """(name, t_start, t_end) of the early, middle and late stage."""
         return schedule.stages_from_boundaries(*self.boundaries, T=self.process.timestep_end)
 
-    def prune(self, method: str, sparsity: float) -> tuple[nn.Module, float]:
-        """`mosaicdiff.prune` of the dense model at this run's stages; returns (mosaic, seconds)."""
+    def prune(self, method: str, sparsity: float, **options) -> tuple[nn.Module, float]:
+        """`mosaicdiff.prune` of the dense model at this run's stages (`options`: more of its keyword
+        arguments, e.g. ``share_producers``); returns (mosaic, seconds)."""
         t0 = time.perf_counter()
         if method == "searched":
             from mosaicdiff.app.searched import searched_mosaic
@@ -108,7 +109,8 @@ class Experiment:
             num_inference_steps=self.steps, scheduler=self.subject.scheduler(),
             samples_per_stage=self.samples_per_stage, speed_threshold=self.speed_threshold,
             log_snr_weight=self.log_snr_weight, seed=self.seed, progress=self.progress, align=self.subject.align,
-            **({"num_stages": min(step_allocation.DEFAULT_NUM_STAGES, self.steps)} if method == "stepwise" else {}))
+            **({"num_stages": min(step_allocation.DEFAULT_NUM_STAGES, self.steps)} if method == "stepwise" else {}),
+            **options)
         return pruned, time.perf_counter() - t0
 
     def sample(self, model: nn.Module, guidance_scale: float, *, return_trajectory: bool = False):
