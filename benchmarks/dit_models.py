@@ -8,6 +8,8 @@
   the linear schedule, per-stage sparsity from the target mean, aligned widths); the kept heads
   are magnitude-selected, because timing does not depend on which are kept and OBS over
   28 x 3 blocks would spend the GPU lease on calibration;
+- `stepwise_timing_stages`: the same for ``method="stepwise"`` (K stages of equal step counts),
+  with the allocation run on a fixed sensitivity curve instead of a probe of the model;
 - `plain_torch_ops`: swaps the fused mosaic ops for plain torch in the input dtype (F.linear,
   tanh-GELU, F.layer_norm, SDPA): the same math the engine runs, for torch.compile to fuse.
 """
@@ -47,6 +49,38 @@ def timing_stages(dense, target: float, num_steps: int = NUM_STEPS):
 
     return prune_stages(dense, None, target, method="mosaic", pruner="magnitude", num_inference_steps=num_steps,
                         progress=False)
+
+
+#: The fixed sensitivity curve of `stepwise_timing_stages`: the last (least noisy) window this many
+#: times as sensitive as the first, geometric in between (the direction docs/results.md measured on
+#: the digits DiT: pruning the last steps costs the most).
+STEPWISE_SENSITIVITY_SPAN = 10.0
+
+
+def stepwise_timing_sparsities(target: float, num_stages: int, num_steps: int = NUM_STEPS) -> list[float]:
+    """Per-stage sparsities of ``method="stepwise"`` at mean `target`: its allocation
+    (`mosaicdiff.method.step_allocation.allocate_exponential`, default exchange rate and cap) of
+    the fixed curve ``geomspace(1, STEPWISE_SENSITIVITY_SPAN, num_stages)`` in place of the probed
+    errors (a probe needs calibration data, and random weights have no sensitivity to read)."""
+    import numpy as np
+
+    from mosaicdiff.core.schedulers import sampler_timesteps
+    from mosaicdiff.method.stage_plan import plan_stages
+
+    curve = np.geomspace(1.0, STEPWISE_SENSITIVITY_SPAN, int(num_stages)).tolist()
+    planned, _ = plan_stages(target, method="stepwise", num_stages=num_stages, sensitivities=curve,
+                             timesteps=sampler_timesteps(num_steps))
+    return [sp for *_, sp in planned]
+
+
+def stepwise_timing_stages(dense, target: float, num_stages: int, num_steps: int = NUM_STEPS):
+    """The shapes of a K-stage stepwise mosaic (`stepwise_timing_sparsities`), magnitude-selected
+    and nested as `mosaicdiff.prune` nests them (timing only)."""
+    from mosaicdiff.api import prune_stages
+
+    return prune_stages(dense, None, target, method="stepwise", num_stages=num_stages, pruner="magnitude",
+                        stage_sparsities=stepwise_timing_sparsities(target, num_stages, num_steps),
+                        num_inference_steps=num_steps, progress=False)
 
 
 def timing_mosaic(dense, target: float, num_steps: int = NUM_STEPS, share_producers: bool = True, stages=None):

@@ -57,10 +57,18 @@
 #                                      graphs, block evaluations per image (count_block_evaluations). A
 #                                      card below cc 8.9 (or the CPU rehearsal) runs the FP8 torch
 #                                      fallbacks and says so: no FP8 speed then.)
+# Part 6 (its own call, as part 2; issue 24 item 4), env, build, then
+#   kstages <=420s    ~60-150s (est.)  kstages.json (gpu_suite.py --stages kstages: DiT-XL/2, random bf16
+#                                      weights, 256 px, forward batch 16 = 8 images with CFG, DDIM 50:
+#                                      the three-stage mosaic against a ten-stage stepwise one (sparsities
+#                                      from the stepwise allocation of a fixed sensitivity curve, no
+#                                      calibration) at mean sparsity 0.3 and 0.5; per mosaic: ms per image
+#                                      with CUDA graphs on and off, distinct stage shapes, autotune
+#                                      seconds (fresh config cache), graph memory per stage, peak reserved)
 #
 # Exit status: a bitmask of failed stages: build 1, correctness 2, kernels 4, e2e 8, profile 16,
-# tests 32, sdxl 64, pixart 128, flux 256, sd3 512, stacked 1024 (failed, timed out or skipped for lack of time; 0 = everything
-# passed). check.log has one "stage NAME: ok|failed|timeout" line each.
+# tests 32, sdxl 64, pixart 128, flux 256, sd3 512, stacked 1024, kstages 2048 (failed, timed out or
+# skipped for lack of time; 0 = everything passed). check.log has one "stage NAME: ok|failed|timeout" line each.
 #
 # Before the device call, on the dev machine: bash benchmarks/prepare_gpu_run.sh (wheels into .whl/)
 # Then run with carry [".whl"] and timeout_s 600 (leaves room for one rerun in a 15-minute lease):
@@ -68,6 +76,7 @@
 #   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh --part 2   # part 2 (OUT=... another folder)
 #   ... --part 3 (flux), --part 4 (sd3): one call each, in later sessions
 #   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh --part 5   # the stacked benchmark (one call)
+#   MOSAIC_COMMIT=<short sha> bash benchmarks/gpu_check.sh --part 6   # K stages against three (one call)
 # Results land in $OUT (the device tool's folder), else benchmarks/results/<date>-<card>/.
 #
 # Rehearsal on a CPU (same suite code paths, tiny model, no build unless MOSAIC_CHECK_BUILD=1;
@@ -75,6 +84,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run            # results in $OUT or a fresh temp folder
 #   bash benchmarks/gpu_check.sh --dry-run --part 2
 #   bash benchmarks/gpu_check.sh --dry-run --part 5   # tiny DiT; FP8 on the torch fallbacks (no FP8 speed)
+#   bash benchmarks/gpu_check.sh --dry-run --part 6   # tiny DiT; no CUDA graphs, no tuning on the CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0 PART=1
@@ -84,11 +94,11 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --part) shift; PART="${1:-}" ;;
-    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --part 1|2|3|4|5)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (expected --dry-run, --part 1|2|3|4|5|6)" >&2; exit 2 ;;
   esac
   shift
 done
-case "$PART" in 1|2|3|4|5) ;; *) echo "gpu_check.sh: --part must be 1, 2, 3, 4 or 5, got '$PART'" >&2; exit 2 ;; esac
+case "$PART" in 1|2|3|4|5|6) ;; *) echo "gpu_check.sh: --part must be 1, 2, 3, 4, 5 or 6, got '$PART'" >&2; exit 2 ;; esac
 export PYTHONUNBUFFERED=1 MOSAIC_COMMIT="${MOSAIC_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 PY="${PYTHON:-python3}"
 
@@ -141,11 +151,12 @@ else
   say "stage build: skipped (dry run; set MOSAIC_CHECK_BUILD=1 to build)"
 fi
 
-# parts 2-5: one stage each (pixart, flux, sd3: a newer family's forward; stacked: DiT-XL/2 with
-# FP8 + cache), in its own process, with what the total leaves.
+# parts 2-6: one stage each (pixart, flux, sd3: a newer family's forward; stacked: DiT-XL/2 with
+# FP8 + cache; kstages: DiT-XL/2 mosaics of three and ten stages), in its own process, with what the
+# total leaves.
 if [ "$PART" != 1 ]; then
   case "$PART" in 2) family=pixart bit=128 ;; 3) family=flux bit=256 ;; 4) family=sd3 bit=512 ;;
-    5) family=stacked bit=1024 ;; esac
+    5) family=stacked bit=1024 ;; 6) family=kstages bit=2048 ;; esac
   family_args=(--out "$OUT" --stages "$family")
   if [ "$DRY" = 1 ]; then
     family_guard=300  # tiny model: seconds on 2 shared cores

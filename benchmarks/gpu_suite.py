@@ -46,9 +46,13 @@ Stages, in order, each under its own wall-clock guard and each writing its own f
    linears + regional compile + diffusers' first-block cache, and mosaic 0.5 + FP8 + first-block
    cache (the engine dense model with FP8 + cache, and the per-token FP8 mosaic, if time remains);
    compile time per stage, block evaluations per image, targets 4x and 1.5x (``--part 5``).
+10. ``kstages`` -> kstages.json: the runtime cost of K stages on DiT-XL/2 (batch 16, DDIM 50 with
+    CFG): the three-stage mosaic against a ten-stage stepwise one at the same mean sparsity (0.3
+    and 0.5), per image with CUDA graphs on and off, distinct stage shapes, autotune seconds and
+    graph memory per stage (``--part 6``).
 
-This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stages 5 to 9 in
-suite_sdxl.py, suite_pixart.py, suite_flux.py, suite_sd3.py and suite_stacked.py (the first four's
+This file is the runner and stages 1, 2 and 4. Stage 3 lives in suite_e2e.py, stages 5 to 10 in
+suite_sdxl.py, suite_pixart.py, suite_flux.py, suite_sd3.py, suite_stacked.py and suite_kstages.py (the first four's
 shared body, one forward per config, in suite_forward.py; the stacked stage's FP8 linears for
 diffusers in fp8_linear.py), the run's models and inputs (`Suite`) in suite_context.py, the helpers the stages share (guard,
 results files, run header, timing with `triton.testing.do_bench`, step weights, dynamo graph
@@ -57,7 +61,7 @@ pixart_config.py. The stages import those (suite_sdxl and suite_pixart also suit
 never this file or each other.
 
 The exit status is a bitmask of failed stages (correctness 1, kernels 2, e2e 4, profile 8,
-sdxl 16, pixart 32, flux 64, sd3 128, stacked 256); each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
+sdxl 16, pixart 32, flux 64, sd3 128, stacked 256, kstages 512); each stage also prints ``stage NAME: ok|failed|timeout (S s)``.
 
     python benchmarks/gpu_suite.py --out DIR              # one H100/H200: stages 1-5
     python benchmarks/gpu_suite.py --out DIR --stages sdxl  # at most 225 s (--sdxl-guard-s)
@@ -65,6 +69,7 @@ sdxl 16, pixart 32, flux 64, sd3 128, stacked 256); each stage also prints ``sta
     python benchmarks/gpu_suite.py --out DIR --stages flux    # at most 400 s (--flux-guard-s)
     python benchmarks/gpu_suite.py --out DIR --stages sd3     # at most 400 s (--sd3-guard-s)
     python benchmarks/gpu_suite.py --out DIR --stages stacked # at most 420 s (--stacked-guard-s)
+    python benchmarks/gpu_suite.py --out DIR --stages kstages # at most 420 s (--kstages-guard-s)
     python benchmarks/gpu_suite.py --out DIR --dry-run    # tiny model on the CPU, same code paths
 """
 
@@ -94,19 +99,20 @@ from suite_common import (  # noqa: E402,F401 - StageTimeout: the tests read it
 from suite_context import Suite  # noqa: E402
 from suite_e2e import TARGETS, e2e_plan, stage_e2e  # noqa: E402,F401 - TARGETS, e2e_plan: the dry-run tests read them
 from suite_flux import stage_flux  # noqa: E402
+from suite_kstages import stage_kstages  # noqa: E402
 from suite_pixart import stage_pixart  # noqa: E402
 from suite_sd3 import stage_sd3  # noqa: E402
 from suite_sdxl import stage_sdxl  # noqa: E402
 from suite_stacked import stage_stacked  # noqa: E402
 
-STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl", "pixart", "flux", "sd3", "stacked")
-#: What one run does unless told: pixart, flux, sd3 and stacked are gpu_check.sh's later calls (600 s each).
+STAGES = ("correctness", "kernels", "e2e", "profile", "sdxl", "pixart", "flux", "sd3", "stacked", "kstages")
+#: What one run does unless told: pixart, flux, sd3, stacked and kstages are gpu_check.sh's later calls (600 s each).
 DEFAULT_STAGES = STAGES[:5]
 STAGE_BITS = {name: 1 << i for i, name in enumerate(STAGES)}
 #: Wall-clock guard per stage on the GPU, seconds. The CPU dry run scales them by
 #: DRY_RUN_GUARD_SCALE: inductor compiles for the CPU with a cold cache take minutes on 2 cores.
 GUARDS = {"correctness": 40, "kernels": 75, "e2e": 190, "profile": 25, "sdxl": 225, "pixart": 300, "flux": 400,
-          "sd3": 400, "stacked": 420}
+          "sd3": 400, "stacked": 420, "kstages": 420}
 DRY_RUN_GUARD_SCALE = 4
 
 
@@ -232,7 +238,7 @@ def stage_profile(suite: Suite, out: Path) -> bool:
 
 STAGE_FNS = {"correctness": stage_correctness, "kernels": stage_kernels, "e2e": stage_e2e, "profile": stage_profile,
              "sdxl": stage_sdxl, "pixart": stage_pixart, "flux": stage_flux, "sd3": stage_sd3,
-             "stacked": stage_stacked}
+             "stacked": stage_stacked, "kstages": stage_kstages}
 
 
 def main(argv=None) -> int:
@@ -246,14 +252,14 @@ def main(argv=None) -> int:
     p.add_argument("--kernel-rep-ms", type=int, default=None, help="timing window per kernel provider")
     p.add_argument("--sdxl-guard-s", type=float, default=None,
                    help=f"the sdxl stage's guard on the GPU, seconds (default {GUARDS['sdxl']})")
-    for flag in ("pixart", "flux", "sd3", "stacked"):
+    for flag in ("pixart", "flux", "sd3", "stacked", "kstages"):
         p.add_argument(f"--{flag}-guard-s", type=float, default=None,
                        help=f"the {flag} stage's guard on the GPU, seconds (default {GUARDS[flag]})")
     p.add_argument("--sdxl-prune-time", action="store_true",
                    help="sdxl: also time OBS pruning of the SDXL U-Net (minutes; always on, tiny, in a dry run)")
     p.add_argument("--sdxl-prune-samples", type=int, default=32, help="sdxl: calibration samples per stage")
     args = p.parse_args(argv)
-    for flag in ("sdxl", "pixart", "flux", "sd3", "stacked"):
+    for flag in ("sdxl", "pixart", "flux", "sd3", "stacked", "kstages"):
         guard = getattr(args, f"{flag}_guard_s")
         if guard is not None and guard <= 0:
             p.error(f"--{flag}-guard-s must be positive, got {guard}")

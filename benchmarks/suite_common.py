@@ -1,6 +1,6 @@
 """Helpers shared by the GPU suite's stages (gpu_suite.py, suite_e2e.py, suite_sdxl.py): logging,
-the stage guard, results files, the run's header, timing, a mosaic's step weights and the count
-of dynamo graphs."""
+the stage guard, a failed config's record, freeing a dropped config, results files, the run's
+header, timing, a mosaic's step weights and the count of dynamo graphs."""
 
 from __future__ import annotations
 
@@ -55,6 +55,25 @@ def wall_clock_guard(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def record_failure(result: dict, name: str, exc: Exception, stage: str) -> None:
+    """Note config `name`'s failure in ``result["errors"]`` and go on; a guard timeout (however
+    wrapped) ends the stage instead."""
+    if is_timeout(exc):
+        raise StageTimeout(str(exc)) from exc
+    message = f"{type(exc).__name__}: {exc}"
+    result["errors"].append({"config": name, "error": message[:500]})
+    log(f"  {stage} {name}: {message}")
+
+
+def free_memory(cuda: bool) -> None:
+    """Return a dropped config's memory to the device before the next one is built."""
+    import gc
+
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from suite_common import StageTimeout, is_timeout, log, stage_step_weights, time_ms, unique_graphs, write_json
+from suite_common import log, record_failure, stage_step_weights, time_ms, unique_graphs, write_json
 
 TARGET_SPARSITY = 0.3
 #: In order of importance: the file keeps what was measured when the guard fires.
@@ -199,10 +199,7 @@ def run_forward_stage(bench: ForwardBench, rep_ms: int, out: Path, header: dict)
             try:
                 rec = measure(bench, name, inputs, rep_ms, weights)
             except Exception as exc:  # noqa: BLE001 - one config failing must not lose the others
-                if is_timeout(exc):
-                    raise StageTimeout(str(exc)) from exc
-                result["errors"].append({"config": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
-                log(f"  {bench.name} {name}: {type(exc).__name__}: {exc}")
+                record_failure(result, name, exc, bench.name)
                 continue
             result["records"].append(rec)
             if name in ENGINE_CONFIGS:

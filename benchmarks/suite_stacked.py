@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 from dit_models import NUM_STEPS
 from fp8_linear import fp8_supported, swap_fp8_linears
-from suite_common import StageTimeout, is_timeout, log, stage_step_weights, time_ms, unique_graphs, write_json
+import suite_common
+from suite_common import free_memory, log, stage_step_weights, time_ms, unique_graphs, write_json
 from suite_context import Suite
 from suite_forward import single_thread_on_cpu
 
@@ -259,20 +260,7 @@ def measure(bench: StackedBench, name: str, weights: list[tuple[int, int]], runs
 
 def record_failure(result: dict, name: str, exc: Exception) -> None:
     """Note a failed config in ``result`` and go on; a guard timeout (however wrapped) ends the stage."""
-    if is_timeout(exc):
-        raise StageTimeout(str(exc)) from exc
-    message = f"{type(exc).__name__}: {exc}"
-    result["errors"].append({"config": name, "error": message[:500]})
-    log(f"  stacked {name}: {message}")
-
-
-def free_memory(cuda: bool) -> None:
-    """Return the dropped config's memory to the device before the next one is built."""
-    import gc
-
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    suite_common.record_failure(result, name, exc, "stacked")
 
 
 def ratios(records: list[dict]) -> dict:

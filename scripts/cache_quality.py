@@ -29,12 +29,12 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 from mosaicdiff.app import experiment
-from mosaicdiff.app.subjects import DigitsDiT
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.core.block_cache import count_block_evaluations
 from mosaicdiff.eval import measure
 from mosaicdiff.families.dit.model import MosaicDiT
-from mosaicdiff.method import schedule
+
+from _digits_run import prepare_run_from_args, run_options
 
 
 def sample_counted(run, model, config, batch: int, guidance_scale: float):
@@ -76,28 +76,19 @@ def multiplication(variants: dict, cache: str) -> dict | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("docs/data/cache_quality_dit.json"), help="the JSON report")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[
+        run_options(num_samples=100, out=Path("docs/data/cache_quality_dit.json"), num_seeds=True)])
     p.add_argument("--sparsity", type=float, default=0.3, help="the mosaic's target sparsity")
     p.add_argument("--threshold", type=float, default=0.1, help="the first-block cache's threshold")
     p.add_argument("--taylor-interval", type=int, default=3, help="TaylorSeer: one computed step every N")
     p.add_argument("--taylor-warmup", type=int, default=3, help="TaylorSeer: computed steps first (per stage)")
     p.add_argument("--no-taylorseer", action="store_true", help="skip the TaylorSeer variants")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--num-samples", type=int, default=100, help="images per seed")
-    p.add_argument("--num-seeds", type=int, default=1, help="noise seeds (seed, seed + 1, ...)")
     p.add_argument("--batch", type=int, default=10, help="images per sampling run (what the cache decides on)")
-    p.add_argument("--samples-per-stage", type=int, default=128, help="calibration samples per stage")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.batch < 1 or args.num_samples % args.batch:
         raise SystemExit(f"--batch must be >= 1 and divide --num-samples ({args.num_samples}), got {args.batch}")
-    subject = DigitsDiT()
-    run = experiment.prepare(None, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
-                             samples_per_stage=args.samples_per_stage, boundaries=None,
-                             speed_threshold=schedule.DEFAULT_SPEED_THRESHOLD,
-                             log_snr_weight=schedule.DEFAULT_LOG_SNR_WEIGHT, progress=False, subject=subject,
-                             num_seeds=args.num_seeds)
+    run = prepare_run_from_args(args)
+    subject = run.subject
     g, n = subject.guidance_scale, len(run.labels)
     caches = {"fbc": FirstBlockCacheConfig(threshold=args.threshold)}
     if not args.no_taylorseer:

@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from mosaicdiff.core.atomic_io import write_json_atomic, write_text_atomic
 from mosaicdiff.eval import pixel_metrics, plots, quality, stats
-from mosaicdiff.method import schedule
 from mosaicdiff.app import experiment
 from mosaicdiff.zoo.data import load_digits_tensors
+
+from _digits_run import prepare_run
 
 PRUNED = ("mosaic", "uniform", "magnitude")
 #: Metrics where lower is better (the rest: higher is better).
@@ -82,10 +83,8 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    run = experiment.prepare(None, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
-                             samples_per_stage=args.samples_per_stage, boundaries=None,
-                             speed_threshold=schedule.DEFAULT_SPEED_THRESHOLD,
-                             log_snr_weight=schedule.DEFAULT_LOG_SNR_WEIGHT, progress=False)
+    run = prepare_run(steps=args.steps, seed=args.seed, num_samples=args.num_samples,
+                      samples_per_stage=args.samples_per_stage)
 
     def images_of(name: str, model_fn: Callable[[], torch.nn.Module]) -> torch.Tensor:
         path = args.out / f"images_{name}.pt"

@@ -28,6 +28,8 @@ from mosaicdiff.eval import quality, stats
 from mosaicdiff.core import sampling
 from mosaicdiff.app import experiment
 
+from _digits_run import prepare_run
+
 
 def _metrics_inputs(images: torch.Tensor, labels: torch.Tensor, dense: torch.Tensor):
     """Per-image arrays the statistics resample: classifier features, correctness, PSNR to dense."""
@@ -59,9 +61,8 @@ def main() -> None:
     timing: dict[str, list[float]] = {}
     configs = [(sp, share) for sp in args.sparsities for share in (True, False)]
     for seed in tqdm(args.seeds, desc="seeds"):
-        run = experiment.prepare(None, steps=args.steps, seed=seed, num_samples=args.num_samples,
-                                 samples_per_stage=args.samples_per_stage, boundaries=None,
-                                 speed_threshold=0.55, log_snr_weight=0.0, progress=False)
+        run = prepare_run(steps=args.steps, seed=seed, num_samples=args.num_samples,
+                          samples_per_stage=args.samples_per_stage)
         dense, _ = run.sample(run.dense, args.guidance_scale)
         for sp, share in tqdm(configs, desc=f"seed {seed}", leave=False):
             t0 = time.perf_counter()

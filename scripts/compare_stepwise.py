@@ -28,12 +28,14 @@ import json
 from pathlib import Path
 
 from mosaicdiff.app import experiment
-from mosaicdiff.app.subjects import SUBJECTS, subject_named
+from mosaicdiff.app.subjects import SUBJECTS
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.eval import measure
 from mosaicdiff.families import family_for
 from mosaicdiff.search.cache import StagePruneCache
 from mosaicdiff.search.search import uniform_stages
+
+from _digits_run import prepare_run
 
 METHODS = ("mosaic", "stepwise", "stepwise-copies", "searched")
 
@@ -71,11 +73,9 @@ def main(argv=None) -> int:
     p.add_argument("--samples-per-stage", type=int, default=experiment.DEFAULT_SAMPLES_PER_STAGE)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    subject = subject_named(args.model)
-    run = experiment.prepare(None, steps=args.steps, seed=0, num_samples=args.num_samples,
-                             samples_per_stage=args.samples_per_stage, boundaries=None,
-                             speed_threshold=0.55, log_snr_weight=0.0, progress=False, subject=subject,
-                             num_seeds=args.seeds)
+    run = prepare_run(args.model, steps=args.steps, seed=0, num_samples=args.num_samples,
+                      samples_per_stage=args.samples_per_stage, num_seeds=args.seeds)
+    subject = run.subject
     dense_images, _ = run.sample(run.dense, subject.guidance_scale)
     report = {"model": args.model, "seeds": args.seeds, "num_samples": args.num_samples, "steps": run.steps,
               "guidance_scale": subject.guidance_scale, "searched": args.searched,

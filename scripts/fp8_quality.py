@@ -1,9 +1,9 @@
-"""What do FP8 compact GEMMs cost in quality? Mosaic vs mosaic + FP8 on the embedded digits DiT.
+"""What do FP8 compact GEMMs cost in quality? Mosaic vs mosaic + FP8 on an embedded digits model.
 
-Issue 23, item 3: prune the digits DiT at `--sparsity` (the closed-form stages, as the demo), then
-quantize the mosaic's compact GEMM weights to float8_e4m3fn with per-output-channel scales
+Issue 23, item 3: prune the embedded `--model` (default the digits DiT) at `--sparsity` (the
+closed-form stages, as the demo), then quantize the mosaic's compact GEMM weights to float8_e4m3fn with per-output-channel scales
 (`mosaicdiff.quantize`) in both activation modes, and the engine's dense model
-(`MosaicDiT.from_dense_unpruned`) too. Every model samples the same noise and labels as in
+(one stage at sparsity 0) too. Every model samples the same noise and labels as in
 `scripts/stage_sensitivity.py` (`mosaicdiff.app.experiment`); each is measured against the dense
 model's images (PSNR/SSIM to dense with 95% bootstrap intervals, class accuracy, FID), and each FP8
 model against its unquantized twin (paired differences with intervals). Also the bytes of the
@@ -14,6 +14,7 @@ math as the Triton kernel up to fp32 summation order (tests/kernels/test_fp8_gem
 quality is the quantization's, not a kernel's. The report is written atomically at the end:
 
     OMP_NUM_THREADS=1 python scripts/fp8_quality.py --out docs/data/fp8_quality_dit.json
+    OMP_NUM_THREADS=1 python scripts/fp8_quality.py --model digits-unet --out docs/data/fp8_quality_unet.json
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 
 import mosaicdiff
-from mosaicdiff.app import experiment
-from mosaicdiff.app.subjects import subject_named
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.eval import measure
-from mosaicdiff.families import family_for
+from mosaicdiff.app.subjects import SUBJECTS
+
+from _digits_run import prepare_run_from_args, run_options
 
 
 def compact_bytes(model) -> int:
@@ -49,28 +49,22 @@ def bf16_and_fp8_bytes(model) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="the JSON report")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                parents=[run_options(num_samples=100, models=sorted(SUBJECTS))])
     p.add_argument("--sparsity", type=float, default=0.3, help="the mosaic's mean sparsity")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--num-samples", type=int, default=100, help="images per model")
-    p.add_argument("--samples-per-stage", type=int, default=128, help="calibration samples per stage")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    subject = subject_named("digits-dit")
-    run = experiment.prepare(None, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
-                             samples_per_stage=args.samples_per_stage, boundaries=None, speed_threshold=0.55,
-                             log_snr_weight=0.0, progress=False, subject=subject)
+    run = prepare_run_from_args(args)
+    subject = run.subject
     g = subject.guidance_scale
     started = time.perf_counter()
     dense_images, _ = run.sample(run.dense, g)
     mosaic, prune_s = run.prune("mosaic", args.sparsity)
-    engine = family_for(run.dense).mosaic_class.from_dense_unpruned(run.dense)
+    engine = mosaicdiff.prune(run.dense, None, 0.0, method="magnitude", align=None, progress=False)  # one dense stage
     models = {"dense_engine": engine, f"mosaic_{args.sparsity:g}": mosaic}
     for base in list(models):
         for act in ("weight_only", "per_token"):
             models[f"{base}+fp8_{act}"] = mosaicdiff.quantize(copy.deepcopy(models[base]), "fp8", activations=act)
-    report = {"model": "digits-dit", "sparsity": args.sparsity, "steps": args.steps, "num_samples": args.num_samples,
+    report = {"model": args.model, "sparsity": args.sparsity, "steps": args.steps, "num_samples": args.num_samples,
               "seed": args.seed, "guidance_scale": g, "sampler": subject.sampler, "prune_seconds": round(prune_s, 1),
               "boundaries": list(run.boundaries), "backend": "torch reference (dequantize, then the bf16 op)",
               "bytes": {"dense_engine": bf16_and_fp8_bytes(engine), "mosaic": bf16_and_fp8_bytes(mosaic)},

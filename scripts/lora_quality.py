@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
-from mosaicdiff.app import experiment
-from mosaicdiff.app.subjects import subject_named
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.eval import measure
+
+from _digits_run import prepare_run_from_args, run_options
 
 #: The adapted linears of each DiT block (the ones diffusers' LoRA trainers target, and the MLP).
 LORA_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -64,23 +63,16 @@ def fused_dense(dense, lora: dict[str, torch.Tensor]):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="digits-dit", choices=["digits-dit"], help="the embedded model")
-    p.add_argument("--out", type=Path, required=True, help="the JSON report")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                parents=[run_options(num_samples=100, models=["digits-dit"])])
     p.add_argument("--sparsity", type=float, default=0.3, help="the mosaic's target sparsity")
     p.add_argument("--rank", type=int, default=4, help="the LoRA's rank")
     p.add_argument("--strength", type=float, nargs="+", default=[0.3, 0.1],
                    help="|B @ A| / |W| per adapted linear: one run per value")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--num-samples", type=int, default=100, help="images per model")
-    p.add_argument("--samples-per-stage", type=int, default=128, help="calibration samples per stage")
-    p.add_argument("--seed", type=int, default=0, help="the noise, labels and calibration seed")
     p.add_argument("--lora-seed", type=int, default=0, help="the LoRA's seed")
     args = p.parse_args(argv)
-    subject = subject_named(args.model)
-    run = experiment.prepare(None, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
-                             samples_per_stage=args.samples_per_stage, boundaries=None, speed_threshold=0.55,
-                             log_snr_weight=0.0, progress=False, subject=subject)
+    run = prepare_run_from_args(args)
+    subject = run.subject
     g = subject.guidance_scale
     report = {"model": args.model, "sparsity": args.sparsity, "rank": args.rank,
               "lora_modules": list(LORA_MODULES), "steps": args.steps, "num_samples": args.num_samples,

@@ -22,6 +22,8 @@ from mosaicdiff import api
 from mosaicdiff.app import experiment
 from mosaicdiff.eval import measure
 
+from _digits_run import prepare_run
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,9 +37,7 @@ def main() -> None:
     others = args.other_guidance or [3.0]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run = experiment.prepare(None, steps=experiment.DEFAULT_STEPS, seed=0, num_samples=args.num_samples,
-                             samples_per_stage=experiment.DEFAULT_SAMPLES_PER_STAGE, boundaries=None,
-                             speed_threshold=0.55, log_snr_weight=0.0, progress=False, num_seeds=args.num_seeds)
+    run = prepare_run(num_samples=args.num_samples, num_seeds=args.num_seeds)  # the demo's steps and calibration
     report: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
     def save():

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from mosaicdiff.app import experiment
-from mosaicdiff.app.subjects import SUBJECTS, subject_named
+from mosaicdiff.app.subjects import SUBJECTS
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.core.schedulers import noise_process
 from mosaicdiff.eval import measure
 from mosaicdiff.families import family_for
 from mosaicdiff.method import schedule, step_allocation
 from mosaicdiff.search.cache import StagePruneCache
+
+from _digits_run import prepare_run_from_args, run_options
 
 
 def step_windows(timesteps, num_windows: int, timestep_end: int) -> list[tuple[str, int, int]]:
@@ -43,20 +43,13 @@ def step_windows(timesteps, num_windows: int, timestep_end: int) -> list[tuple[s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="digits-dit", choices=sorted(SUBJECTS), help="the embedded model")
-    p.add_argument("--out", type=Path, required=True, help="the JSON report")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                parents=[run_options(num_samples=200, models=sorted(SUBJECTS))])
     p.add_argument("--windows", type=int, default=10, help="windows of equal step counts")
     p.add_argument("--sparsity", type=float, default=0.6, help="the sparsity of the pruned window")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--num-samples", type=int, default=200, help="images per model")
-    p.add_argument("--samples-per-stage", type=int, default=128, help="calibration samples per window")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    subject = subject_named(args.model)
-    run = experiment.prepare(None, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
-                             samples_per_stage=args.samples_per_stage, boundaries=None, speed_threshold=0.55,
-                             log_snr_weight=0.0, progress=False, subject=subject)
+    run = prepare_run_from_args(args)
+    subject = run.subject
     process = noise_process(run.scheduler)
     windows = step_windows(run.scheduler.timesteps, args.windows, process.timestep_end)
     g = subject.guidance_scale

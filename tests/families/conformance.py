@@ -19,18 +19,22 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.testing import assert_close
 
 import mosaicdiff
+from mosaic_kernels import ops as kernel_ops
 from mosaicdiff.api import prune_stages
 from mosaicdiff.core import model_folder
+from mosaicdiff.core import quantize as quantize_module
+from mosaicdiff.core.quantize import quantized_modules
 
 ATOL, RTOL = 5e-5, 1e-5
 #: Three stages: late [0, 300), middle [300, 700), early [700, 1000); the middle pruned least.
 BOUNDARIES, SPARSITIES = (300, 700), (0.5, 0.25, 0.5)
 MEMORY_KEYS = {"shared_params", "shared_bytes", "producer_params", "producer_bytes", "stages", "mosaic_params",
                "mosaic_bytes", "dense_params", "dense_bytes", "dense_dtype", "dense_bytes_same_dtype", "ratio",
-               "dense_params_dedup", "ratio_dedup"}
+               "dense_params_dedup", "ratio_dedup", "graph_bytes"}
 
 
 def three_stage_mosaic(family, dense, share_producers: bool):
@@ -38,6 +42,20 @@ def three_stage_mosaic(family, dense, share_producers: bool):
     stages = prune_stages(dense, None, 0.4, pruner="magnitude", boundaries=BOUNDARIES, stage_sparsities=SPARSITIES,
                           align=None, progress=False, share_producers=True)
     return family.mosaic_class.from_dense(dense, stages, share_producers=share_producers)
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A quantized model's float8 weights as fp32 values, scales removed: the FP8 oracle (the
+    unquantized ops on ``q.float() * scale``)."""
+    ref = copy.deepcopy(model)
+    for _, module in quantized_modules(ref):
+        for name in type(module).fp8_weights:
+            w = getattr(module, name, None)
+            if w is not None and w.dtype == torch.float8_e4m3fn:
+                scale = getattr(module, f"{name}_scale")
+                setattr(module, name, nn.Parameter(w.float() * scale[:, None], requires_grad=False))
+                delattr(module, f"{name}_scale")
+    return ref
 
 
 def stage_times(mosaic) -> list[int]:
@@ -231,3 +249,76 @@ class FamilyConformance:
                    {kk: vv[i:i + 1] for kk, vv in v.items()} if isinstance(v, dict) else v for k, v in cond.items()}
             rows.append(testing.call(mosaic, x[i:i + 1], t[i:i + 1], one))
         assert_close(got, torch.cat(rows), atol=ATOL, rtol=RTOL)
+
+    @pytest.mark.parametrize("share", [True, False], ids=["shared-producers", "copies"])
+    def test_quantize_fp8_runs_every_compact_gemm_in_float8(self, kit, family, share):
+        """`mosaicdiff.quantize`: every GEMM weight of the compact blocks (and of the producer
+        storage) becomes float8 with its row scales; each stage computes with the scales of its own
+        rows (a wrong slice or a GEMM left on ``F.linear`` fails the oracle or raises)."""
+        testing, dense, x, cond = kit
+        mosaic = three_stage_mosaic(family, dense, share_producers=share)
+        original, before = copy.deepcopy(mosaic), mosaic.memory_report()
+        assert mosaicdiff.quantize(mosaic, "fp8") is mosaic
+        compact = [mosaic.stage_blocks] + ([mosaic.producer_storage] if mosaic.producer_storage is not None else [])
+        weights = {n: p for part in compact for n, p in part.named_parameters() if p.dim() == 2}
+        assert weights and all(p.dtype == torch.float8_e4m3fn for p in weights.values()), \
+            sorted(n for n, p in weights.items() if p.dtype != torch.float8_e4m3fn)
+        after = mosaic.memory_report()
+
+        def compact_bytes(report):
+            return report["producer_bytes"] + sum(s["bytes"] for s in report["stages"].values())
+
+        # fp32 -> 1 byte a weight, plus 4 per row scale; the skeleton is not quantized
+        assert after["shared_bytes"] == before["shared_bytes"]
+        assert compact_bytes(after) < 0.5 * compact_bytes(before), (compact_bytes(after), compact_bytes(before))
+        oracle = dequantized_copy(mosaic)
+        for t in stage_times(mosaic):
+            tt = torch.full((x.shape[0],), t)
+            with kernel_ops.record_dispatch() as calls:
+                got = testing.call(mosaic, x, tt, cond)
+            assert calls[("fp8_gemm", "torch")] > 0, dict(calls)
+            assert_close(got, testing.call(oracle, x, tt, cond), atol=1e-4, rtol=1e-4)
+            want = testing.call(original, x, tt, cond)
+            rel = float((got - want).norm() / want.norm())
+            assert 0 < rel < 0.05, f"t={t}: quantized vs original weights, relative error {rel:.4f}"
+
+    def test_quantize_fp8_per_token_activations(self, kit, family):
+        testing, dense, x, cond = kit
+        mosaic = three_stage_mosaic(family, dense, share_producers=True)
+        weight_only = dequantized_copy(mosaicdiff.quantize(copy.deepcopy(mosaic), "fp8"))
+        mosaicdiff.quantize(mosaic, "fp8", activations="per_token")
+        tt = torch.full((x.shape[0],), stage_times(mosaic)[1])
+        want, got = testing.call(weight_only, x, tt, cond), testing.call(mosaic, x, tt, cond)
+        rel = float((got - want).norm() / want.norm())
+        assert 1e-6 < rel < 0.08, rel  # the activations were quantized too, by a few percent at most
+
+    def test_quantized_engine_dense_model(self, kit):
+        """The engine's dense model (one stage at sparsity 0) quantizes like a mosaic."""
+        testing, dense, x, cond = kit
+        engine = mosaicdiff.prune(dense, None, 0.0, method="magnitude", align=None, progress=False)
+        tt = torch.full((x.shape[0],), 500)
+        want = testing.call(dense, x, tt, cond)
+        rel = float((testing.call(mosaicdiff.quantize(engine, "fp8"), x, tt, cond) - want).norm() / want.norm())
+        assert 0 < rel < 0.05, rel
+
+    def test_a_quantized_mosaic_saves_loads_and_casts_as_quantized(self, kit, family, mosaic, tmp_path):
+        testing, _, x, cond = kit
+        unquantized = copy.deepcopy(mosaic)
+        mosaicdiff.quantize(mosaic, "fp8", activations="per_token")
+        tt = torch.full((x.shape[0],), stage_times(mosaic)[0])
+        want = testing.call(mosaic, x, tt, cond)
+        mosaic.save_pretrained(tmp_path / "q")
+        loaded = family.mosaic_class.from_pretrained(tmp_path / "q")
+        keys = quantize_module.quantized_keys(mosaic)
+        assert keys and quantize_module.quantized_keys(loaded) == keys
+        assert {m.fp8_mode for _, m in quantized_modules(loaded) if hasattr(m, "fp8_mode")} == {"per_token"}
+        assert_close(testing.call(loaded, x, tt, cond), want, atol=ATOL, rtol=RTOL)
+        # a cast keeps the float8 weights and their fp32 scales (a plain cast would drop the scales' meaning)
+        state = loaded.to(torch.bfloat16).state_dict()
+        assert {state[k].dtype for k in keys} == {torch.float8_e4m3fn, torch.float32}
+        assert all(v.dtype in (torch.bfloat16, torch.int64) for k, v in state.items() if k not in keys)
+        x16, cond16 = x.bfloat16(), {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+                                     for k, v in cond.items()}
+        want16 = testing.call(unquantized.to(torch.bfloat16), x16, tt, cond16).float()  # bf16 alone: 13% on tiny Flux
+        got = testing.call(loaded, x16, tt, cond16).float()
+        assert float((got - want16).norm() / want16.norm()) < 0.05

@@ -336,3 +336,54 @@ def test_kernel_shapes_follow_the_joint_sequence():
     assert ("attention", (2, 16 + 7, block.heads, 8)) in shapes and ("attention", (2, 16, block.heads2, 8)) in shapes
     assert {("rms_norm_rope", (2, 7, block.heads, 8, 0)), ("linear_gelu", (2 * 7, block.context_mlp_width, 32)),
             ("ln_modulate", (2, 7, 32)), ("ln_modulate", (2, 16, 32))} <= shapes
+
+
+#: Per unit kind: the producers (rows) and consumers (columns) it slices.
+UNIT_FIELDS = {"heads": (("qkv", "add_qkv"), ("out", "add_out")), "heads2": (("qkv2",), ("out2",)),
+               "channels": (("ff1",), ("ff2",)), "context_channels": (("ffc1",), ("ffc2",))}
+
+
+def units_of(w, hd: int = 8, **keep):
+    """The unit-dense block weights `w` restricted to the listed units per kind (``heads=[1, 2]``, ...),
+    uncompensated; kinds the block lacks are ignored."""
+    out = {}
+    for kind, units in keep.items():
+        n, units = getattr(w, f"kept_{kind}").numel(), torch.as_tensor(units)
+        if n == 0:
+            continue
+        cols = (units[:, None] * hd + torch.arange(hd)).reshape(-1) if "heads" in kind else units
+        rows = torch.cat([cols + part * n * hd for part in range(3)]) if "heads" in kind else units  # [q | k | v]
+        producers, consumers = UNIT_FIELDS[kind]
+        out |= {f"{name}_{s}": getattr(w, f"{name}_{s}")[rows] for name in producers for s in ("weight", "bias")}
+        out |= {f"{name}_weight": getattr(w, f"{name}_weight")[:, cols] for name in consumers
+                if getattr(w, f"{name}_weight") is not None}  # the context_pre_only block has no add_out
+        out[f"kept_{kind}"] = getattr(w, f"kept_{kind}")[units]
+    return dataclasses.replace(w, **out)
+
+
+def test_fp8_scales_of_shared_producers_follow_each_stages_rows():
+    """Quantized shared producers of stages whose units are overlapping runs (not prefixes: ``prune`` nests
+    them, so the conformance suite's runs all start at row 0): each stage's GEMMs use the scales of its
+    own rows, so the mosaic equals its dequantized-weights oracle in every stage, every GEMM in float8."""
+    from mosaic_kernels import ops
+    from tests.families.conformance import dequantized_copy
+
+    dense = dense_of("sd35-medium")
+    blocks = [SD3.dense_block(b) for b in dense.transformer_blocks]
+    every = {"heads": range(4), "heads2": range(4), "channels": range(128), "context_channels": range(128)}
+    late = {"heads": [0, 1, 2], "heads2": [0, 1, 2], "channels": range(96), "context_channels": range(88)}
+    early = {"heads": [1, 2, 3], "heads2": [1, 2, 3], "channels": range(40, 128), "context_channels": range(40, 128)}
+    stages = [StageSpec(name, t0, t1, 0.3, [units_of(w, **keep) for w in blocks])
+              for name, t0, t1, keep in (("late", 0, 300, late), ("middle", 300, 700, every), ("early", 700, 1001, early))]
+    mosaic = mosaicdiff.quantize(MosaicSD3.from_dense(dense, stages, share_producers=True), "fp8")
+    block = mosaic.stage_blocks[2][0]  # the early stage's dual-attention block: every run starts past row 0
+    assert block.producers.qkv_weight.dtype == torch.float8_e4m3fn and block.kind.dual_attention
+    assert all(a > 0 for a, _ in block.ranges.values()), block.ranges
+    oracle = dequantized_copy(mosaic)
+    x, cond = testing.tiny_inputs(dense, 2)
+    for t in (150, 500, 850):
+        tt = torch.full((2,), float(t))
+        with ops.record_dispatch() as calls:
+            got = testing.call(mosaic, x, tt, cond)
+        assert calls[("fp8_gemm", "torch")] == 10 + 10 + 5, dict(calls)  # two dual-attention blocks, context_pre_only
+        assert_close(got, testing.call(oracle, x, tt, cond), atol=1e-4, rtol=1e-4)

@@ -9,7 +9,8 @@ names the failed stages while the later stages still run. The sdxl stage runs di
 SDXL test U-Net through the same configs as the SDXL base U-Net on the GPU; the second call
 (``--part 2``) runs a tiny PixArt through the configs of PixArt-Sigma 1024 px, the third and fourth
 (``--part 3``, ``--part 4``) a tiny Flux and SD3.5 through those of FLUX.1-dev and SD3.5-Large, the
-fifth (``--part 5``) a tiny DiT through the stacked benchmark (FP8 + first-block cache, per image).
+fifth (``--part 5``) a tiny DiT through the stacked benchmark (FP8 + first-block cache, per image),
+the sixth (``--part 6``) tiny three- and ten-stage DiT mosaics through the K-stage runtime benchmark.
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ def dry_run(tmp_path_factory) -> Path:
 
 def load(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
+
+
+def run_part(out: Path, part: str, stage: str) -> tuple[dict, str]:
+    """``gpu_check.sh --dry-run --part PART`` (parts 2 and up): exit 0, only the log and the
+    stage's json left, no part-1 stage run, no failed config; its results and the log."""
+    proc = run_check(out, "--part", part)
+    log = (out / "check.log").read_text()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}\n{proc.stderr[-2000:]}"
+    assert sorted(p.name for p in out.iterdir()) == ["check.log", f"{stage}.json"]
+    assert f"stage {stage}: ok" in log and "stage suite" not in log and "stage tests" not in log
+    result = load(out, f"{stage}.json")
+    assert not result["errors"], result["errors"]
+    return result, log
 
 
 def test_every_stage_leaves_its_file_and_at_most_eight(dry_run):
@@ -133,13 +147,7 @@ def test_part_two_times_pixart_per_step_and_step_weighted(tmp_path):
     stage's timestep of DPM-Solver++ 20, the step-weighted mean, the target ratio and memory."""
     import suite_pixart
 
-    proc = run_check(tmp_path, "--part", "2")
-    log = (tmp_path / "check.log").read_text()
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}\n{proc.stderr[-2000:]}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.log", "pixart.json"]
-    assert "stage pixart: ok" in log and "stage suite" not in log and "stage tests" not in log
-    result = load(tmp_path, "pixart.json")
-    assert not result["errors"], result["errors"]
+    result, _ = run_part(tmp_path, "2", "pixart")
     assert result["inputs"]["hidden_states"][0] == 2 and result["inputs"]["encoder_attention_mask"][0] == 2
     stages = result["stages"]
     assert [s["name"] for s in stages] == ["early", "middle", "late"] and sum(s["steps"] for s in stages) == 20
@@ -164,13 +172,8 @@ def test_parts_three_and_four_time_the_flow_families(tmp_path, part, family, ste
     the family's stage; its json has every config at each stage's timestep of flow-matching Euler 28
     steps (the first step, t = 1000, in the early stage), the step-weighted mean, the 1.4x target
     and the memory of both engine configs (Flux frees each once timed)."""
-    proc = run_check(tmp_path, "--part", part)
-    log = (tmp_path / "check.log").read_text()
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}\n{proc.stderr[-2000:]}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.log", f"{family}.json"]
-    assert f"stage {family}: ok" in log and "stage suite" not in log and "stage pixart" not in log
-    result = load(tmp_path, f"{family}.json")
-    assert not result["errors"], result["errors"]
+    result, log = run_part(tmp_path, part, family)
+    assert "stage pixart" not in log
     assert result["inputs"]["hidden_states"][0] == batch
     stages = result["stages"]
     assert [s["name"] for s in stages] == ["early", "middle", "late"] and sum(s["steps"] for s in stages) == steps
@@ -239,15 +242,9 @@ def test_part_five_times_the_stacked_recipe_per_image(tmp_path):
     the records, and the log says that FP8 ran the torch fallbacks."""
     import suite_stacked
 
-    proc = run_check(tmp_path, "--part", "5")
-    log = (tmp_path / "check.log").read_text()
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{log[-3000:]}\n{proc.stderr[-2000:]}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.log", "stacked.json"]
-    assert "stage stacked: ok" in log and "stage suite" not in log and "stage tests" not in log
+    result, log = run_part(tmp_path, "5", "stacked")
     assert "no FP8 tensor cores here" in log and "torch fallback of mosaic_kernels.fp8_gemm" in log
     assert "no FP8 speed" in log
-    result = load(tmp_path, "stacked.json")
-    assert not result["errors"], result["errors"]
     assert result["fp8"]["fp8_speed"] is False and "fallback" in result["fp8"]["mosaic"]
     assert result["steps"] == 50 and result["images_per_run"] * 2 == result["batch"]
     stages = result["stages"]
@@ -345,3 +342,44 @@ def test_stacked_stage_records_a_failed_config_and_stops_on_its_guard():
         with pytest.raises(gpu_suite.StageTimeout):
             record_failure(result, "diffusers_compile_dense", wrapped)
     assert len(result["errors"]) == 1
+
+
+def test_part_six_times_k_stages_against_three(tmp_path):
+    """`gpu_check.sh --part 6` on the tiny DiT: only env and the kstages stage; kstages.json has the
+    three-stage and the ten-stage stepwise mosaic per target, each over DDIM 50 at its mean sparsity,
+    its stage shape groups equal to the stages grouped by their widths (read off the stage table),
+    one tuned config per distinct attention shape, graph memory per stage (none captured on the
+    CPU), per-image times with graphs on and off, and the ratios of the records."""
+    import suite_kstages
+
+    result, _ = run_part(tmp_path, "6", "kstages")
+    assert result["steps"] == 50 and result["images_per_run"] * 2 == result["batch"]
+    by = {r["config"]: r for r in result["records"]}
+    assert [(r["config"], r["num_stages"], r["target_sparsity"]) for r in result["records"]] == suite_kstages.plan()
+    for name, rec in by.items():
+        stages = rec["stages"]
+        assert len(stages) == rec["num_stages"] and sum(s["steps"] for s in stages) == 50, rec
+        mean = sum(s["sparsity"] * s["steps"] for s in stages) / 50
+        assert abs(mean - rec["target_sparsity"]) < 0.02, (name, mean)
+        by_width: dict[tuple, list] = {}
+        for s in stages:
+            by_width.setdefault((s["heads"], s["mlp_width"]), []).append(s["name"])
+        assert rec["stage_shape_groups"] == list(by_width.values()), rec["stage_shape_groups"]
+        assert rec["distinct_stage_shapes"] == len(by_width)
+        assert rec["distinct_attention_shapes"] == len({s["heads"] for s in stages})
+        assert len(rec["tuned_configs"]) == rec["distinct_attention_shapes"]
+        assert list(rec["graph_bytes"]) == [s["name"] for s in stages] and rec["graph_bytes_total"] == 0
+        assert rec["graphs_on"]["graphs_captured"] == 0  # CPU: eager
+        for mode in ("graphs_on", "graphs_off"):
+            assert rec[mode]["ms_per_image"] == pytest.approx(rec[mode]["ms_per_sample_run"] / result["images_per_run"])
+        assert rec["autotune_s"] >= 0 and rec["memory"]["mosaic_bytes"] > 0
+    tens = [r for r in result["records"] if r["num_stages"] == 10]
+    assert len(tens) == 2 and any(r["distinct_stage_shapes"] < 10 for r in tens), "the tiny DiT's stages share widths"
+    for target in suite_kstages.TARGETS:
+        ten, three = by[f"stepwise_10_{target}"], by[f"mosaic_3_{target}"]
+        for mode in ("graphs_on", "graphs_off"):
+            assert result["ratios"][f"stepwise_10_{target}/mosaic_3_{target}:{mode}"] == pytest.approx(
+                ten[mode]["ms_per_image"] / three[mode]["ms_per_image"])
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--part", "7"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--part must be 1, 2, 3, 4, 5 or 6, got '7'" in bad.stderr

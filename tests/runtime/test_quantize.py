@@ -21,6 +21,7 @@ import mosaicdiff
 import mosaic_kernels as mk
 from mosaicdiff.core.quantize import quantized_modules
 from mosaicdiff.families.dit.model import MosaicDiT
+from tests.families.conformance import dequantized_copy
 from tests.runtime.dit_helpers import inputs, two_stage_specs
 from tests.runtime.test_shared_producers import nested_specs
 
@@ -30,19 +31,6 @@ FP8 = torch.float8_e4m3fn
 def _mosaic(dense, shared: bool) -> MosaicDiT:
     specs = nested_specs(dense) if shared else two_stage_specs(dense)
     return MosaicDiT.from_dense(dense, specs, share_producers=shared).eval()
-
-
-def _dequantized_copy(model: nn.Module) -> nn.Module:
-    """The quantized model's float8 weights as fp32 values, scales removed: the oracle."""
-    ref = copy.deepcopy(model)
-    for _, module in quantized_modules(ref):
-        for name in type(module).fp8_weights:
-            w = getattr(module, name)
-            if w.dtype == FP8:
-                scale = getattr(module, f"{name}_scale")
-                setattr(module, name, nn.Parameter(w.float() * scale[:, None], requires_grad=False))
-                delattr(module, f"{name}_scale")
-    return ref
 
 
 def _run(model, t):
@@ -66,7 +54,7 @@ def test_quantized_mosaic_equals_its_dequantized_weights(dense, shared, fuse):
     targets = quantized_modules(mosaic)
     assert targets and all(getattr(m, n).dtype == FP8 and getattr(m, f"{n}_scale").dtype == torch.float32
                            for _, m in targets for n in type(m).fp8_weights if getattr(m, n).numel())
-    oracle = _dequantized_copy(mosaic)
+    oracle = dequantized_copy(mosaic)
     with mk.use_backend(_backend()), mk.ops.record_dispatch() as calls:
         got = {t: _run(mosaic, t) for t in (100, 500, 900)}
     assert calls[("fp8_gemm", _backend())] > 0, dict(calls)
@@ -87,7 +75,7 @@ def test_per_token_activations(dense):
     with mk.use_backend(_backend()):
         out = _run(mosaic, 500)
     with mk.use_backend("torch"):
-        want, weight_only = _run(original, 500), _run(_dequantized_copy(mosaic), 500)
+        want, weight_only = _run(original, 500), _run(dequantized_copy(mosaic), 500)
     rel = float((out - want).norm() / want.norm())
     assert 0 < rel < 0.06, rel
     assert float((out - weight_only).abs().max()) > 1e-5  # the activations were quantized too
@@ -134,3 +122,26 @@ def test_bad_arguments_raise_clear_errors(dense):
         mosaicdiff.quantize(mosaic, "fp8", activations="fp8")
     with pytest.raises(NotImplementedError, match="Sequential has no compact blocks with FP8 GEMM weights"):
         mosaicdiff.quantize(nn.Sequential(nn.Linear(4, 4)), "fp8")
+
+
+def test_quantize_and_layerwise_casting_refuse_each_other(dense):
+    cast = _mosaic(dense, shared=False)
+    cast.enable_layerwise_casting(compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="layerwise casting enabled"):
+        mosaicdiff.quantize(cast, "fp8")
+    quantized = mosaicdiff.quantize(_mosaic(dense, shared=False), "fp8")
+    with pytest.raises(RuntimeError, match="on a quantized mosaic"):
+        quantized.enable_layerwise_casting(compute_dtype=torch.float32)
+
+
+def test_a_saved_config_with_a_bad_quantization_spec_is_refused(dense, tmp_path):
+    import json
+
+    mosaicdiff.quantize(_mosaic(dense, shared=True), "fp8").save_pretrained(tmp_path / "q")
+    config_path = tmp_path / "q" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["_quantization"] == {"mode": "fp8", "activations": "weight_only"}
+    config["_quantization"] = {"mode": "int4", "activations": "weight_only"}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: _quantization: quantize_layout: spec must be"):
+        MosaicDiT.from_pretrained(tmp_path / "q")

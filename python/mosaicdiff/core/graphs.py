@@ -10,10 +10,23 @@ clone, so a later replay never overwrites what a caller (e.g. a multistep schedu
 
 Where capture is impossible (CPU tensors, no CUDA, a capture error) the call runs eagerly; the
 reason is logged once.
+
+Graphs are per stage even where two stages have the same widths (and so share their kernel
+configs, `mosaicdiff.core.runtime.StageRuntimeMixin.stage_shape_groups`): a captured graph holds the
+raw pointers of the weights it read, and every stage has its own weights. Only stages built on the
+very same block modules could replay one graph; no mosaic builds those, so no graph is shared.
+
+Each capture's memory cost is recorded (`graph_bytes`, `bytes_per_stage`; `memory_report`'s
+``graph_bytes``): the growth of the device's reserved memory over the recording alone (the
+warm-up's allocations are the caching allocator's, not the graph's), after the cached free blocks
+were released as ``torch.cuda.graph`` itself releases them. With one pool for all graphs, a later
+capture reuses what an earlier one freed, so each figure is what that capture added (in the
+allocator's segment sizes: a small graph may add nothing) and their sum is what the pool reserved.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +45,7 @@ class _Captured:
     graph: object  # torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor
+    nbytes: int = 0  # device memory the capture added (see the module docstring)
 
 
 class StageGraphRunner:
@@ -66,6 +80,18 @@ class StageGraphRunner:
     def num_graphs(self) -> int:
         """Number of captured graphs."""
         return len(self._graphs)
+
+    @property
+    def graph_bytes(self) -> dict[tuple, int]:
+        """Device bytes each captured graph added, by signature ``(stage, inputs...)``."""
+        return {key: captured.nbytes for key, captured in self._graphs.items()}
+
+    def bytes_per_stage(self) -> dict[int, int]:
+        """Device bytes the captured graphs added, summed per stage index (stages without a graph absent)."""
+        out: dict[int, int] = {}
+        for key, captured in self._graphs.items():
+            out[key[0]] = out.get(key[0], 0) + captured.nbytes
+        return out
 
     @property
     def failed(self) -> dict[tuple, str]:
@@ -109,23 +135,43 @@ class StageGraphRunner:
             return self._fn(stage, *inputs)
 
     def _capture(self, stage: int, inputs: tuple[torch.Tensor, ...]) -> _Captured:
-        """Warm up on a side stream, then capture one call with static copies of ``inputs``."""
+        """Warm up, then record one call with static copies of ``inputs``, measuring what the recording reserves."""
         device = inputs[0].device
         with torch.inference_mode(False):  # normal tensors: copy_ into them works in and out of inference mode
             static = tuple(t.detach().clone().contiguous() for t in inputs)
-        with torch.cuda.device(device), torch.no_grad():
+        self._warm_up(stage, static)
+        before = self._pool_bytes(device)
+        graph, output = self._record(stage, static)
+        return _Captured(graph, static, output, max(0, self._pool_bytes(device) - before))
+
+    def _warm_up(self, stage: int, static: tuple[torch.Tensor, ...]) -> None:
+        """``warmup_iters`` eager calls on a side stream (Triton compiles and autotunes here)."""
+        with torch.cuda.device(static[0].device), torch.no_grad():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(self.warmup_iters):
                     self._fn(stage, *static)
             torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self, stage: int, static: tuple[torch.Tensor, ...]) -> tuple[object, torch.Tensor]:
+        """One call captured into a new graph in the shared pool: ``(graph, static output)``."""
+        with torch.cuda.device(static[0].device), torch.no_grad():
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 output = self._fn(stage, *static)
-        return _Captured(graph, static, output)
+        return graph, output
+
+    @staticmethod
+    def _pool_bytes(device: torch.device) -> int:
+        """The device's reserved bytes with garbage and cached free blocks released first (as
+        ``torch.cuda.graph`` releases them on entry: they must not hide the capture's growth)."""
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return int(torch.cuda.memory_reserved(device))
 
     def __call__(self, stage: int, *inputs: torch.Tensor) -> torch.Tensor:
         """Run ``fn(stage, *inputs)``, through a graph when possible.
@@ -154,7 +200,7 @@ class StageGraphRunner:
                 self._log_once(logging.WARNING, f"capture failed for stage {stage}: {self._failed[key]}")
                 return self._eager(stage, inputs)
             self._graphs[key] = captured
-            logger.debug("captured CUDA graph for stage %d, signature %s", stage, key[1:])
+            logger.debug("captured CUDA graph for stage %d, signature %s: %d bytes", stage, key[1:], captured.nbytes)
         for dst, src in zip(captured.inputs, inputs):
             dst.copy_(src)
         captured.graph.replay()

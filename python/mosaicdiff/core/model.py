@@ -39,7 +39,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from mosaicdiff.core import layerwise_casting
+from mosaicdiff.core import layerwise_casting, quantize
 from mosaicdiff.core.lora import MosaicLoraMixin
 from mosaicdiff.core.runtime import StageRuntimeMixin
 from mosaicdiff.core.stages import StageSpec, stage_index
@@ -208,8 +208,10 @@ class MosaicModel(MosaicLoraMixin, StageRuntimeMixin, ModelMixin, ConfigMixin):
             ``mosaic_bytes``, ``dense_params``, ``dense_bytes`` (dtype at construction),
             ``dense_dtype``, ``dense_bytes_same_dtype`` (dense params at the mosaic's element
             size), ``ratio`` (``mosaic_bytes / dense_bytes_same_dtype``), ``dense_params_dedup``
-            (the dense model with duplicated modules once, e.g. DiT's per-block embedders) and
-            ``ratio_dedup`` (against that).
+            (the dense model with duplicated modules once, e.g. DiT's per-block embedders),
+            ``ratio_dedup`` (against that) and ``graph_bytes`` (stage name -> device bytes its
+            captured CUDA graphs added, `mosaicdiff.core.graphs`; 0 where none was captured; not
+            part of ``mosaic_bytes``, which counts the weights).
         """
         seen: set[tuple[int, int]] = set()
 
@@ -242,7 +244,14 @@ class MosaicModel(MosaicLoraMixin, StageRuntimeMixin, ModelMixin, ConfigMixin):
             "dense_dtype": dense["dtype"],
             "dense_bytes_same_dtype": dense_same, "ratio": total_b / dense_same if dense_same else math.nan,
             "dense_params_dedup": dedup, "ratio_dedup": total_b / (dedup * element) if dedup else math.nan,
+            "graph_bytes": self._graph_bytes_per_stage(),
         }
+
+    def _graph_bytes_per_stage(self) -> dict[str, int]:
+        """Stage name -> device bytes of its captured CUDA graphs (0 without graphs)."""
+        runner = getattr(self, "_graphs", None)
+        per_index = runner.bytes_per_stage() if runner is not None else {}
+        return {name: int(per_index.get(i, 0)) for i, name in enumerate(self.stage_names)}
 
     @staticmethod
     def dense_reference_of(dense: nn.Module, **extra: Any) -> dict[str, Any]:
@@ -289,9 +298,24 @@ class MosaicModel(MosaicLoraMixin, StageRuntimeMixin, ModelMixin, ConfigMixin):
                                  skip_modules_classes: tuple[type[nn.Module], ...] | None = None,
                                  non_blocking: bool = False) -> None:
         """diffusers' layerwise casting over the compact blocks and the shared producer storage too
-        (`mosaicdiff.core.layerwise_casting.enable_layerwise_casting`, which says how)."""
+        (`mosaicdiff.core.layerwise_casting.enable_layerwise_casting`, which says how).
+
+        Raises:
+            RuntimeError: on a quantized mosaic (`mosaicdiff.quantize`: its weights are float8 already).
+        """
+        if quantize.quantized_keys(self):
+            raise RuntimeError(f"{type(self).__name__}: enable_layerwise_casting on a quantized mosaic; its GEMM weights "
+                               f"are float8 already (mosaicdiff.quantize)")
         layerwise_casting.enable_layerwise_casting(self, storage_dtype, compute_dtype, skip_modules_pattern,
                                                    skip_modules_classes, non_blocking)
+
+    def to(self, *args, **kwargs):
+        """`ModelMixin.to`; on a quantized mosaic (`mosaicdiff.quantize`) the float8 weights and their
+        fp32 scales keep their dtype (`mosaicdiff.core.quantize.cast_unquantized`)."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is None or not quantize.quantized_keys(self):
+            return super().to(*args, **kwargs)
+        return quantize.cast_unquantized(self, device, dtype, non_blocking)
 
     def enable_cuda_graphs(self, enabled: bool = True):
         if enabled and self.__dict__.get("_layerwise_casting"):

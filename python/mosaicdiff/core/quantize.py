@@ -6,8 +6,11 @@ A compact block (or a shared producer storage) names its GEMM weights in a class
 the per-output-channel fp32 scale beside it as ``<name>_scale`` (both frozen parameters, so
 ``memory_report``, ``.to(device)`` and the state dict see them). The blocks' forwards then call
 ``mosaic_kernels.fp8_gemm`` with the same fused epilogues (bias, tanh-GELU, gated residual).
-This module knows no family: a family opts in by declaring ``fp8_weights`` (and reading the
-scales in its forward). Families that do not yet: U-Net, PixArt, SD3, Flux (refused clearly).
+This module knows no family: a family opts in by declaring ``fp8_weights`` on its compact blocks
+and producer storages and running their GEMMs through `mosaicdiff.core.gemm` (every registered
+family does). A quantized mosaic saves and loads as such (``_quantization`` in its config, read by
+`quantize_layout`), and ``.to(dtype)`` casts everything but the float8 weights and their scales
+(`cast_unquantized`).
 
 Why not torchao's ``quantize_``: it swaps the ``weight`` of ``nn.Linear`` modules for a tensor
 subclass, and a mosaic's compact GEMM weights are parameters of the blocks, not ``nn.Linear``
@@ -27,7 +30,8 @@ from mosaicdiff.core.stages import frozen
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QUANTIZE_MODES", "quantize", "quantized_modules"]
+__all__ = ["QUANTIZE_MODES", "cast_unquantized", "quantization_spec", "quantize", "quantize_layout", "quantized_keys",
+           "quantized_modules"]
 
 #: What `quantize` can store.
 QUANTIZE_MODES = ("fp8",)
@@ -63,7 +67,9 @@ def quantize(model: nn.Module, mode: str = "fp8", *, activations: str = "weight_
 
     Raises:
         ValueError: for an unknown ``mode`` or ``activations``.
-        NotImplementedError: when no submodule declares FP8 GEMM weights (a family not supported yet).
+        NotImplementedError: when no submodule declares FP8 GEMM weights (not a mosaic).
+        RuntimeError: on a model with layerwise casting (``enable_layerwise_casting``): its
+            weights are already stored in another dtype.
 
     Examples:
         >>> import mosaicdiff
@@ -78,19 +84,22 @@ def quantize(model: nn.Module, mode: str = "fp8", *, activations: str = "weight_
         raise ValueError(f"quantize: mode must be one of {QUANTIZE_MODES}, got {mode!r}")
     if activations not in FP8_ACTIVATIONS:
         raise ValueError(f"quantize: activations must be one of {FP8_ACTIVATIONS}, got {activations!r}")
+    if model.__dict__.get("_layerwise_casting"):
+        raise RuntimeError(f"quantize: {type(model).__name__} has layerwise casting enabled; quantize a model without it "
+                           f"(the two store the weights in different ways)")
     targets = quantized_modules(model)
     if not targets:
         raise NotImplementedError(
             f"quantize: {type(model).__name__} has no compact blocks with FP8 GEMM weights (fp8_weights); "
-            f"supported: the DiT family (MosaicDiT)")
+            f"pass a mosaic (or the engine's dense model) of a registered family")
     from mosaic_kernels import quantize_fp8_weight
 
     done: dict[tuple, tuple[nn.Parameter, nn.Parameter]] = {}
     count = 0
     for name, module in targets:
         for attr in type(module).fp8_weights:
-            w = getattr(module, attr)
-            if w.dtype == torch.float8_e4m3fn or w.numel() == 0:
+            w = getattr(module, attr, None)  # None: a weight this block's kind lacks
+            if w is None or w.dtype == torch.float8_e4m3fn or w.numel() == 0:
                 continue
             key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
             if key not in done:
@@ -104,3 +113,70 @@ def quantize(model: nn.Module, mode: str = "fp8", *, activations: str = "weight_
             module.fp8_mode = activations
     logger.debug("quantize: %d weights of %d modules to float8 (%s activations)", count, len(targets), activations)
     return model
+
+
+def _quantized_items(model: nn.Module):
+    """``(key, tensor)`` of every float8 weight and its scale, keys as in the state dict."""
+    for name, module in quantized_modules(model):
+        for attr in type(module).fp8_weights:
+            w, scale = getattr(module, attr, None), getattr(module, f"{attr}_scale", None)
+            if w is not None and scale is not None and w.dtype == torch.float8_e4m3fn:  # (layerwise casting
+                prefix = f"{name}." if name else ""                                   # stores float8 unscaled)
+                yield f"{prefix}{attr}", w
+                yield f"{prefix}{attr}_scale", scale
+
+
+def quantized_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the float8 weights and their fp32 scales (empty for an unquantized model)."""
+    return {key for key, _ in _quantized_items(model)}
+
+
+def quantization_spec(model: nn.Module) -> dict[str, str] | None:
+    """``{"mode": "fp8", "activations": ...}`` of a quantized model (what a saved config records), else None."""
+    modes = {m.fp8_mode for _, m in quantized_modules(model) if hasattr(m, "fp8_mode")}
+    if not quantized_keys(model):
+        return None
+    return {"mode": "fp8", "activations": modes.pop() if len(modes) == 1 else "weight_only"}
+
+
+def quantize_layout(model: nn.Module, spec: dict[str, str]) -> nn.Module:
+    """Give ``model`` the tensors of a quantized one without computing them (for loading saved
+    weights into it): each ``fp8_weights`` entry an uninitialised float8 tensor of its shape, with an
+    fp32 ``<name>_scale``, on the weight's device (the meta device included).
+
+    Raises:
+        ValueError: a ``spec`` other than `quantization_spec` writes.
+    """
+    if not isinstance(spec, dict) or spec.get("mode") not in QUANTIZE_MODES \
+            or spec.get("activations") not in FP8_ACTIVATIONS:
+        raise ValueError(f"quantize_layout: spec must be {{'mode': one of {QUANTIZE_MODES}, 'activations': one of "
+                         f"{FP8_ACTIVATIONS}}}, got {spec!r}")
+    done: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+    for _, module in quantized_modules(model):
+        for attr in type(module).fp8_weights:
+            w = getattr(module, attr, None)  # None: a weight this block's kind lacks
+            if w is None or w.dtype == torch.float8_e4m3fn or w.numel() == 0:
+                continue
+            if id(w) not in done:  # a tensor held by several modules stays one tensor
+                done[id(w)] = (frozen(torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)),
+                               frozen(torch.empty(w.shape[0], dtype=torch.float32, device=w.device)))
+            q, scale = done[id(w)]
+            setattr(module, attr, q)
+            setattr(module, f"{attr}_scale", scale)
+        if hasattr(module, "fp8_mode"):
+            module.fp8_mode = spec["activations"]
+    return model
+
+
+def cast_unquantized(model: nn.Module, device=None, dtype: torch.dtype | None = None,
+                     non_blocking: bool = False) -> nn.Module:
+    """Move ``model`` to ``device`` and cast its floating tensors to ``dtype``, except the float8
+    weights and their fp32 scales (a cast would drop the quantization: float8 values without their
+    scales). What a quantized mosaic's ``.to(...)`` does."""
+    keep = {id(t) for _, t in _quantized_items(model)}
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        cast = dtype if t.is_floating_point() and id(t) not in keep else None
+        return t.to(device=device, dtype=cast, non_blocking=non_blocking)
+
+    return model._apply(convert)

@@ -5,6 +5,11 @@ block boundaries, and what the mosaic costs in memory against its dense model.
 ``stage_blocks`` (one ``ModuleList`` of compact blocks per stage), ``stage_names`` and
 ``forward_stage`` (the graph-capturable stage forward), and asks the family for the kernel shapes
 of a stage (``stage_kernel_shapes``).
+
+Kernel configs belong to shapes, not stages: stages whose kernel shapes are identical (equal
+widths; `stage_shape_groups`) share their configs, so a K-stage mosaic tunes each distinct shape
+once (`autotune_kernels`) and entering a stage with the previous stage's shapes selects nothing.
+CUDA graphs stay per stage (`mosaicdiff.core.graphs`: a graph holds its stage's weight pointers).
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ class StageRuntimeMixin:
         """Eager, fused, no graphs, no stage seen yet (call at the end of the model's ``__init__``)."""
         self._graphs = None
         self._last_stage_key = None
+        self._last_stage_shapes = None  # (kernel shapes, device) of the last selection
         self.fuse_block_boundaries = True
         self.on_stage_change = None  # (stage index, stage name) -> None, called when the stage changes
 
 
     def _notify_stage(self, stage: int, batch: int, tokens: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Call the kernel-config selection and the user hook when the stage (or shape) changes."""
+        """Select the stage's kernel configs and call the user hook when the stage (or shape) changes.
+
+        The selection is skipped when the new stage runs the same kernel shapes as the previous
+        one (a stage of the same shape group: its configs are already resolved).
+        """
         key = (stage, batch, tokens, dtype, device)
         if key == self._last_stage_key:
             return
@@ -40,10 +50,13 @@ class StageRuntimeMixin:
         from mosaic_kernels import configs as kernel_configs
 
         items = self.stage_kernel_shapes(stage, batch, tokens, dtype)
-        try:
-            kernel_configs.select_configs_for_shapes(items, device)
-        except Exception as exc:  # config selection must never break sampling
-            logger.warning("kernel config selection failed for stage %d: %s", stage, exc)
+        shapes = (frozenset(items), device)
+        if shapes != self._last_stage_shapes:
+            self._last_stage_shapes = shapes
+            try:
+                kernel_configs.select_configs_for_shapes(items, device)
+            except Exception as exc:  # config selection must never break sampling
+                logger.warning("kernel config selection failed for stage %d: %s", stage, exc)
         if self.on_stage_change is not None:
             self.on_stage_change(stage, self.stage_names[stage])
 
@@ -58,13 +71,33 @@ class StageRuntimeMixin:
         """
         return []
 
+    def stage_shape_groups(self, batch: int, tokens: int, dtype: torch.dtype | None = None) -> list[list[int]]:
+        """The stages grouped by identical kernel shapes (equal widths): the stages of a group
+        share their kernel configs (tuned once, selected once in a row).
+
+        Args:
+            batch (`int`): forward batch (with CFG, twice the images per step).
+            tokens (`int`): tokens per image.
+            dtype (`torch.dtype`, *optional*): activation dtype; default the weights'.
+
+        Returns:
+            `list[list[int]]`: stage indices per group, ascending, groups in order of their first stage.
+        """
+        dtype = dtype or self.dtype
+        groups: dict[frozenset, list[int]] = {}
+        for stage in range(self.num_stages):
+            groups.setdefault(frozenset(self.stage_kernel_shapes(stage, batch, tokens, dtype)), []).append(stage)
+        return list(groups.values())
+
     def autotune_kernels(
         self, batch: int, tokens: int, dtype: torch.dtype | None = None, ops: Sequence[str] = ("attention",)
     ) -> dict[str, dict[str, Any]]:
         """Measure and persist the kernel configs of every stage for one input shape (CUDA only).
 
-        Each stage has its own head count and widths, so each gets its own winner. The winners go
-        to the `mosaic_kernels.configs` cache, which every later forward (and process) reads.
+        Each stage has its own head count and widths, so each shape gets its own winner; the
+        distinct ``(op, shape, dtype)`` of all stages are collected first and each is tuned once
+        (stages sharing widths share configs). The winners go to the `mosaic_kernels.configs`
+        cache, which every later forward (and process) reads.
 
         Args:
             batch (`int`): forward batch (with CFG, twice the images per step).
@@ -78,17 +111,17 @@ class StageRuntimeMixin:
         from mosaic_kernels import configs as kernel_configs
 
         dtype = dtype or self.dtype
-        chosen: dict[str, dict[str, Any]] = {}
-        for stage in range(self.num_stages):
-            items = [it for it in self.stage_kernel_shapes(stage, batch, tokens, dtype) if it[0] in ops]
-            chosen.update(kernel_configs.select_configs_for_shapes(items, self.device, tune=True))
-        return chosen
+        items = {it: None for stage in range(self.num_stages)  # distinct, in first-seen order
+                 for it in self.stage_kernel_shapes(stage, batch, tokens, dtype) if it[0] in ops}
+        return kernel_configs.select_configs_for_shapes(list(items), self.device, tune=True)
 
     def enable_cuda_graphs(self, enabled: bool = True):
         """Capture each stage's forward as a CUDA graph per input signature and replay it.
 
         Inputs that cannot be captured (CPU tensors, a failed capture) run eagerly, logged once.
-        Graphs are dropped when the module is moved or cast. Returns self.
+        Graphs are dropped when the module is moved or cast. Stages sharing widths still get a
+        graph each (a graph holds its stage's weight pointers); what each stage's graphs cost in
+        device memory is `memory_report`'s ``graph_bytes``. Returns self.
         """
         from mosaicdiff.core.graphs import StageGraphRunner
 
@@ -113,5 +146,5 @@ class StageRuntimeMixin:
         # Captured graphs hold raw pointers to the weights: drop them when weights move.
         if getattr(self, "_graphs", None) is not None:
             self._graphs.reset()
-        self._last_stage_key = None
+        self._last_stage_key = self._last_stage_shapes = None
         return super()._apply(fn, *args, **kwargs)

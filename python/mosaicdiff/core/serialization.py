@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from mosaicdiff._version import __version__
-from mosaicdiff.core import model_folder
+from mosaicdiff.core import model_folder, quantize
 from mosaicdiff.core.atomic_io import json_safe
 from mosaicdiff.core.config_fields import FieldChecker, check_stage_fields
 from mosaicdiff.core.meta_build import TooManyTensors, floats_on_meta
@@ -165,6 +165,9 @@ def save_model(model, save_directory: str | os.PathLike, *, variant: str | None 
     config = {"_class_name": cls.__name__, "_diffusers_version": diffusers_version,
               "format": cls.format_name, "format_version": cls.format_version, "package_version": __version__,
               "dtype": str(model.dtype).removeprefix("torch."), **json_safe(body)}
+    spec = quantize.quantization_spec(model)
+    if spec is not None:  # read back by load_model (a "_" key: not a constructor argument)
+        config["_quantization"] = spec
     problem = coverage_problem(config["stages"], config.get("meta"))
     if problem:
         raise ValueError(f"save_pretrained: cannot save this {cls.__name__}: {problem}")
@@ -261,9 +264,21 @@ def _read_weight_set(cls, path: Path, config: dict, variant: str | None) -> tupl
 
 
 def _build(cls, config: dict, cfg_path: Path, *, meta: WeightsHeader | None = None):
-    """The model `config` describes, weights uninitialised; with `meta` (the weights' header), its
-    floating tensors on the meta device (shapes and dtypes only: `mosaicdiff.core.meta_build`), and
-    no more of them than `MAX_TENSORS_PER_WEIGHT` per tensor of the weights."""
+    """The model `config` describes, weights uninitialised (quantized as its ``_quantization``
+    says); with `meta` (the weights' header), its floating tensors on the meta device (shapes and
+    dtypes only: `mosaicdiff.core.meta_build`), and no more of them than `MAX_TENSORS_PER_WEIGHT`
+    per tensor of the weights."""
+    model = _build_unquantized(cls, config, cfg_path, meta=meta)
+    spec = config.get("_quantization")
+    if spec is not None:
+        try:
+            quantize.quantize_layout(model, spec)
+        except ValueError as exc:
+            raise ValueError(f"{cls.__name__}.from_pretrained: {cfg_path}: _quantization: {exc}") from None
+    return model
+
+
+def _build_unquantized(cls, config: dict, cfg_path: Path, *, meta: WeightsHeader | None = None):
     body = {k: v for k, v in config.items() if not k.startswith("_")}
     limit = None if meta is None else MAX_TENSORS_PER_WEIGHT * len(meta.tensors) + 1000
     try:
@@ -308,7 +323,7 @@ def _check_layout(cls, skeleton: nn.Module, header: WeightsHeader, dtype: torch.
     of the config's dtype (floating ones; others the skeleton's); none left over; and no buffer the
     config derives (a positional table) larger than the weights it goes with, or `DERIVED_BYTES`."""
     who = f"{cls.__name__}.from_pretrained"
-    expected = skeleton.state_dict()
+    expected, stored_as_is = skeleton.state_dict(), quantize.quantized_keys(skeleton)
     for key, ref in expected.items():
         info = header.tensors.get(key)
         if info is None:
@@ -316,7 +331,7 @@ def _check_layout(cls, skeleton: nn.Module, header: WeightsHeader, dtype: torch.
         if info.shape != tuple(ref.shape):
             raise ValueError(f"{who}: tensor {key!r} in {info.file} has shape {info.shape}, the config expects "
                              f"{tuple(ref.shape)}{_fields(cls, key, config)}")
-        want = dtype if ref.is_floating_point() else ref.dtype
+        want = dtype if ref.is_floating_point() and key not in stored_as_is else ref.dtype
         if info.dtype != want:
             raise ValueError(f"{who}: tensor {key!r} in {info.file} has dtype {info.dtype}, the config says "
                              f"{want}{' (its dtype field)' if want == dtype else ''}")
@@ -383,10 +398,11 @@ def load_model(cls, directory: str | os.PathLike, *, device=None, torch_dtype=No
     model = _build(cls, config, cfg_path)
     state = {key: tensors[key] for key in model.state_dict()}
     model.load_state_dict(state, strict=True, assign=True)
-    # nn.Module.to: ModelMixin.to warns about fp32 modules on every cast (diffusers 0.42), we have none
-    nn.Module.to(model, dtype)  # the non-persistent buffers (sin-cos positions) follow the weights
+    # (not ModelMixin.to: it warns about fp32 modules on every cast, diffusers 0.42, and we have none;
+    # the float8 weights and scales of a quantized mosaic keep their dtype)
+    quantize.cast_unquantized(model, dtype=dtype)  # the non-persistent buffers (sin-cos positions) follow the weights
     if device is not None or torch_dtype is not None:
-        nn.Module.to(model, device=device, dtype=torch_dtype)
+        quantize.cast_unquantized(model, device, torch_dtype)
     model.eval()
     logger.info("loaded %s (%d stages%s) from %s", cls.__name__, model.num_stages,
                 f", variant {variant}" if variant else "", path)

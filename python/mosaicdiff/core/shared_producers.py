@@ -66,6 +66,8 @@ class TextSharedProducers(nn.Module):
     ff1_parts: ClassVar[int] = 1
     #: `mosaicdiff.method.producer_layout` (a layer above core, so the family hands it in).
     layout: ClassVar[ModuleType]
+    #: The rows `mosaicdiff.quantize` stores as float8 (every stage's blocks read slices of them and their scales).
+    fp8_weights = ("qkv1_weight", "q2_weight", "kv2_weight", "ff1_weight")
 
     def __init__(self, heads1, heads2, channels, head_dim: int, width: int, text_width: int):
         super().__init__()
@@ -132,6 +134,8 @@ class SharedTextBlockMixin:
 
     qkv_layout = "heads"
     kv_layout = "heads"
+    #: The stage's own GEMM weights `mosaicdiff.quantize` stores as float8 (the producers' are the storage's).
+    fp8_weights = ("out1_weight", "out2_weight", "ff2_weight")
     #: The fields a stage's block stores itself (the compensated consumers; the family's norms).
     consumer_fields: ClassVar[tuple[str, ...]]
     #: The family's storage class (`empty_shared_blocks` builds one per block position).
@@ -164,12 +168,29 @@ class SharedTextBlockMixin:
     def producers(self) -> TextSharedProducers:
         return self._producers
 
-    def _rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_slice(self, name: str) -> slice:
+        """This stage's rows of head producer ``name`` in the storage."""
         kind, parts = _HEAD_PRODUCERS[name]
         rows = parts * self.head_dim
         a, b = self.ranges[kind]
-        p = self._producers
-        return getattr(p, name + "_weight")[a * rows:b * rows], getattr(p, name + "_bias")[a * rows:b * rows]
+        return slice(a * rows, b * rows)
+
+    def _rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, p = self._row_slice(name), self._producers
+        return getattr(p, name + "_weight")[rows], getattr(p, name + "_bias")[rows]
+
+    def _ff1_slices(self) -> list[slice]:
+        """This stage's ff1 rows in the storage, one slice per row block (value, then a GEGLU's gate)."""
+        a, b = self.ranges["channels"]
+        n = self._producers.channels.numel()
+        return [slice(k * n + a, k * n + b) for k in range(self._producers.ff1_parts)]
+
+    def producer_scales(self, name: str) -> tuple[torch.Tensor | None, ...]:
+        """The storage's float8 row scales of this stage's rows of producer ``name`` (None each before
+        `mosaicdiff.quantize`), sliced as the weights."""
+        scale = getattr(self._producers, f"{name}_weight_scale", None)
+        rows = self._ff1_slices() if name == "ff1" else [self._row_slice(name)]
+        return tuple(None if scale is None else scale[r] for r in rows)
 
     def qkv1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._rows("qkv1")
@@ -183,10 +204,8 @@ class SharedTextBlockMixin:
     def ff1_params(self) -> tuple[torch.Tensor, ...]:
         """``(weight, bias)`` of this stage's ff1 rows, one pair per row block: for a GEGLU
         ``(value weight, value bias, gate weight, gate bias)``, rows ``a..b`` and ``F + a..F + b``."""
-        a, b = self.ranges["channels"]
         p = self._producers
-        n = p.channels.numel()
-        return tuple(t[k * n + a:k * n + b] for k in range(p.ff1_parts) for t in (p.ff1_weight, p.ff1_bias))
+        return tuple(t[rows] for rows in self._ff1_slices() for t in (p.ff1_weight, p.ff1_bias))
 
     def weights(self):
         """The block's tensors as its weights dataclass in the copy layout (qkv1 and kv2 re-laid out

@@ -4,7 +4,8 @@ cross-attention heads on text states and MLP channels (the U-Net's SD/SDXL block
 `TextBlockMixin` gives such a block its constructor (every field checked against the family's
 shapes), its kept counts, its weights as the family's weights dataclass, the accessors of its
 producer weights (which a shared-producer block overrides with row-range views of its storage:
-`mosaicdiff.core.shared_producers`) and the text states' k/v, computed once per sampling run with `cache_cross_kv`
+`mosaicdiff.core.shared_producers`), their GEMMs in the weights' storage (bf16/fp32, or float8 after
+`mosaicdiff.quantize`: `producer_gemm`, `mosaicdiff.core.gemm`) and the text states' k/v, computed once per sampling run with `cache_cross_kv`
 (`mosaicdiff.core.tensor_cache`); `CrossKVCacheMixin` switches that cache for a whole mosaic.
 `TextBlockWeights` (a dataclass) and `text_block_shapes` are the fields and shapes every family's
 weights share; `init_compact_fields` fills a block from a weights dataclass,
@@ -19,9 +20,9 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mosaicdiff.core.gemm import FP8GemmMixin
 from mosaicdiff.core.stages import frozen
 from mosaicdiff.core.tensor_cache import cached_for_tensor, tensor_key
 
@@ -177,7 +178,7 @@ class CrossKVCacheMixin:
         return super().enable_cuda_graphs(enabled)
 
 
-class TextBlockMixin:
+class TextBlockMixin(FP8GemmMixin):
     """Construction, kept counts, weights and producer accessors of a compact text-conditioned block
     (see the module docstring); put it before ``nn.Module`` in the bases. The class sets
     `weights_class` (a `TextBlockWeights`) and `block_shapes` (the family's shapes of its fields,
@@ -193,6 +194,8 @@ class TextBlockMixin:
     kv_layout = "parts"
     #: Reuse the text states' k/v while the same, unmodified tensor comes back (`set_cross_kv_cache`).
     cache_cross_kv = False
+    #: The GEMM weights `mosaicdiff.quantize` stores as float8 (each with a ``<name>_scale``).
+    fp8_weights = ("qkv1_weight", "out1_weight", "q2_weight", "kv2_weight", "out2_weight", "ff1_weight", "ff2_weight")
 
     def __init__(self, weights: TextBlockWeights, head_dim: int, eps: float):
         super().__init__()
@@ -225,6 +228,20 @@ class TextBlockMixin:
         """Cross-attention k/v weight and bias, on the text states (rows as `kv_layout`)."""
         return self.kv2_weight, self.kv2_bias
 
+    def producer_scales(self, name: str) -> tuple[torch.Tensor | None, ...]:
+        """The float8 row scales of producer ``name`` (``"qkv1"``, ``"q2"``, ``"kv2"``, ``"ff1"``), one
+        per weight of its ``<name>_params()`` (None before `mosaicdiff.quantize`)."""
+        return (self.weight_scale(name),)
+
+    def producer_gemm(self, name: str, x: torch.Tensor, epilogue: str = "none") -> torch.Tensor:
+        """`mosaicdiff.core.gemm.gemm` of producer ``name`` on ``x``: its ``<name>_params()`` and
+        `producer_scales` (a GEGLU's value and gate row blocks as one ``"geglu"`` call)."""
+        params, scales = getattr(self, f"{name}_params")(), self.producer_scales(name)
+        if len(params) == 4:
+            return self._gemm(x, params[0], params[1], scales[0], epilogue, gate_weight=params[2], gate_bias=params[3],
+                              gate_scale=scales[1])
+        return self._gemm(x, *params, scales[0], epilogue)
+
     def cross_kv(self, text: torch.Tensor) -> torch.Tensor:
         """The cross-attention keys and values of the text states, ``(B, S, 2 * h2 * hd)``.
 
@@ -233,8 +250,8 @@ class TextBlockMixin:
         again, as a pipeline does for every step of one run. The cache holds it by weak
         reference: a new tensor is never taken for it, even at a freed one's address.
         """
-        weight, bias = self.kv2_params()
         if not self.cache_cross_kv:
-            return F.linear(text, weight, bias)
+            return self.producer_gemm("kv2", text)
+        weight = self.kv2_params()[0]
         key = (tensor_key(text), weight.data_ptr(), weight.dtype)
-        return cached_for_tensor(self.__dict__, "_kv_cache", text, key, lambda: F.linear(text, weight, bias))
+        return cached_for_tensor(self.__dict__, "_kv_cache", text, key, lambda: self.producer_gemm("kv2", text))

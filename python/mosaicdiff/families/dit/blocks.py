@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mosaicdiff.core.gemm import FP8GemmMixin
 from mosaicdiff.core.stages import frozen
 from mosaicdiff.families.dit.weights import WEIGHT_FIELDS, CompactBlockWeights, compact_block_shapes
 
@@ -41,7 +42,7 @@ def _ops():
     return ops
 
 
-class CompactDiTBlock(nn.Module):
+class CompactDiTBlock(FP8GemmMixin, nn.Module):
     r"""One pruned adaLN-Zero DiT block, computed with the fused `mosaic_kernels.ops`.
 
     The math is that of diffusers' ``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"``
@@ -111,8 +112,6 @@ class CompactDiTBlock(nn.Module):
 
     #: How the qkv GEMM's output is laid out for `mosaic_kernels.ops.attention` (``[q | k | v]``).
     qkv_layout = "qkv"
-    #: The activations of the FP8 GEMMs once the weights are float8 (set by `mosaicdiff.quantize`).
-    fp8_mode = "weight_only"
     #: The GEMM weights `mosaicdiff.quantize` stores as float8 (each with a ``<name>_scale``).
     fp8_weights = ("qkv_weight", "proj_weight", "fc1_weight", "fc2_weight")
 
@@ -126,23 +125,11 @@ class CompactDiTBlock(nn.Module):
 
     def qkv_scale(self) -> torch.Tensor | None:
         """The fp32 per-row scale of a float8 qkv weight (rows as `qkv_params`), or None."""
-        return getattr(self, "qkv_weight_scale", None)
+        return self.weight_scale("qkv")
 
     def fc1_scale(self) -> torch.Tensor | None:
         """The fp32 per-row scale of a float8 fc1 weight (rows as `fc1_params`), or None."""
-        return getattr(self, "fc1_weight_scale", None)
-
-    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
-              epilogue: str = "none", **kw) -> torch.Tensor:
-        """``epilogue(x @ weight.T + bias)``: the bf16/fp32 op, or ``fp8_gemm`` for a float8 weight."""
-        ops = _ops()
-        if scale is not None:
-            return ops.fp8_gemm(x, weight, scale, bias, epilogue=epilogue, mode=self.fp8_mode, **kw)
-        if epilogue == "gelu_tanh":
-            return ops.linear_gelu(x, weight, bias)
-        if epilogue == "gated_residual":
-            return ops.linear_gated_residual(x, weight, bias, kw["gate"], kw["res"])
-        return F.linear(x, weight, bias)
+        return self.weight_scale("fc1")
 
     def weights(self) -> CompactBlockWeights:
         """The block's current tensors as a `CompactBlockWeights` (no copy).
@@ -201,14 +188,14 @@ class CompactDiTBlock(nn.Module):
         if self.num_heads > 0:
             qkv = self._gemm(x, *self.qkv_params(), self.qkv_scale())
             a = ops.attention(qkv, self.num_heads, layout=self.qkv_layout)
-            y = self._gemm(a, self.proj_weight, self.proj_bias, getattr(self, "proj_weight_scale", None))
+            y = self._gemm(a, self.proj_weight, self.proj_bias, self.weight_scale("proj"))
         else:  # every head pruned: the branch is its (compensated) bias
             y = self._bias_rows(self.proj_bias, h)
         # 2. Gated residual fused with the MLP's norm + modulate.
         h, x2 = ops.gated_residual_ln_modulate(h, gate_msa, y, shift_mlp, scale_mlp, self.mlp_eps)
         # 3. MLP on the kept channels.
         f = self._gemm(x2, *self.fc1_params(), self.fc1_scale(), "gelu_tanh") if self.mlp_width > 0 else None
-        fc2_scale = getattr(self, "fc2_weight_scale", None)
+        fc2_scale = self.weight_scale("fc2")
         if next_norm is not None:  # fc2, then its gated residual fused with the next norm
             y = self._gemm(f, self.fc2_weight, self.fc2_bias, fc2_scale) if f is not None \
                 else self._bias_rows(self.fc2_bias, h)

@@ -22,7 +22,9 @@ modulated norms with ``ln_modulate``, the attention out projection's gated resid
 next norm (``gated_residual_ln_modulate``), the MLP's first GEMM with the tanh-GELU epilogue
 (``linear_gelu``), the last GEMMs with the gated residual in their epilogue
 (``linear_gated_residual``), q/k RMSNorm and RoPE in one pass (``rms_norm_rope``) written straight
-into the joint ``[text | image]`` q/k/v buffer that ``attention`` reads.
+into the joint ``[text | image]`` q/k/v buffer that ``attention`` reads. Every GEMM goes through
+`mosaicdiff.core.gemm.gemm`: once `mosaicdiff.quantize` stores the weights as float8 (``fp8_weights``),
+the same calls run ``fp8_gemm`` with the same epilogues.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mosaicdiff.core.gemm import FP8GemmMixin
 from mosaicdiff.core.stages import frozen
 
 __all__ = ["CompactFluxDoubleBlock", "CompactFluxDoubleWeights", "CompactFluxSingleBlock", "CompactFluxSingleWeights",
@@ -136,7 +139,7 @@ def single_block_shapes(heads: int, channels: int, head_dim: int, width: int) ->
             "out_weight": (width, i + channels), "out_bias": (width,), "norm_q": (head_dim,), "norm_k": (head_dim,)}
 
 
-class _CompactFluxBlock(nn.Module):
+class _CompactFluxBlock(FP8GemmMixin, nn.Module):
     """Construction shared by the two blocks: kept indices as CPU metadata, weights as frozen parameters."""
 
     weights_class: ClassVar[type[_Weights]]
@@ -174,6 +177,11 @@ class _CompactFluxBlock(nn.Module):
     @property
     def width(self) -> int:
         return int(self.out_bias.shape[0])
+
+    def operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias, scale)`` of GEMM `name` (``"qkv"`` -> ``qkv_weight``, ...), ``scale`` the float8
+        weight's row scales or None; a shared-producer block reads its producers' from the storage."""
+        return getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"), self.weight_scale(name)
 
     def weights(self) -> _Weights:
         """The block's tensors as its weights dataclass (no copy)."""
@@ -228,6 +236,9 @@ class CompactFluxDoubleBlock(_CompactFluxBlock):
     """
 
     weights_class = CompactFluxDoubleWeights
+    #: The GEMM weights `mosaicdiff.quantize` may store as float8 (each with a ``<name>_scale``).
+    fp8_weights = ("qkv_weight", "add_qkv_weight", "out_weight", "add_out_weight", "ff1_weight", "ff2_weight",
+                   "ffc1_weight", "ffc2_weight")
 
     @staticmethod
     def shapes_for(counts: tuple[int, ...], head_dim: int, width: int) -> dict[str, tuple[int, ...]]:
@@ -236,19 +247,6 @@ class CompactFluxDoubleBlock(_CompactFluxBlock):
     @property
     def mlp_width(self) -> int:
         return int(self.kept_channels.numel())
-
-    # the producer weights, (weight, bias): row-range views of the storage in a shared-producer block
-    def qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.qkv_weight, self.qkv_bias
-
-    def add_qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.add_qkv_weight, self.add_qkv_bias
-
-    def ff1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ff1_weight, self.ff1_bias
-
-    def ffc1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ffc1_weight, self.ffc1_bias
 
     def norm1(self, img: torch.Tensor, txt: torch.Tensor, mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The modulated norm1 of each stream: what `forward_normed` takes as ``x_img``, ``x_txt``."""
@@ -288,28 +286,25 @@ class CompactFluxDoubleBlock(_CompactFluxBlock):
         ops = _ops()
         St, h = txt.shape[1], self.heads
         # 1. q/k/v of each stream, q/k normed and rotated into the joint buffer; joint attention.
-        joint = self._joint_qkv([(self._qkv_view(F.linear(x_txt, *self.add_qkv_params())),
+        joint = self._joint_qkv([(self._qkv_view(self._gemm(x_txt, *self.operands("add_qkv"))),
                                   (self.norm_added_q, self.norm_added_k)),
-                                 (self._qkv_view(F.linear(x_img, *self.qkv_params())), (self.norm_q, self.norm_k))],
+                                 (self._qkv_view(self._gemm(x_img, *self.operands("qkv"))), (self.norm_q, self.norm_k))],
                                 cos, sin)
         a = ops.attention(joint, h)
         # 2. Per stream: out projection, gated residual fused with the modulated norm2, then the MLP
         #    (tanh-GELU epilogue) with its gated residual fused with the next norm or in the GEMM's epilogue.
-        streams = ((img, a[:, St:], self.out_weight, self.out_bias, 0, self.ff1_params(), self.ff2_weight,
-                    self.ff2_bias),
-                   (txt, a[:, :St], self.add_out_weight, self.add_out_bias, 6, self.ffc1_params(), self.ffc2_weight,
-                    self.ffc2_bias))
+        streams = ((img, a[:, St:], "out", 0, "ff1", "ff2"), (txt, a[:, :St], "add_out", 6, "ffc1", "ffc2"))
         out, normed = [], []
-        for k, (h_s, a_s, w_out, b_out, m, ff1, w2, b2) in enumerate(streams):
-            h_s, x = ops.gated_residual_ln_modulate(h_s, mod[:, m + 2], F.linear(a_s, w_out, b_out), mod[:, m + 3],
-                                                    mod[:, m + 4], self.eps)
-            f = ops.linear_gelu(x, *ff1)
+        for k, (h_s, a_s, out_gemm, m, ff1, ff2) in enumerate(streams):
+            h_s, x = ops.gated_residual_ln_modulate(h_s, mod[:, m + 2], self._gemm(a_s, *self.operands(out_gemm)),
+                                                    mod[:, m + 3], mod[:, m + 4], self.eps)
+            f = self._gemm(x, *self.operands(ff1), "gelu_tanh")
             if next_norm is None:
-                out.append(ops.linear_gated_residual(f, w2, b2, mod[:, m + 5], h_s))
+                out.append(self._gemm(f, *self.operands(ff2), "gated_residual", gate=mod[:, m + 5], res=h_s))
                 normed.append(None)
                 continue
-            h_s, x = ops.gated_residual_ln_modulate(h_s, mod[:, m + 5], F.linear(f, w2, b2), next_norm[2 * k],
-                                                    next_norm[2 * k + 1], next_norm[4])
+            h_s, x = ops.gated_residual_ln_modulate(h_s, mod[:, m + 5], self._gemm(f, *self.operands(ff2)),
+                                                    next_norm[2 * k], next_norm[2 * k + 1], next_norm[4])
             out.append(h_s)
             normed.append(x)
         return out[0], out[1], normed[0], normed[1]
@@ -324,6 +319,8 @@ class CompactFluxSingleBlock(_CompactFluxBlock):
     """
 
     weights_class = CompactFluxSingleWeights
+    #: The GEMM weights `mosaicdiff.quantize` may store as float8 (each with a ``<name>_scale``).
+    fp8_weights = ("proj_weight", "out_weight")
 
     @staticmethod
     def shapes_for(counts: tuple[int, ...], head_dim: int, width: int) -> dict[str, tuple[int, ...]]:
@@ -336,7 +333,7 @@ class CompactFluxSingleBlock(_CompactFluxBlock):
     def producer_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``((B, L, 3, h, hd) q/k/v view, (B, L, F) MLP pre-activation)`` of the normed stream: one GEMM."""
         i = self.heads * self.head_dim
-        y = F.linear(x, self.proj_weight, self.proj_bias)
+        y = self._gemm(x, *self.operands("proj"))
         return self._qkv_view(y[..., :3 * i]), y[..., 3 * i:]
 
     def norm1(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
@@ -377,5 +374,5 @@ class CompactFluxSingleBlock(_CompactFluxBlock):
         #    or fused with the next norm.
         z = torch.cat([ops.attention(joint, self.heads), F.gelu(f, approximate="tanh")], -1)
         if next_norm is None:
-            return ops.linear_gated_residual(z, self.out_weight, self.out_bias, mod[:, 2], h), None
-        return ops.gated_residual_ln_modulate(h, mod[:, 2], F.linear(z, self.out_weight, self.out_bias), *next_norm)
+            return self._gemm(z, *self.operands("out"), "gated_residual", gate=mod[:, 2], res=h), None
+        return ops.gated_residual_ln_modulate(h, mod[:, 2], self._gemm(z, *self.operands("out")), *next_norm)

@@ -37,10 +37,10 @@ from mosaicdiff.families.flux.blocks import (
     CompactFluxSingleWeights,
 )
 from mosaicdiff.families.flux.producers import (
-    FluxSharedProducers,
     empty_shared_block,
     install_shared_blocks,
     share_flux_producers,
+    storage_class,
 )
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class MosaicFlux(MosaicCacheMixin, MosaicModel):
                         or any(not 0 <= v < limits[key] for v in values):
                     raise ValueError(f"MosaicFlux: shared_producers[{j}].{key} must be unique indices in "
                                      f"[0, {limits[key]}), got {values}")
-            store = FluxSharedProducers(units, kind, f["head_dim"], f["width"])
+            store = storage_class(kind)(units, f["head_dim"], f["width"])
             for i, s in enumerate(stages):
                 try:
                     block = empty_shared_block(store, s["blocks"][j], f["head_dim"], f["eps"], f["qk_eps"])

@@ -12,6 +12,8 @@ each stage's units are one contiguous run (`mosaicdiff.method.producer_layout`):
 
 plus the q/k RMSNorm weights (the same in every stage). A `SharedFluxDoubleBlock` /
 `SharedFluxSingleBlock` holds per stage only its compensated consumers (columns in storage order).
+`mosaicdiff.quantize` stores the producer rows as float8 once, in the storage (``fp8_weights``); a
+stage's GEMM reads the row scales over the same range as its weight view.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mosaicdiff.core.stages import frozen
@@ -32,8 +33,8 @@ from mosaicdiff.families.flux.blocks import (
 )
 from mosaicdiff.method import producer_layout as lay
 
-__all__ = ["FluxSharedProducers", "SharedFluxDoubleBlock", "SharedFluxSingleBlock", "empty_shared_block",
-           "share_flux_producers"]
+__all__ = ["FluxSharedDoubleProducers", "FluxSharedProducers", "FluxSharedSingleProducers", "SharedFluxDoubleBlock",
+           "SharedFluxSingleBlock", "empty_shared_block", "share_flux_producers", "storage_class"]
 
 #: Per block kind: the unit kinds, and each stored producer's (unit kind, parts): parts > 0 are heads
 #: stored head-major with ``parts * head_dim`` rows each, 0 are channels of one row each.
@@ -55,22 +56,25 @@ def _sources(w: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 class FluxSharedProducers(nn.Module):
-    r"""The producer rows of one Flux block position (double or single), stored once for every stage.
+    r"""The producer rows of one Flux block position, stored once for every stage: the base of
+    `FluxSharedDoubleProducers` and `FluxSharedSingleProducers` (`storage_class` picks one).
 
     Parameters:
         units (`dict`): per unit kind (``heads``, ``channels``, and for a double block
             ``context_channels``) the dense indices in storage order.
-        kind (`str`): ``"double"`` or ``"single"``.
         head_dim (`int`), width (`int`): the block's head dim and width C.
 
     Holds frozen parameters (``<producer>_weight`` / ``_bias`` and the q/k norm weights),
     uninitialised until assigned (`from_stage_weights` or a loaded state dict).
     """
 
-    def __init__(self, units: Mapping[str, Sequence[int]], kind: str, head_dim: int, width: int):
+    #: ``"double"`` or ``"single"`` (`_LAYOUT`).
+    kind: ClassVar[str]
+
+    def __init__(self, units: Mapping[str, Sequence[int]], head_dim: int, width: int):
         super().__init__()
-        self.kind, self.head_dim = kind, int(head_dim)
-        self.kinds, self.fields, norms = _LAYOUT[kind]
+        self.head_dim = int(head_dim)
+        self.kinds, self.fields, norms = _LAYOUT[self.kind]
         for k in self.kinds:
             setattr(self, k, torch.as_tensor(list(units[k]), dtype=torch.int64, device="cpu").reshape(-1))
         for name, (k, _) in self.fields.items():
@@ -84,10 +88,13 @@ class FluxSharedProducers(nn.Module):
         parts = self.fields[name][1]
         return parts * self.head_dim if parts else 1
 
-    def rows(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weight, bias)`` rows of the stored units ``start..stop`` of producer `name` (views)."""
+    def rows(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias, scale)`` rows of the stored units ``start..stop`` of producer `name` (views);
+        ``scale`` the float8 weight's row scales (`mosaicdiff.quantize`) over the same rows, or None."""
         r = self.unit_rows(name)
-        return getattr(self, name + "_weight")[start * r:stop * r], getattr(self, name + "_bias")[start * r:stop * r]
+        scale = getattr(self, name + "_weight_scale", None)
+        return (getattr(self, name + "_weight")[start * r:stop * r], getattr(self, name + "_bias")[start * r:stop * r],
+                None if scale is None else scale[start * r:stop * r])
 
     @classmethod
     def from_stage_weights(cls, orders: Mapping[str, Sequence[int]], weights: Sequence[Any],
@@ -95,7 +102,7 @@ class FluxSharedProducers(nn.Module):
         """Gather the stored rows from the stages' weights (each unit from a stage that keeps it)."""
         w0 = weights[0]
         kind = "double" if isinstance(w0, CompactFluxDoubleWeights) else "single"
-        store = cls(orders, kind, head_dim, int(w0.out_bias.shape[0]))
+        store = storage_class(kind)(orders, head_dim, int(w0.out_bias.shape[0]))
         ref = w0.out_weight
         out = {n: torch.empty(t.shape, dtype=ref.dtype, device=ref.device) for n, t in store.named_parameters()}
         for w in weights:  # a unit kept by several stages has the same (sliced) rows in each
@@ -116,6 +123,26 @@ class FluxSharedProducers(nn.Module):
     def extra_repr(self) -> str:
         units = ", ".join(f"{k}={getattr(self, k).numel()}" for k in self.kinds)
         return f"{self.kind}, {units}, head_dim={self.head_dim}"
+
+
+class FluxSharedDoubleProducers(FluxSharedProducers):
+    """The `FluxSharedProducers` of a double block: ``qkv``, ``add_qkv``, ``ff1``, ``ffc1``."""
+
+    kind = "double"
+    #: The rows `mosaicdiff.quantize` stores as float8 (every stage's blocks read slices of them).
+    fp8_weights = tuple(f"{name}_weight" for name in _LAYOUT["double"][1])
+
+
+class FluxSharedSingleProducers(FluxSharedProducers):
+    """The `FluxSharedProducers` of a single block: ``qkv`` and ``mlp``."""
+
+    kind = "single"
+    fp8_weights = tuple(f"{name}_weight" for name in _LAYOUT["single"][1])
+
+
+def storage_class(kind: str) -> type[FluxSharedProducers]:
+    """The `FluxSharedProducers` class of a block kind (``"double"`` or ``"single"``)."""
+    return FluxSharedDoubleProducers if kind == "double" else FluxSharedSingleProducers
 
 
 class _SharedFluxBlock:
@@ -150,8 +177,12 @@ class _SharedFluxBlock:
     def width(self) -> int:
         return int(self._producers.qkv_weight.shape[1])
 
-    def _rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._producers.rows(name, *self.ranges[self._producers.fields[name][0]])
+    def operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As the block's, with a producer's ``(weight, bias, scale)`` this stage's rows of the storage."""
+        p = self._producers
+        if name not in p.fields:
+            return super().operands(name)
+        return p.rows(name, *self.ranges[p.fields[name][0]])
 
     def _norm(self, name: str) -> torch.Tensor:
         return getattr(self._producers, name)
@@ -167,7 +198,7 @@ class _SharedFluxBlock:
         out.update({n: getattr(p, n).detach() for n in _LAYOUT[p.kind][2]})
         rows = {}
         for name, (_, parts) in p.fields.items():
-            w, b = (t.detach() for t in self._rows(name))
+            w, b = (t.detach() for t in self.operands(name)[:2])
             rows[name] = (lay.part_major(w, parts, h, hd), lay.part_major(b, parts, h, hd)) if parts else (w, b)
         kept = {f"kept_{k}": getattr(self, f"kept_{k}") for k in p.kinds}
         if p.kind == "double":
@@ -194,20 +225,10 @@ class SharedFluxDoubleBlock(_SharedFluxBlock, CompactFluxDoubleBlock):
 
     consumer_fields = ("out_weight", "out_bias", "add_out_weight", "add_out_bias", "ff2_weight", "ff2_bias",
                        "ffc2_weight", "ffc2_bias")
+    #: The consumers' GEMM weights `mosaicdiff.quantize` stores as float8 (the producers' are the storage's).
+    fp8_weights = ("out_weight", "add_out_weight", "ff2_weight", "ffc2_weight")
     norm_added_q = property(lambda self: self._norm("norm_added_q"))
     norm_added_k = property(lambda self: self._norm("norm_added_k"))
-
-    def qkv_params(self):
-        return self._rows("qkv")
-
-    def add_qkv_params(self):
-        return self._rows("add_qkv")
-
-    def ff1_params(self):
-        return self._rows("ff1")
-
-    def ffc1_params(self):
-        return self._rows("ffc1")
 
 
 class SharedFluxSingleBlock(_SharedFluxBlock, CompactFluxSingleBlock):
@@ -218,9 +239,10 @@ class SharedFluxSingleBlock(_SharedFluxBlock, CompactFluxSingleBlock):
     """
 
     consumer_fields = ("out_weight", "out_bias")
+    fp8_weights = ("out_weight",)
 
     def producer_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._qkv_view(F.linear(x, *self._rows("qkv"))), F.linear(x, *self._rows("mlp"))
+        return self._qkv_view(self._gemm(x, *self.operands("qkv"))), self._gemm(x, *self.operands("mlp"))
 
 
 def _block_class(kind: str) -> type:

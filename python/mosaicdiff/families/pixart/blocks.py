@@ -148,22 +148,22 @@ class CompactPixArtBlock(TextBlockMixin, nn.Module):
         (h1, h2), hd, C = self.heads, self.head_dim, self.width
         B, L, _ = h.shape
         # 1. Self-attention on the kept heads; the gated residual in out1's epilogue.
-        a = ops.attention(F.linear(x, *self.qkv1_params()), h1, layout=self.qkv_layout)
-        h = ops.linear_gated_residual(a, self.out1_weight, self.out1_bias, gates[0], h)
+        a = ops.attention(self.producer_gemm("qkv1", x), h1, layout=self.qkv_layout)
+        h = self.own_gemm("out1", a, "gated_residual", gate=gates[0], res=h)
         # 2. Masked cross-attention on the kept heads (q from the stream itself: PixArt has no norm
         #    here), the residual in out2's epilogue.
-        q = F.linear(h, *self.q2_params()).view(B, L, h2, hd).transpose(1, 2)
+        q = self.producer_gemm("q2", h).view(B, L, h2, hd).transpose(1, 2)
         k, v = split_kv(self.cross_kv(text) if cross_kv is None else cross_kv, h2, hd, self.kv_layout)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=text_bias).transpose(1, 2).reshape(B, L, h2 * hd)
-        h = ops.linear_residual(a, self.out2_weight, self.out2_bias, h)
+        h = self.own_gemm("out2", a, "residual", res=h)
         # 3. MLP on the kept channels: norm2 with the table row fused, tanh-GELU epilogue.
-        f = ops.linear_gelu(ops.ln_modulate_table(h, mod[:, 3 * C:4 * C], mod[:, 4 * C:5 * C], table[3], table[4],
-                                                  self.eps), *self.ff1_params())
+        f = self.producer_gemm("ff1", ops.ln_modulate_table(h, mod[:, 3 * C:4 * C], mod[:, 4 * C:5 * C], table[3],
+                                                            table[4], self.eps), "gelu_tanh")
         if next_norm is None:
-            return ops.linear_gated_residual(f, self.ff2_weight, self.ff2_bias, gates[1], h), None
+            return self.own_gemm("ff2", f, "gated_residual", gate=gates[1], res=h), None
         shift, scale, shift_table, scale_table, eps = next_norm
-        return ops.gated_residual_ln_modulate_table(h, mod[:, 5 * C:], F.linear(f, self.ff2_weight, self.ff2_bias),
-                                                    shift, scale, table[5], shift_table, scale_table, eps)
+        return ops.gated_residual_ln_modulate_table(h, mod[:, 5 * C:], self.own_gemm("ff2", f), shift, scale, table[5],
+                                                    shift_table, scale_table, eps)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, mlp_width={self.mlp_width}, eps={self.eps:g}"

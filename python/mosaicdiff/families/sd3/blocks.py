@@ -22,7 +22,9 @@ modulated norms (``ln_modulate``); q/k of both streams RMSNorm'd straight into o
 (``rms_norm_rope`` with ``out=``: no concatenation) which ``attention`` reads; the attention's gated
 residual fused with the MLP's norm (``gated_residual_ln_modulate``); ff1 with the tanh-GELU epilogue
 (``linear_gelu``); ff2's gated residual fused with the next block's norm1 across the block boundary
-(`CompactSD3Block.forward_normed`) or, alone, in ff2's epilogue (``linear_gated_residual``).
+(`CompactSD3Block.forward_normed`) or, alone, in ff2's epilogue (``linear_gated_residual``). Every GEMM
+goes through `mosaicdiff.core.gemm.gemm`: once `mosaicdiff.quantize` stores the weights as float8
+(``fp8_weights``), the same calls run ``fp8_gemm`` with the same epilogues.
 
 The joint-attention steps are the module functions `qkv_heads`, `joint_qkv` and `joint_attention`
 (the part an MMDiT family shares).
@@ -35,14 +37,15 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mosaicdiff.core.adapter import PrunedGroup
+from mosaicdiff.core.gemm import FP8GemmMixin
 from mosaicdiff.core.stages import frozen
 
-__all__ = ["SD3_INDEX_FIELDS", "BlockKind", "CompactSD3Block", "CompactSD3BlockWeights", "NextNorm", "block_kind",
-           "compact_fields", "joint_attention", "joint_qkv", "qkv_heads", "sd3_block_shapes"]
+__all__ = ["SD3_INDEX_FIELDS", "BlockKind", "CompactSD3Block", "CompactSD3BlockWeights", "NextNorm",
+           "block_kind", "compact_fields", "joint_attention", "joint_qkv", "qkv_heads",
+           "sd3_block_shapes"]
 
 #: The modulation a block's output stream feeds, for the boundary fusion: ``(shift, scale)``, each ``(B, C)``.
 NextNorm = tuple[torch.Tensor, torch.Tensor]
@@ -209,20 +212,13 @@ def joint_attention(joint: torch.Tensor, heads: int, lengths: Sequence[int]) -> 
 
 # ---------------------------------------------------------------------------------------------------
 
-
-def _gated_out(h: torch.Tensor, f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor,
-               next_norm: NextNorm | None, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``h + gate * (f @ weight.T + bias)``: fused with the next norm when given, else in the GEMM's epilogue."""
-    ops = _ops()
-    if next_norm is None:
-        return ops.linear_gated_residual(f, weight, bias, gate, h), None
-    return ops.gated_residual_ln_modulate(h, gate, F.linear(f, weight, bias), next_norm[0], next_norm[1], eps)
-
-
-class CompactSD3Block(nn.Module):
+class CompactSD3Block(FP8GemmMixin, nn.Module):
     r"""One pruned SD3 ``JointTransformerBlock``, computed with the fused `mosaic_kernels.ops`.
 
-    The weights are frozen parameters; the kept-index tensors are CPU attributes (metadata).
+    The weights are frozen parameters; the kept-index tensors are CPU attributes (metadata). After
+    `mosaicdiff.quantize` (``"fp8"``) every GEMM weight (``fp8_weights``; those of the kind) is
+    ``float8_e4m3fn`` with its fp32 row scale ``<name>_weight_scale`` beside it, and the GEMMs run
+    ``fp8_gemm`` in `fp8_mode`.
 
     Args:
         weights (`CompactSD3BlockWeights`): used as given (no copy); its set fields must be the kind's.
@@ -237,6 +233,9 @@ class CompactSD3Block(nn.Module):
     weights_class = CompactSD3BlockWeights
     #: Row layout of the q/k/v projections (``"heads"`` in a shared-producer block).
     qkv_layout: ClassVar[str] = "parts"
+    #: The GEMM weights `mosaicdiff.quantize` stores as float8 (a block of a kind without one has no such attribute).
+    fp8_weights = ("qkv_weight", "add_qkv_weight", "qkv2_weight", "out_weight", "add_out_weight", "out2_weight",
+                   "ff1_weight", "ff2_weight", "ffc1_weight", "ffc2_weight")
 
     def __init__(self, weights: CompactSD3BlockWeights, kind: BlockKind, head_dim: int, eps: float = 1e-6,
                  qk_eps: float = 1e-6):
@@ -310,6 +309,11 @@ class CompactSD3Block(nn.Module):
     def ffc1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ffc1_weight, self.ffc1_bias
 
+    def producer_scale(self, name: str) -> torch.Tensor | None:
+        """The fp32 row scale of the float8 producer ``name`` (``"qkv"``, ..., ``"ffc1"``; rows as its
+        ``*_params``), or None before `mosaicdiff.quantize`."""
+        return self.weight_scale(name)
+
     def qk_norms(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (q, k) RMSNorm weights ``norm_*`` / ``norm_added_*`` / ``norm2_*``, or None without qk-norm."""
         if not self.kind.qk_norm:
@@ -361,31 +365,42 @@ class CompactSD3Block(nn.Module):
         ops = _ops()
         hd, eps, kind = self.head_dim, self.eps, self.kind
         # 1. Joint attention over [image | text] on the kept heads.
-        streams = [(qkv_heads(F.linear(x, *self.qkv_params()), self.heads, hd, self.qkv_layout), self.qk_norms("norm")),
-                   (qkv_heads(F.linear(xc, *self.add_qkv_params()), self.heads, hd, self.qkv_layout),
+        streams = [(qkv_heads(self._producer(x, "qkv"), self.heads, hd, self.qkv_layout), self.qk_norms("norm")),
+                   (qkv_heads(self._producer(xc, "add_qkv"), self.heads, hd, self.qkv_layout),
                     self.qk_norms("norm_added"))]
         a_img, a_txt = joint_attention(joint_qkv(streams, self.qk_eps), self.heads, (x.shape[1], xc.shape[1]))
-        y, gate = F.linear(a_img, self.out_weight, self.out_bias), mod[:, 2]
+        y, gate = self.own_gemm("out", a_img), mod[:, 2]
         # 2. SD3.5-Medium: a second self-attention of the image stream, on norm1's input.
         if kind.dual_attention:
             x2 = ops.ln_modulate(h, mod[:, 6], mod[:, 7], eps)
             h = ops.gated_residual(h, gate, y)
-            qkv2 = qkv_heads(F.linear(x2, *self.qkv2_params()), self.heads2, hd, self.qkv_layout)
+            qkv2 = qkv_heads(self._producer(x2, "qkv2"), self.heads2, hd, self.qkv_layout)
             (a2,) = joint_attention(joint_qkv([(qkv2, self.qk_norms("norm2"))], self.qk_eps), self.heads2,
                                     (x.shape[1],))
-            y, gate = F.linear(a2, self.out2_weight, self.out2_bias), mod[:, 8]
+            y, gate = self.own_gemm("out2", a2), mod[:, 8]
         # 3. Image MLP: the attention's gated residual fused with norm2; tanh-GELU epilogue.
         h, xf = ops.gated_residual_ln_modulate(h, gate, y, mod[:, 3], mod[:, 4], eps)
-        h, x_next = _gated_out(h, ops.linear_gelu(xf, *self.ff1_params()), self.ff2_weight, self.ff2_bias,
-                               mod[:, 5], next_norm, eps)
+        h, x_next = self._gated_out(h, self._producer(xf, "ff1", "gelu_tanh"), "ff2", mod[:, 5], next_norm)
         if kind.context_pre_only:
             return h, x_next, None, None
         # 4. Text stream: the same with to_add_out and ff_context.
-        c, xcf = ops.gated_residual_ln_modulate(c, cmod[:, 2], F.linear(a_txt, self.add_out_weight, self.add_out_bias),
-                                                cmod[:, 3], cmod[:, 4], eps)
-        c, xc_next = _gated_out(c, ops.linear_gelu(xcf, *self.ffc1_params()), self.ffc2_weight, self.ffc2_bias,
-                                cmod[:, 5], next_context_norm, eps)
+        c, xcf = ops.gated_residual_ln_modulate(c, cmod[:, 2], self.own_gemm("add_out", a_txt), cmod[:, 3],
+                                                cmod[:, 4], eps)
+        c, xc_next = self._gated_out(c, self._producer(xcf, "ffc1", "gelu_tanh"), "ffc2", cmod[:, 5],
+                                     next_context_norm)
         return h, x_next, c, xc_next
+
+    def _producer(self, x: torch.Tensor, name: str, epilogue: str = "none") -> torch.Tensor:
+        """The producer GEMM ``name`` (``"qkv"``, ..., ``"ffc1"``) on its kept rows."""
+        return self._gemm(x, *getattr(self, f"{name}_params")(), self.producer_scale(name), epilogue)
+
+    def _gated_out(self, h: torch.Tensor, f: torch.Tensor, name: str, gate: torch.Tensor,
+                   next_norm: NextNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``h + gate * consumer(f)``: fused with the next norm when given, else in the GEMM's epilogue."""
+        if next_norm is None:
+            return self.own_gemm(name, f, "gated_residual", gate=gate, res=h), None
+        return _ops().gated_residual_ln_modulate(h, gate, self.own_gemm(name, f), next_norm[0], next_norm[1],
+                                                 self.eps)
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, heads2={self.heads2}, head_dim={self.head_dim}, mlp_width={self.mlp_width}, "

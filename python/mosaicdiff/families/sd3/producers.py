@@ -8,6 +8,8 @@ contiguous run (`mosaicdiff.method.producer_layout`): ``qkv``, ``add_qkv`` and `
 (q, k, v of head 0, then of head 1, ...: `qkv_heads` reads that layout), ``ff1`` / ``ffc1`` by
 channel, and the q/k RMSNorm weights (never pruned) once. A `SharedSD3Block` holds per stage only
 its compensated consumers (columns in storage order) and reads its producers as row-range views.
+`mosaicdiff.quantize` stores the producer rows as float8 once, in the storage (a row scale each); a
+stage's GEMM reads the scales of its own row range.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class SD3SharedProducers(nn.Module):
     """
 
     kinds = KINDS
+    #: The producer rows `mosaicdiff.quantize` stores as float8 (every stage's blocks read row ranges of them).
+    fp8_weights = tuple(f"{name}_weight" for name in (*_HEAD_PRODUCERS, *_CHANNEL_PRODUCERS))
 
     def __init__(self, heads, heads2, channels, context_channels, kind: BlockKind, head_dim: int, width: int):
         super().__init__()
@@ -120,6 +124,8 @@ class SharedSD3Block(CompactSD3Block):
     """
 
     qkv_layout = "heads"
+    #: The producer rows live (and are quantized) in the `SD3SharedProducers` storage.
+    fp8_weights = ("out_weight", "add_out_weight", "out2_weight", "ff2_weight", "ffc2_weight")
 
     def __init__(self, producers: SD3SharedProducers, ranges: Mapping[str, tuple[int, int]],
                  consumers: Mapping[str, torch.Tensor], head_dim: int, eps: float = 1e-6, qk_eps: float = 1e-6):
@@ -143,25 +149,38 @@ class SharedSD3Block(CompactSD3Block):
     def producers(self) -> SD3SharedProducers:
         return self._producers
 
-    def _rows(self, name: str, kind: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_range(self, name: str) -> slice:
+        """This stage's rows of the stored producer ``name``: its run of units, rows per unit."""
+        if name in _HEAD_PRODUCERS:
+            kind, rows = _HEAD_PRODUCERS[name], 3 * self.head_dim
+        else:
+            kind, rows = _CHANNEL_PRODUCERS[name], 1
         a, b = self.ranges[kind]
-        p = self._producers
-        return getattr(p, name + "_weight")[a * rows:b * rows], getattr(p, name + "_bias")[a * rows:b * rows]
+        return slice(a * rows, b * rows)
+
+    def _rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, p = self._row_range(name), self._producers
+        return getattr(p, name + "_weight")[rows], getattr(p, name + "_bias")[rows]
 
     def qkv_params(self):
-        return self._rows("qkv", "heads", 3 * self.head_dim)
+        return self._rows("qkv")
 
     def add_qkv_params(self):
-        return self._rows("add_qkv", "heads", 3 * self.head_dim)
+        return self._rows("add_qkv")
 
     def qkv2_params(self):
-        return self._rows("qkv2", "heads2", 3 * self.head_dim)
+        return self._rows("qkv2")
 
     def ff1_params(self):
-        return self._rows("ff1", "channels", 1)
+        return self._rows("ff1")
 
     def ffc1_params(self):
-        return self._rows("ffc1", "context_channels", 1)
+        return self._rows("ffc1")
+
+    def producer_scale(self, name: str) -> torch.Tensor | None:
+        """The storage's float8 row scales (`mosaicdiff.quantize`) of this stage's rows of ``name``, or None."""
+        scale = getattr(self._producers, f"{name}_weight_scale", None)
+        return None if scale is None else scale[self._row_range(name)]
 
     def qk_norms(self, prefix: str):
         if not self.kind.qk_norm:
@@ -183,11 +202,11 @@ class SharedSD3Block(CompactSD3Block):
         for name, kind in _HEAD_PRODUCERS.items():
             if name + "_weight" in self._producers.fields:
                 heads = self.heads2 if kind == "heads2" else self.heads
-                for suffix, t in zip(("_weight", "_bias"), self._rows(name, kind, 3 * self.head_dim)):
+                for suffix, t in zip(("_weight", "_bias"), self._rows(name)):
                     out[name + suffix] = layout.part_major(t.detach(), 3, heads, self.head_dim)
-        for name, kind in _CHANNEL_PRODUCERS.items():
+        for name in _CHANNEL_PRODUCERS:
             if name + "_weight" in self._producers.fields:
-                out[name + "_weight"], out[name + "_bias"] = (t.detach() for t in self._rows(name, kind, 1))
+                out[name + "_weight"], out[name + "_bias"] = (t.detach() for t in self._rows(name))
         for name in self._producers.fields:
             if name.startswith("norm"):
                 out[name] = getattr(self._producers, name).detach()

@@ -157,25 +157,24 @@ class CompactUNetBlock(TextBlockMixin, nn.Module):
         h1, h2 = self.heads
         B, L, _ = h.shape
         # 1. Self-attention on the kept heads; its residual add fused with norm2.
-        qkv = F.linear(x, *self.qkv1_params())
-        y = F.linear(ops.attention(qkv, h1, layout=self.qkv_layout), self.out1_weight, self.out1_bias)
+        qkv = self.producer_gemm("qkv1", x)
+        y = self.own_gemm("out1", ops.attention(qkv, h1, layout=self.qkv_layout))
         h, x = ops.residual_layer_norm(h, y, self.norm2_weight, self.norm2_bias, self.eps)
         # 2. Cross-attention: q of the kept heads from h, their k/v from the text states.
-        q = F.linear(x, *self.q2_params())
+        q = self.producer_gemm("q2", x)
         kv = self.cross_kv(encoder_hidden_states) if cross_kv is None else cross_kv
         hd = self.head_dim
         q = q.view(B, L, h2, hd).transpose(1, 2)
         k, v = split_kv(kv, h2, hd, self.kv_layout)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, h2 * hd)
-        h, x = ops.residual_layer_norm(h, F.linear(a, self.out2_weight, self.out2_bias), self.norm3_weight,
-                                       self.norm3_bias, self.eps)
+        h, x = ops.residual_layer_norm(h, self.own_gemm("out2", a), self.norm3_weight, self.norm3_bias, self.eps)
         # 3. GEGLU feed-forward on the kept channels (one GEMM over value + gate rows); its residual
         #    add fused with the next block's norm1, or with ff2 where no norm follows.
-        f = ops.linear_geglu(x, *self.ff1_params())
+        f = self.producer_gemm("ff1", x, "geglu")
         if next_block is None:
-            return ops.linear_residual(f, self.ff2_weight, self.ff2_bias, h), None
-        return ops.residual_layer_norm(h, F.linear(f, self.ff2_weight, self.ff2_bias), next_block.norm1_weight,
-                                       next_block.norm1_bias, next_block.eps)
+            return self.own_gemm("ff2", f, "residual", res=h), None
+        return ops.residual_layer_norm(h, self.own_gemm("ff2", f), next_block.norm1_weight, next_block.norm1_bias,
+                                       next_block.eps)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, mlp_width={self.mlp_width}"

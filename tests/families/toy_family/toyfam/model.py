@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from mosaicdiff.core.gemm import FP8GemmMixin
 from mosaicdiff.core.model import MosaicModel
 from mosaicdiff.core.stages import check_stage_ranges, frozen
 from mosaicdiff.method.producer_layout import interval_order, unit_ranges
@@ -21,6 +22,8 @@ from toyfam.dense import ToyEmbedding
 class ToyProducers(nn.Module):
     """fc1 rows of one block position, stored once for every stage."""
 
+    fp8_weights = ("fc1_weight",)  # what `mosaicdiff.quantize` stores as float8
+
     def __init__(self, channels: list[int], width: int):
         super().__init__()
         self.channels = list(channels)
@@ -28,28 +31,44 @@ class ToyProducers(nn.Module):
         self.fc1_bias = frozen(torch.empty(len(channels)))
 
 
-class CompactToyBlock(nn.Module):
-    def __init__(self, width: int, channels: int, producers: ToyProducers | None = None, rows=(0, 0)):
+class CompactToyBlock(FP8GemmMixin, nn.Module):
+    """A stage's MLP block; its GEMMs run in the weights' storage (float8 after `mosaicdiff.quantize`)."""
+
+    fp8_weights = ("fc1_weight", "fc2_weight")
+
+    def __init__(self, width: int, channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.fc2_weight = frozen(torch.empty(width, channels))
         self.fc2_bias = frozen(torch.empty(width))
-        if producers is None:
-            self.fc1_weight = frozen(torch.empty(channels, width))
-            self.fc1_bias = frozen(torch.empty(channels))
-        else:  # a reference to the storage, not a submodule: the storage is saved once
-            object.__setattr__(self, "_producers", producers)
-            self.rows = rows
+        self.fc1_weight = frozen(torch.empty(channels, width))
+        self.fc1_bias = frozen(torch.empty(channels))
 
     def fc1(self):
-        if hasattr(self, "_producers"):
-            a, b = self.rows
-            return self._producers.fc1_weight[a:b], self._producers.fc1_bias[a:b]
-        return self.fc1_weight, self.fc1_bias
+        return self.fc1_weight, self.fc1_bias, self.weight_scale("fc1")
 
     def forward(self, h, cond):
-        w1, b1 = self.fc1()
-        return h + F.linear(F.gelu(F.linear(self.norm(h) + cond, w1, b1)), self.fc2_weight, self.fc2_bias)
+        f = F.gelu(self._gemm(self.norm(h) + cond, *self.fc1()))
+        return h + self.own_gemm("fc2", f)
+
+
+class SharedToyBlock(CompactToyBlock):
+    """A block whose fc1 rows are a row range of the position's `ToyProducers`."""
+
+    fp8_weights = ("fc2_weight",)
+
+    def __init__(self, width: int, producers: ToyProducers, rows: tuple[int, int]):
+        nn.Module.__init__(self)
+        self.norm = nn.LayerNorm(width)
+        self.fc2_weight = frozen(torch.empty(width, rows[1] - rows[0]))
+        self.fc2_bias = frozen(torch.empty(width))
+        object.__setattr__(self, "_producers", producers)  # a reference, not a submodule: saved once
+        self.rows = rows
+
+    def fc1(self):
+        p, rows = self._producers, slice(*self.rows)
+        scale = getattr(p, "fc1_weight_scale", None)
+        return p.fc1_weight[rows], p.fc1_bias[rows], None if scale is None else scale[rows]
 
 
 class MosaicToy(MosaicModel):
@@ -75,7 +94,7 @@ class MosaicToy(MosaicModel):
             for j, store in enumerate(self.producer_storage):
                 ranges = unit_ranges(store.channels, [s["blocks"][j]["kept"] for s in stages])
                 for i, (a, b) in enumerate(ranges):
-                    self.stage_blocks[i].append(CompactToyBlock(width, b - a, store, (a, b)))
+                    self.stage_blocks[i].append(SharedToyBlock(width, store, (a, b)))
         self._init_stages(stages)
 
     @classmethod
