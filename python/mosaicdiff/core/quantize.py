@@ -119,9 +119,10 @@ def _quantized_items(model: nn.Module):
     """``(key, tensor)`` of every float8 weight and its scale, keys as in the state dict."""
     for name, module in quantized_modules(model):
         for attr in type(module).fp8_weights:
+            # a float8 weight without a scale is layerwise casting's storage, not quantization
             w, scale = getattr(module, attr, None), getattr(module, f"{attr}_scale", None)
-            if w is not None and scale is not None and w.dtype == torch.float8_e4m3fn:  # (layerwise casting
-                prefix = f"{name}." if name else ""                                   # stores float8 unscaled)
+            if w is not None and scale is not None and w.dtype == torch.float8_e4m3fn:
+                prefix = f"{name}." if name else ""
                 yield f"{prefix}{attr}", w
                 yield f"{prefix}{attr}_scale", scale
 
