@@ -136,26 +136,31 @@ class SharedProducerBlock(CompactDiTBlock):
     def producers(self) -> SharedProducers:
         return self._producers
 
-    def qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _qkv_rows(self) -> slice:
+        """This stage's qkv rows in the storage (its heads' q, k, v, head-major)."""
         rows = 3 * self.head_dim
-        a, b = self.head_range
-        p = self._producers
-        return p.qkv_weight[a * rows:b * rows], p.qkv_bias[a * rows:b * rows]
+        return slice(self.head_range[0] * rows, self.head_range[1] * rows)
+
+    def _fc1_rows(self) -> slice:
+        return slice(*self.channel_range)
+
+    def qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        p, rows = self._producers, self._qkv_rows()
+        return p.qkv_weight[rows], p.qkv_bias[rows]
 
     def fc1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = self.channel_range
-        p = self._producers
-        return p.fc1_weight[a:b], p.fc1_bias[a:b]
+        p, rows = self._producers, self._fc1_rows()
+        return p.fc1_weight[rows], p.fc1_bias[rows]
 
     def qkv_scale(self) -> torch.Tensor | None:
         """The storage's float8 row scales (`mosaicdiff.quantize`) of this stage's qkv rows, or None."""
-        scale, rows = getattr(self._producers, "qkv_weight_scale", None), 3 * self.head_dim
-        return None if scale is None else scale[self.head_range[0] * rows:self.head_range[1] * rows]
+        scale = getattr(self._producers, "qkv_weight_scale", None)
+        return None if scale is None else scale[self._qkv_rows()]
 
     def fc1_scale(self) -> torch.Tensor | None:
         """The storage's float8 row scales of this stage's fc1 rows, or None."""
         scale = getattr(self._producers, "fc1_weight_scale", None)
-        return None if scale is None else scale[self.channel_range[0]:self.channel_range[1]]
+        return None if scale is None else scale[self._fc1_rows()]
 
     def weights(self) -> CompactBlockWeights:
         """The block's tensors as a `CompactBlockWeights` (qkv re-laid out ``[q | k | v]``: a copy;
