@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mosaicdiff.app import experiment
 from mosaicdiff.app.subjects import subject_named
+from mosaicdiff.eval import measure
 from mosaicdiff.method import schedule
 
 DEFAULT_MODEL = "digits-dit"
@@ -72,3 +73,17 @@ def prepare_run_from_args(args: argparse.Namespace) -> experiment.Experiment:
     """`prepare_run` with the settings of `args`, parsed by a parser with `run_options` parent."""
     return prepare_run(args.model, steps=args.steps, seed=args.seed, num_samples=args.num_samples,
                        samples_per_stage=args.samples_per_stage, num_seeds=args.num_seeds)
+
+
+def summary_line(summary: dict) -> str:
+    """PSNR to dense with its interval, SSIM, class accuracy and FID of a `measure` summary."""
+    iv = summary["intervals"]["psnr_to_dense"]
+    return (f"PSNR to dense {summary['psnr_to_dense']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}], "
+            f"SSIM {summary['ssim_to_dense']:.4f}, acc {summary['class_accuracy']:.3f}, FID {summary['fid']:.1f}")
+
+
+def paired_difference(measured: dict, name: str, base: str) -> dict:
+    """`measure.difference` of model `name` minus model `base` (paired, with intervals), printed."""
+    diff = measure.difference(measured[name], measured[base])
+    print(f"{name} - {base}: {measure.format_difference(diff)}", flush=True)
+    return diff

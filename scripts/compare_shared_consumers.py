@@ -40,7 +40,7 @@ from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.eval import measure
 from mosaicdiff.families import family_for
 
-from _digits_run import prepare_run_from_args, run_options
+from _digits_run import paired_difference, prepare_run_from_args, run_options, summary_line
 
 #: The DiT block's consumer groups: (kept-unit field, consumer weight field) of a compact block.
 GROUP_FIELDS = {"proj": ("kept_heads", "proj_weight"), "fc2": ("kept_channels", "fc2_weight")}
@@ -176,15 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         images, _ = run.sample(model, g)
         measured[name] = measure.measure(images, run.labels, dense_images, run.per_seed)
         report["models"][name] = {"memory_ratio": round(ratio, 3), **measured[name].summary()}
-        iv = report["models"][name]["intervals"]["psnr_to_dense"]
-        print(f"{name}: PSNR to dense {report['models'][name]['psnr_to_dense']:.2f} [{iv['low']:.2f}, "
-              f"{iv['high']:.2f}]", flush=True)
+        print(f"{name}: {summary_line(report['models'][name])}", flush=True)
     for base in ("stepwise, own consumers", "three stages"):
         for name in variants:
             if name != base:
-                diff = measure.difference(measured[name], measured[base])
-                report["differences"][f"{name} - {base}"] = diff
-                print(f"{name} - {base}: {measure.format_difference(diff)}", flush=True)
+                report["differences"][f"{name} - {base}"] = paired_difference(measured, name, base)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(args.out, json_safe(report))
     return 0

@@ -1,12 +1,12 @@
 """What do FP8 compact GEMMs cost in quality? Mosaic vs mosaic + FP8 on an embedded digits model.
 
 Issue 23, item 3: prune the embedded `--model` (default the digits DiT) at `--sparsity` (the
-closed-form stages, as the demo), then quantize the mosaic's compact GEMM weights to float8_e4m3fn with per-output-channel scales
-(`mosaicdiff.quantize`) in both activation modes, and the engine's dense model
-(one stage at sparsity 0) too. Every model samples the same noise and labels as in
+closed-form stages, as the demo), then quantize the mosaic's compact GEMM weights to float8_e4m3fn
+with per-output-channel scales (`mosaicdiff.quantize`) in both activation modes, and the engine's
+dense model (one stage at sparsity 0) too. Every model samples the same noise and labels as in
 `scripts/stage_sensitivity.py` (`mosaicdiff.app.experiment`); each is measured against the dense
-model's images (PSNR/SSIM to dense with 95% bootstrap intervals, class accuracy, FID), and each FP8
-model against its unquantized twin (paired differences with intervals). Also the bytes of the
+model's images (PSNR/SSIM to dense with 95% bootstrap intervals, class accuracy, FID), and each
+FP8 model against its unquantized twin (paired differences with intervals). Also the bytes of the
 compact weights in bf16 and FP8 (`memory_report`).
 
 On CPU the FP8 ops run their torch reference (dequantize, then the bf16 op's reference): the same
@@ -30,7 +30,7 @@ from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.eval import measure
 from mosaicdiff.app.subjects import SUBJECTS
 
-from _digits_run import prepare_run_from_args, run_options
+from _digits_run import paired_difference, prepare_run_from_args, run_options, summary_line
 
 
 def compact_bytes(model) -> int:
@@ -74,16 +74,11 @@ def main(argv=None) -> int:
         images, sec = run.sample(model, g)
         measured[name] = measure.measure(images, run.labels, dense_images, run.per_seed)
         report["models"][name] = {"seconds_per_image": round(sec, 4), **measured[name].summary()}
-        s = report["models"][name]
-        iv = s["intervals"]["psnr_to_dense"]
-        print(f"{name}: PSNR to dense {s['psnr_to_dense']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}], "
-              f"SSIM {s['ssim_to_dense']:.4f}, acc {s['class_accuracy']:.3f}, FID {s['fid']:.1f}", flush=True)
+        print(f"{name}: {summary_line(report['models'][name])}", flush=True)
     for name in measured:
         base, _, act = name.partition("+fp8_")
         if act:
-            diff = measure.difference(measured[name], measured[base])
-            report["fp8_vs_unquantized"][name] = diff
-            print(f"{name} - {base}: {measure.format_difference(diff)}", flush=True)
+            report["fp8_vs_unquantized"][name] = paired_difference(measured, name, base)
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json_atomic(args.out, json_safe(report))
     return 0

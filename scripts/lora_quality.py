@@ -28,7 +28,7 @@ import torch
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.eval import measure
 
-from _digits_run import prepare_run_from_args, run_options
+from _digits_run import paired_difference, prepare_run_from_args, run_options, summary_line
 
 #: The adapted linears of each DiT block (the ones diffusers' LoRA trainers target, and the MLP).
 LORA_MODULES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -98,10 +98,7 @@ def main(argv=None) -> int:
             entry["models"][name] = s = measured[name].summary()
             report["seconds"] = round(time.perf_counter() - started, 1)
             write_json_atomic(args.out, json_safe(report))
-            iv = s["intervals"]["psnr_to_dense"]
-            print(f"strength {entry['strength']:g} {name}: PSNR to dense+LoRA {s['psnr_to_dense']:.2f} "
-                  f"[{iv['low']:.2f}, {iv['high']:.2f}], SSIM {s['ssim_to_dense']:.4f}, "
-                  f"acc {s['class_accuracy']:.3f}, FID {s['fid']:.1f}", flush=True)
+            print(f"strength {entry['strength']:g} {name} (to dense+LoRA): {summary_line(s)}", flush=True)
 
         record("dense_without_lora", dense_images)
         record("mosaic_without_lora", mosaic_images)
@@ -109,10 +106,8 @@ def main(argv=None) -> int:
         record("mosaic_plus_lora", run.sample(mosaic, g)[0])
         mosaic.delete_adapters("lora")
         record("pruned_fused", run.sample(fused_run.prune("mosaic", args.sparsity)[0], g)[0])
-        diff = measure.difference(measured["mosaic_plus_lora"], measured["pruned_fused"])
-        entry["mosaic_plus_lora_minus_pruned_fused"] = diff
+        entry["mosaic_plus_lora_minus_pruned_fused"] = paired_difference(measured, "mosaic_plus_lora", "pruned_fused")
         write_json_atomic(args.out, json_safe(report))
-        print("mosaic_plus_lora - pruned_fused:", measure.format_difference(diff), flush=True)
     return 0
 
 
