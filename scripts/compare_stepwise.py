@@ -7,10 +7,12 @@ images of each `--seeds` noise, pooled), side by side in one run:
 - ``stepwise``: ``method="stepwise"`` with shared (nested) producers, the default;
 - ``stepwise-copies``: the same with a producer copy per stage (``share_producers=False``): what
   the nesting costs;
+- ``stepwise-kK`` (``--stepwise-stages K ...``): the nested stepwise mosaic with ``K`` stages
+  instead of ten: whether the probed curve pays without ten stages' consumers;
 - ``searched``: the searched ten-stage schedule. ``--searched run`` searches here
   (`mosaicdiff.app.searched`, minutes per sparsity); ``--searched FILE`` re-prunes the per-stage
   sparsities a stored search found (its ``searches`` entry, as `scripts/compare_schedule_search.py`
-  writes) with that search's calibration settings, so the model is the searched one without
+  and a ``--searched run`` of this script write) with that search's calibration settings, so the model is the searched one without
   searching again (its pruning time is then the stored search's ``seconds``).
 
 Reported per model: FID, class accuracy, PSNR and SSIM to dense with 95% intervals, memory ratio
@@ -28,6 +30,7 @@ import json
 from pathlib import Path
 
 from mosaicdiff.app import experiment
+from mosaicdiff.app.searched import searched_mosaic
 from mosaicdiff.app.subjects import SUBJECTS
 from mosaicdiff.core.atomic_io import json_safe, write_json_atomic
 from mosaicdiff.eval import measure
@@ -53,12 +56,23 @@ def stored_searched(run, path: Path, sparsity: float):
     return model, float(log["seconds"])
 
 
-def build(run, method: str, sparsity: float, searched: str) -> tuple[object, float]:
+def build(run, method: str, sparsity: float, searched: str, searches: dict,
+          stepwise: dict | None = None) -> tuple[object, float]:
+    """The model `method` at `sparsity` and its pruning seconds; a search run here adds its log to
+    `searches` (the report's ``searches``: the report can then be a later run's ``--searched FILE``);
+    `stepwise`: more `mosaicdiff.prune` options of the stepwise models (``s_max``)."""
+    stepwise = stepwise or {}
     if method == "searched" and searched != "run":
         return stored_searched(run, Path(searched), sparsity)
+    if method == "searched":
+        model, log = searched_mosaic(run, sparsity, run.subject.guidance_scale)
+        searches[f"{sparsity:g}"] = log
+        return model, float(log["seconds"])
     if method == "stepwise-copies":
-        return run.prune("stepwise", sparsity, share_producers=False)
-    return run.prune(method, sparsity)  # mosaic, stepwise, and searched "run" (the demo's search)
+        return run.prune("stepwise", sparsity, share_producers=False, **stepwise)
+    if method.startswith("stepwise-k"):  # nested stepwise with fewer (or more) stages: --stepwise-stages
+        return run.prune("stepwise", sparsity, num_stages=int(method.removeprefix("stepwise-k")), **stepwise)
+    return run.prune(method, sparsity, **(stepwise if method == "stepwise" else {}))
 
 
 def main(argv=None) -> int:
@@ -66,6 +80,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="digits-dit", choices=sorted(SUBJECTS))
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--stepwise-stages", type=int, nargs="*", default=[], metavar="K",
+                   help="also the nested stepwise mosaic with K stages, as model 'stepwise-kK' (e.g. 3 4 5)")
+    p.add_argument("--s-max", type=float, default=None,
+                   help="the stepwise models' allocation cap (default: mosaicdiff's, 0.8)")
     p.add_argument("--searched", default="run", help="'run' (search here) or a stored search's JSON")
     p.add_argument("--seeds", type=int, default=1, help="noise seeds 0 .. seeds-1, images pooled")
     p.add_argument("--num-samples", type=int, default=experiment.DEFAULT_NUM_SAMPLES, help="images per seed")
@@ -78,12 +96,13 @@ def main(argv=None) -> int:
     subject = run.subject
     dense_images, _ = run.sample(run.dense, subject.guidance_scale)
     report = {"model": args.model, "seeds": args.seeds, "num_samples": args.num_samples, "steps": run.steps,
-              "guidance_scale": subject.guidance_scale, "searched": args.searched,
-              "environment": experiment.environment(), "configs": {}, "differences": {}}
+              "guidance_scale": subject.guidance_scale, "searched": args.searched, "s_max": args.s_max,
+              "environment": experiment.environment(), "configs": {}, "differences": {}, "searches": {}}
     for sp in args.sparsities:
         measured = {}
-        for method in args.methods:
-            model, seconds = build(run, method, sp, args.searched)
+        for method in [*args.methods, *(f"stepwise-k{k}" for k in args.stepwise_stages)]:
+            model, seconds = build(run, method, sp, args.searched, report["searches"],
+                                   {} if args.s_max is None else {"s_max": args.s_max})
             images, _ = run.sample(model, subject.guidance_scale)
             measured[method] = measure.measure(images, run.labels, dense_images, run.per_seed)
             report["configs"][f"{sp:g}/{method}"] = {
@@ -98,9 +117,10 @@ def main(argv=None) -> int:
             print(f"{sp:g} {method:16s} PSNR {c['psnr_to_dense']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}] "
                   f"SSIM {c['ssim_to_dense']:.4f} acc {c['class_accuracy']:.3f} FID {c['fid']:.1f} "
                   f"memory {c['memory_ratio']:.2f} prune {c['prune_seconds']:.1f} s", flush=True)
-        for lead in ("stepwise", "stepwise-copies"):
+        leads = [m for m in measured if m.startswith("stepwise")]  # each pair once, the earlier lead first
+        for i, lead in enumerate(leads):
             for other in measured:
-                if lead in measured and other != lead and not (lead == "stepwise-copies" and other == "stepwise"):
+                if other != lead and other not in leads[:i]:
                     report["differences"][f"{sp:g}/{lead} - {other}"] = measure.difference(measured[lead],
                                                                                           measured[other])
         write_json_atomic(args.out, json_safe(report), indent=2)

@@ -84,7 +84,7 @@ def test_cross_kv_cache_computes_the_text_keys_once_per_run(monkeypatch):
     g = torch.Generator().manual_seed(2)
     x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, TEXT, generator=g)
     added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
-    kv_weights = [block.kv2_params()[0] for block in mosaic.stage_blocks[0]]  # views in shared storage
+    kv_weights = [block.operands("kv2")[0].weight for block in mosaic.stage_blocks[0]]  # views in shared storage
     real_linear, counted = torch.nn.functional.linear, {"n": 0}
 
     def counting(inp, weight, bias=None):  # counts the GEMMs of the text states' k/v

@@ -70,8 +70,8 @@ def _views_of_storage(model) -> None:
         for stage in model.stage_blocks:
             block = stage[j]
             assert isinstance(block, SharedProducerBlock) and block.producers is store
-            for (w, b), (sw, sb) in ((block.qkv_params(), (store.qkv_weight, store.qkv_bias)),
-                                     (block.fc1_params(), (store.fc1_weight, store.fc1_bias))):
+            for ((w, b, _),), (sw, sb) in ((block.operands("qkv"), (store.qkv_weight, store.qkv_bias)),
+                                          (block.operands("fc1"), (store.fc1_weight, store.fc1_bias))):
                 assert w.untyped_storage().data_ptr() == sw.untyped_storage().data_ptr()
                 assert b.untyped_storage().data_ptr() == sb.untyped_storage().data_ptr()
                 assert w.is_contiguous() and w.dtype == sw.dtype

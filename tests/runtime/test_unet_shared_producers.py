@@ -60,7 +60,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _views(block: SharedUNetBlock) -> list[torch.Tensor]:
-    return [*block.qkv1_params(), *block.q2_params(), *block.kv2_params(), *block.ff1_params()]
+    return [t for name in ("qkv1", "q2", "kv2", "ff1") for rows in block.operands(name) for t in rows[:2]]
 
 
 def test_layouts(shared, copies):
@@ -116,10 +116,11 @@ def test_every_stage_reads_views_of_one_storage(shared):
                 (lo, hi), (start, end) = spans[name], _span(view)
                 assert lo <= start and end <= hi, f"block {j}: {name} view outside its storage"
                 assert view.is_contiguous(), "a run of rows is a dense GEMM operand"
-            value_w, _, gate_w, _ = b.ff1_params()
+            (value_w, _, _), (gate_w, _, _) = b.operands("ff1")
             f_total = store.channels.numel()
             assert gate_w.data_ptr() - value_w.data_ptr() == f_total * value_w.stride(0) * value_w.element_size()
-            runs.add((b.qkv1_params()[0].data_ptr(), b.qkv1_params()[0].numel()))
+            qkv1 = b.operands("qkv1")[0].weight
+            runs.add((qkv1.data_ptr(), qkv1.numel()))
         assert len(runs) == len({b.heads[0] for b in blocks}), "stages of different widths read different runs"
     keys = list(shared.state_dict())
     assert not [k for k in keys if k.startswith("stage_blocks") and k.rsplit(".", 1)[1] in PRODUCER_FIELDS]
@@ -170,7 +171,7 @@ def test_save_and_load_round_trip_stores_each_tensor_once(shared, tmp_path):
             assert_close(loaded(x, tt, text, added_cond_kwargs=added).sample,
                          shared(x, tt, text, added_cond_kwargs=added).sample, atol=0, rtol=0)
     half = MosaicUNet.from_pretrained(tmp_path / "m", torch_dtype="bf16")
-    assert half.dtype == torch.bfloat16 and half.stage_blocks[1][0].ff1_params()[2].dtype == torch.bfloat16
+    assert half.dtype == torch.bfloat16 and half.stage_blocks[1][0].operands("ff1")[1].weight.dtype == torch.bfloat16
 
 
 def test_format_1_0_folder_still_loads():

@@ -109,8 +109,8 @@ class Experiment:
             num_inference_steps=self.steps, scheduler=self.subject.scheduler(),
             samples_per_stage=self.samples_per_stage, speed_threshold=self.speed_threshold,
             log_snr_weight=self.log_snr_weight, seed=self.seed, progress=self.progress, align=self.subject.align,
-            **({"num_stages": min(step_allocation.DEFAULT_NUM_STAGES, self.steps)} if method == "stepwise" else {}),
-            **options)
+            **(({"num_stages": min(step_allocation.DEFAULT_NUM_STAGES, self.steps)} if method == "stepwise" else {})
+               | options))  # an option overrides the default stage count
         return pruned, time.perf_counter() - t0
 
     def sample(self, model: nn.Module, guidance_scale: float, *, return_trajectory: bool = False):

@@ -10,20 +10,31 @@ family's forward names each GEMM once (weight, bias, scale, epilogue) and works 
 (the GEMM weights it may store as float8; the family's block class lists them, and a block of a
 kind that lacks one, such as SD3's last block without a text MLP, simply has no such attribute), ``fp8_mode`` (the
 activations of the FP8 GEMMs, set by `quantize`), ``weight_scale(name)`` (the scale beside
-``<name>_weight``, None before `quantize`) and ``_gemm``.
+``<name>_weight``, None before `quantize`) and ``_gemm``; and the one accessor of a GEMM's operands,
+``operands(name)`` (`GemmOperands` per row block), which ``producer_gemm`` runs.
+`SharedProducerRowsMixin` makes a shared-producer stage view read its producers' operands as row
+ranges of the block position's storage.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EPILOGUES", "FP8GemmMixin", "gemm"]
+__all__ = ["EPILOGUES", "FP8GemmMixin", "GemmOperands", "SharedProducerRowsMixin", "gemm"]
 
 #: The fused epilogues every GEMM storage supports (``mosaic_kernels.ops.FP8_EPILOGUES``).
 EPILOGUES = ("none", "gelu_tanh", "gated_residual", "residual", "geglu")
+
+
+class GemmOperands(NamedTuple):
+    """One row block of a GEMM: what `gemm` takes after ``x``."""
+
+    weight: torch.Tensor  # (N, K), float8 once quantized
+    bias: torch.Tensor | None  # (N,)
+    scale: torch.Tensor | None  # (N,) fp32 row scales of a float8 weight, else None
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None,
@@ -87,7 +98,49 @@ class FP8GemmMixin:
         """`gemm` in this block's `fp8_mode`."""
         return gemm(x, weight, bias, scale, epilogue, mode=self.fp8_mode, **kw)
 
+    def _own_operands(self, name: str) -> GemmOperands:
+        return GemmOperands(getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"), self.weight_scale(name))
+
+    def operands(self, name: str) -> tuple[GemmOperands, ...]:
+        """The operands of GEMM ``name`` (``"qkv"`` -> ``qkv_weight``, ``qkv_bias``, `weight_scale`), one
+        `GemmOperands` per row block: one here; a shared-producer view reads its producers' from the
+        storage (`SharedProducerRowsMixin`), a GEGLU's value and gate rows as two blocks."""
+        return (self._own_operands(name),)
+
+    def producer_gemm(self, name: str, x: torch.Tensor, epilogue: str = "none") -> torch.Tensor:
+        """`gemm` of GEMM ``name`` on ``x`` with its `operands` (two row blocks, a GEGLU's value and
+        gate rows, as one ``"geglu"`` call)."""
+        main, *gate = self.operands(name)
+        if gate:
+            (g,) = gate
+            return self._gemm(x, *main, epilogue, gate_weight=g.weight, gate_bias=g.bias, gate_scale=g.scale)
+        return self._gemm(x, *main, epilogue)
+
     def own_gemm(self, name: str, x: torch.Tensor, epilogue: str = "none", **kw) -> torch.Tensor:
         """`gemm` of the block's own ``<name>_weight`` and ``<name>_bias`` (a consumer such as ``"out1"``)."""
-        return self._gemm(x, getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"), self.weight_scale(name),
-                          epilogue, **kw)
+        return self._gemm(x, *self._own_operands(name), epilogue, **kw)
+
+
+class SharedProducerRowsMixin:
+    """Makes a compact block a stage view of shared producers: put it before the block class in the
+    bases. The block holds its position's storage as ``_producers`` (a module with ``<name>_weight``,
+    ``<name>_bias`` and, after `mosaicdiff.quantize`, ``<name>_weight_scale`` per producer) and says
+    which storage rows are this stage's with `_producer_rows`; weight, bias and scale are cut with
+    the same slices (views, no copy)."""
+
+    _producers: torch.nn.Module
+
+    def _producer_rows(self, name: str) -> list[slice]:
+        """This stage's rows of the stored producer ``name``, one slice per row block."""
+        raise NotImplementedError
+
+    def operands(self, name: str) -> tuple[GemmOperands, ...]:
+        """`FP8GemmMixin.operands`: a stored producer's cut to this stage's rows of the storage, any
+        other GEMM's (a consumer's) the block's own."""
+        p = self._producers
+        if not hasattr(p, f"{name}_weight"):
+            return super().operands(name)
+        weight, bias = getattr(p, f"{name}_weight"), getattr(p, f"{name}_bias")
+        scale = getattr(p, f"{name}_weight_scale", None)
+        return tuple(GemmOperands(weight[r], bias[r], None if scale is None else scale[r])
+                     for r in self._producer_rows(name))

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mosaicdiff.core.gemm import SharedProducerRowsMixin
 from mosaicdiff.core.stages import frozen
 
 __all__ = ["KINDS", "PRODUCER_FIELDS", "SharedTextBlockMixin", "TextSharedProducers", "empty_shared_blocks",
@@ -115,9 +116,10 @@ class TextSharedProducers(nn.Module):
                 f"head_dim={self.head_dim}")
 
 
-class SharedTextBlockMixin:
+class SharedTextBlockMixin(SharedProducerRowsMixin):
     r"""Makes a compact text block (`mosaicdiff.core.text_blocks.TextBlockMixin`) one whose producer
-    weights are row ranges of a `TextSharedProducers`; put it before the block class in the bases.
+    operands are row ranges of a `TextSharedProducers` (`_producer_rows`); put it before the block
+    class in the bases.
 
     Parameters:
         producers (`TextSharedProducers`): the storage of this block position, owned by the model
@@ -168,44 +170,18 @@ class SharedTextBlockMixin:
     def producers(self) -> TextSharedProducers:
         return self._producers
 
-    def _row_slice(self, name: str) -> slice:
-        """This stage's rows of head producer ``name`` in the storage."""
+    def _producer_rows(self, name: str) -> list[slice]:
+        """This stage's rows of producer ``name`` in the storage: its run of heads (head-major), or for
+        ff1 its run of channels in each row block (value, then a GEGLU's gate: rows ``a..b`` and
+        ``F + a..F + b``)."""
+        if name == "ff1":
+            a, b = self.ranges["channels"]
+            n = self._producers.channels.numel()
+            return [slice(k * n + a, k * n + b) for k in range(self._producers.ff1_parts)]
         kind, parts = _HEAD_PRODUCERS[name]
         rows = parts * self.head_dim
         a, b = self.ranges[kind]
-        return slice(a * rows, b * rows)
-
-    def _rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, p = self._row_slice(name), self._producers
-        return getattr(p, name + "_weight")[rows], getattr(p, name + "_bias")[rows]
-
-    def _ff1_slices(self) -> list[slice]:
-        """This stage's ff1 rows in the storage, one slice per row block (value, then a GEGLU's gate)."""
-        a, b = self.ranges["channels"]
-        n = self._producers.channels.numel()
-        return [slice(k * n + a, k * n + b) for k in range(self._producers.ff1_parts)]
-
-    def producer_scales(self, name: str) -> tuple[torch.Tensor | None, ...]:
-        """The storage's float8 row scales of this stage's rows of producer ``name`` (None each before
-        `mosaicdiff.quantize`), sliced as the weights."""
-        scale = getattr(self._producers, f"{name}_weight_scale", None)
-        rows = self._ff1_slices() if name == "ff1" else [self._row_slice(name)]
-        return tuple(None if scale is None else scale[r] for r in rows)
-
-    def qkv1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rows("qkv1")
-
-    def q2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rows("q2")
-
-    def kv2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rows("kv2")
-
-    def ff1_params(self) -> tuple[torch.Tensor, ...]:
-        """``(weight, bias)`` of this stage's ff1 rows, one pair per row block: for a GEGLU
-        ``(value weight, value bias, gate weight, gate bias)``, rows ``a..b`` and ``F + a..F + b``."""
-        p = self._producers
-        return tuple(t[rows] for rows in self._ff1_slices() for t in (p.ff1_weight, p.ff1_bias))
+        return [slice(a * rows, b * rows)]
 
     def weights(self):
         """The block's tensors as its weights dataclass in the copy layout (qkv1 and kv2 re-laid out
@@ -215,10 +191,11 @@ class SharedTextBlockMixin:
         out = {name: getattr(self, name).detach() for name in self.consumer_fields}
         for name, (kind, parts) in _HEAD_PRODUCERS.items():
             heads = h1 if kind == "heads1" else h2
-            for suffix, t in zip(("_weight", "_bias"), self._rows(name)):
+            (rows,) = self.operands(name)
+            for suffix, t in zip(("_weight", "_bias"), rows[:2]):
                 out[name + suffix] = part_major(t.detach(), parts, heads, hd) if parts > 1 else t.detach()
-        ff1 = self.ff1_params()
-        for suffix, blocks in (("_weight", ff1[0::2]), ("_bias", ff1[1::2])):
+        ff1 = self.operands("ff1")
+        for suffix, blocks in (("_weight", [r.weight for r in ff1]), ("_bias", [r.bias for r in ff1])):
             out["ff1" + suffix] = (torch.cat(blocks) if len(blocks) > 1 else blocks[0]).detach()
         return self.weights_class(**{f"kept_{k}": getattr(self, f"kept_{k}") for k in KINDS}, **out)
 

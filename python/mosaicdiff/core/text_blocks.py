@@ -2,10 +2,10 @@
 cross-attention heads on text states and MLP channels (the U-Net's SD/SDXL blocks, PixArt's).
 
 `TextBlockMixin` gives such a block its constructor (every field checked against the family's
-shapes), its kept counts, its weights as the family's weights dataclass, the accessors of its
-producer weights (which a shared-producer block overrides with row-range views of its storage:
-`mosaicdiff.core.shared_producers`), their GEMMs in the weights' storage (bf16/fp32, or float8 after
-`mosaicdiff.quantize`: `producer_gemm`, `mosaicdiff.core.gemm`) and the text states' k/v, computed once per sampling run with `cache_cross_kv`
+shapes), its kept counts, its weights as the family's weights dataclass, its GEMMs in the weights'
+storage (bf16/fp32, or float8 after `mosaicdiff.quantize`: `mosaicdiff.core.gemm`, whose
+``operands`` a shared-producer block reads from its storage: `mosaicdiff.core.shared_producers`) and
+the text states' k/v, computed once per sampling run with `cache_cross_kv`
 (`mosaicdiff.core.tensor_cache`); `CrossKVCacheMixin` switches that cache for a whole mosaic.
 `TextBlockWeights` (a dataclass) and `text_block_shapes` are the fields and shapes every family's
 weights share; `init_compact_fields` fills a block from a weights dataclass,
@@ -179,7 +179,7 @@ class CrossKVCacheMixin:
 
 
 class TextBlockMixin(FP8GemmMixin):
-    """Construction, kept counts, weights and producer accessors of a compact text-conditioned block
+    """Construction, kept counts, weights and cross-attention k/v of a compact text-conditioned block
     (see the module docstring); put it before ``nn.Module`` in the bases. The class sets
     `weights_class` (a `TextBlockWeights`) and `block_shapes` (the family's shapes of its fields,
     ``(h1, h2, channels, head_dim, width, text_width) -> dict``, as a staticmethod)."""
@@ -216,32 +216,6 @@ class TextBlockMixin(FP8GemmMixin):
         kw = {name: getattr(self, name).detach() for name in self.weights_class.weight_fields()}
         return self.weights_class(**{n: getattr(self, n) for n in self.index_fields}, **kw)
 
-    def qkv1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Self-attention q/k/v weight and bias (rows as `qkv_layout`)."""
-        return self.qkv1_weight, self.qkv1_bias
-
-    def q2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention q weight and bias."""
-        return self.q2_weight, self.q2_bias
-
-    def kv2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention k/v weight and bias, on the text states (rows as `kv_layout`)."""
-        return self.kv2_weight, self.kv2_bias
-
-    def producer_scales(self, name: str) -> tuple[torch.Tensor | None, ...]:
-        """The float8 row scales of producer ``name`` (``"qkv1"``, ``"q2"``, ``"kv2"``, ``"ff1"``), one
-        per weight of its ``<name>_params()`` (None before `mosaicdiff.quantize`)."""
-        return (self.weight_scale(name),)
-
-    def producer_gemm(self, name: str, x: torch.Tensor, epilogue: str = "none") -> torch.Tensor:
-        """`mosaicdiff.core.gemm.gemm` of producer ``name`` on ``x``: its ``<name>_params()`` and
-        `producer_scales` (a GEGLU's value and gate row blocks as one ``"geglu"`` call)."""
-        params, scales = getattr(self, f"{name}_params")(), self.producer_scales(name)
-        if len(params) == 4:
-            return self._gemm(x, params[0], params[1], scales[0], epilogue, gate_weight=params[2], gate_bias=params[3],
-                              gate_scale=scales[1])
-        return self._gemm(x, *params, scales[0], epilogue)
-
     def cross_kv(self, text: torch.Tensor) -> torch.Tensor:
         """The cross-attention keys and values of the text states, ``(B, S, 2 * h2 * hd)``.
 
@@ -252,6 +226,6 @@ class TextBlockMixin(FP8GemmMixin):
         """
         if not self.cache_cross_kv:
             return self.producer_gemm("kv2", text)
-        weight = self.kv2_params()[0]
+        weight = self.operands("kv2")[0].weight
         key = (tensor_key(text), weight.data_ptr(), weight.dtype)
         return cached_for_tensor(self.__dict__, "_kv_cache", text, key, lambda: self.producer_gemm("kv2", text))

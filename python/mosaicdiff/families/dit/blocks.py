@@ -110,26 +110,11 @@ class CompactDiTBlock(FP8GemmMixin, nn.Module):
         """Model width C."""
         return int(self.proj_bias.shape[0])
 
-    #: How the qkv GEMM's output is laid out for `mosaic_kernels.ops.attention` (``[q | k | v]``).
+    #: How the qkv GEMM's output is laid out for `mosaic_kernels.ops.attention` (``[q | k | v]``); fc1
+    #: has one row per kept channel in `kept_channels` order.
     qkv_layout = "qkv"
     #: The GEMM weights `mosaicdiff.quantize` stores as float8 (each with a ``<name>_scale``).
     fp8_weights = ("qkv_weight", "proj_weight", "fc1_weight", "fc2_weight")
-
-    def qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (weight, bias) of the qkv GEMM, rows laid out as `qkv_layout`."""
-        return self.qkv_weight, self.qkv_bias
-
-    def fc1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (weight, bias) of fc1, one row per kept channel in `kept_channels` order."""
-        return self.fc1_weight, self.fc1_bias
-
-    def qkv_scale(self) -> torch.Tensor | None:
-        """The fp32 per-row scale of a float8 qkv weight (rows as `qkv_params`), or None."""
-        return self.weight_scale("qkv")
-
-    def fc1_scale(self) -> torch.Tensor | None:
-        """The fp32 per-row scale of a float8 fc1 weight (rows as `fc1_params`), or None."""
-        return self.weight_scale("fc1")
 
     def weights(self) -> CompactBlockWeights:
         """The block's current tensors as a `CompactBlockWeights` (no copy).
@@ -186,24 +171,21 @@ class CompactDiTBlock(FP8GemmMixin, nn.Module):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         # 1. Attention branch on the kept heads.
         if self.num_heads > 0:
-            qkv = self._gemm(x, *self.qkv_params(), self.qkv_scale())
+            qkv = self.producer_gemm("qkv", x)
             a = ops.attention(qkv, self.num_heads, layout=self.qkv_layout)
-            y = self._gemm(a, self.proj_weight, self.proj_bias, self.weight_scale("proj"))
+            y = self.own_gemm("proj", a)
         else:  # every head pruned: the branch is its (compensated) bias
             y = self._bias_rows(self.proj_bias, h)
         # 2. Gated residual fused with the MLP's norm + modulate.
         h, x2 = ops.gated_residual_ln_modulate(h, gate_msa, y, shift_mlp, scale_mlp, self.mlp_eps)
         # 3. MLP on the kept channels.
-        f = self._gemm(x2, *self.fc1_params(), self.fc1_scale(), "gelu_tanh") if self.mlp_width > 0 else None
-        fc2_scale = self.weight_scale("fc2")
+        f = self.producer_gemm("fc1", x2, "gelu_tanh") if self.mlp_width > 0 else None
         if next_norm is not None:  # fc2, then its gated residual fused with the next norm
-            y = self._gemm(f, self.fc2_weight, self.fc2_bias, fc2_scale) if f is not None \
-                else self._bias_rows(self.fc2_bias, h)
+            y = self.own_gemm("fc2", f) if f is not None else self._bias_rows(self.fc2_bias, h)
             shift, scale, eps = next_norm
             return ops.gated_residual_ln_modulate(h, gate_mlp, y, shift, scale, eps)
         if f is not None:  # fc2 with the gated residual in its epilogue
-            return self._gemm(f, self.fc2_weight, self.fc2_bias, fc2_scale, "gated_residual", gate=gate_mlp,
-                              res=h), None
+            return self.own_gemm("fc2", f, "gated_residual", gate=gate_mlp, res=h), None
         return ops.gated_residual(h, gate_mlp, self._bias_rows(self.fc2_bias, h)), None
 
     @staticmethod

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mosaicdiff.core.gemm import SharedProducerRowsMixin
 from mosaicdiff.core.stages import frozen
 from mosaicdiff.families.dit.blocks import CompactDiTBlock
 from mosaicdiff.families.dit.weights import CompactBlockWeights
@@ -95,8 +96,8 @@ class SharedProducers(nn.Module):
         return f"heads={self.heads.numel()}, channels={self.channels.numel()}, head_dim={self.head_dim}"
 
 
-class SharedProducerBlock(CompactDiTBlock):
-    r"""A `CompactDiTBlock` whose qkv and fc1 weights are row ranges of a `SharedProducers`.
+class SharedProducerBlock(SharedProducerRowsMixin, CompactDiTBlock):
+    r"""A `CompactDiTBlock` whose qkv and fc1 operands are row ranges of a `SharedProducers`.
 
     Parameters:
         producers (`SharedProducers`): the storage of this block position. It is owned by the
@@ -136,37 +137,18 @@ class SharedProducerBlock(CompactDiTBlock):
     def producers(self) -> SharedProducers:
         return self._producers
 
-    def _qkv_rows(self) -> slice:
-        """This stage's qkv rows in the storage (its heads' q, k, v, head-major)."""
-        rows = 3 * self.head_dim
-        return slice(self.head_range[0] * rows, self.head_range[1] * rows)
-
-    def _fc1_rows(self) -> slice:
-        return slice(*self.channel_range)
-
-    def qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        p, rows = self._producers, self._qkv_rows()
-        return p.qkv_weight[rows], p.qkv_bias[rows]
-
-    def fc1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        p, rows = self._producers, self._fc1_rows()
-        return p.fc1_weight[rows], p.fc1_bias[rows]
-
-    def qkv_scale(self) -> torch.Tensor | None:
-        """The storage's float8 row scales (`mosaicdiff.quantize`) of this stage's qkv rows, or None."""
-        scale = getattr(self._producers, "qkv_weight_scale", None)
-        return None if scale is None else scale[self._qkv_rows()]
-
-    def fc1_scale(self) -> torch.Tensor | None:
-        """The storage's float8 row scales of this stage's fc1 rows, or None."""
-        scale = getattr(self._producers, "fc1_weight_scale", None)
-        return None if scale is None else scale[self._fc1_rows()]
+    def _producer_rows(self, name: str) -> list[slice]:
+        """This stage's rows of ``"qkv"`` (its heads' q, k, v, head-major) or ``"fc1"`` in the storage."""
+        if name == "qkv":
+            rows = 3 * self.head_dim
+            return [slice(self.head_range[0] * rows, self.head_range[1] * rows)]
+        return [slice(*self.channel_range)]
 
     def weights(self) -> CompactBlockWeights:
         """The block's tensors as a `CompactBlockWeights` (qkv re-laid out ``[q | k | v]``: a copy;
         the rest are views)."""
-        qkv_w, qkv_b = self.qkv_params()
-        fc1_w, fc1_b = self.fc1_params()
+        qkv_w, qkv_b, _ = self.operands("qkv")[0]
+        fc1_w, fc1_b, _ = self.operands("fc1")[0]
         h, hd = self.num_heads, self.head_dim
         return CompactBlockWeights(
             kept_heads=self.kept_heads, kept_channels=self.kept_channels,

@@ -178,11 +178,6 @@ class _CompactFluxBlock(FP8GemmMixin, nn.Module):
     def width(self) -> int:
         return int(self.out_bias.shape[0])
 
-    def operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(weight, bias, scale)`` of GEMM `name` (``"qkv"`` -> ``qkv_weight``, ...), ``scale`` the float8
-        weight's row scales or None; a shared-producer block reads its producers' from the storage."""
-        return getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"), self.weight_scale(name)
-
     def weights(self) -> _Weights:
         """The block's tensors as its weights dataclass (no copy)."""
         cls = self.weights_class
@@ -286,9 +281,9 @@ class CompactFluxDoubleBlock(_CompactFluxBlock):
         ops = _ops()
         St, h = txt.shape[1], self.heads
         # 1. q/k/v of each stream, q/k normed and rotated into the joint buffer; joint attention.
-        joint = self._joint_qkv([(self._qkv_view(self._gemm(x_txt, *self.operands("add_qkv"))),
+        joint = self._joint_qkv([(self._qkv_view(self.producer_gemm("add_qkv", x_txt)),
                                   (self.norm_added_q, self.norm_added_k)),
-                                 (self._qkv_view(self._gemm(x_img, *self.operands("qkv"))), (self.norm_q, self.norm_k))],
+                                 (self._qkv_view(self.producer_gemm("qkv", x_img)), (self.norm_q, self.norm_k))],
                                 cos, sin)
         a = ops.attention(joint, h)
         # 2. Per stream: out projection, gated residual fused with the modulated norm2, then the MLP
@@ -296,14 +291,14 @@ class CompactFluxDoubleBlock(_CompactFluxBlock):
         streams = ((img, a[:, St:], "out", 0, "ff1", "ff2"), (txt, a[:, :St], "add_out", 6, "ffc1", "ffc2"))
         out, normed = [], []
         for k, (h_s, a_s, out_gemm, m, ff1, ff2) in enumerate(streams):
-            h_s, x = ops.gated_residual_ln_modulate(h_s, mod[:, m + 2], self._gemm(a_s, *self.operands(out_gemm)),
+            h_s, x = ops.gated_residual_ln_modulate(h_s, mod[:, m + 2], self.own_gemm(out_gemm, a_s),
                                                     mod[:, m + 3], mod[:, m + 4], self.eps)
-            f = self._gemm(x, *self.operands(ff1), "gelu_tanh")
+            f = self.producer_gemm(ff1, x, "gelu_tanh")
             if next_norm is None:
-                out.append(self._gemm(f, *self.operands(ff2), "gated_residual", gate=mod[:, m + 5], res=h_s))
+                out.append(self.own_gemm(ff2, f, "gated_residual", gate=mod[:, m + 5], res=h_s))
                 normed.append(None)
                 continue
-            h_s, x = ops.gated_residual_ln_modulate(h_s, mod[:, m + 5], self._gemm(f, *self.operands(ff2)),
+            h_s, x = ops.gated_residual_ln_modulate(h_s, mod[:, m + 5], self.own_gemm(ff2, f),
                                                     next_norm[2 * k], next_norm[2 * k + 1], next_norm[4])
             out.append(h_s)
             normed.append(x)
@@ -333,7 +328,7 @@ class CompactFluxSingleBlock(_CompactFluxBlock):
     def producer_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``((B, L, 3, h, hd) q/k/v view, (B, L, F) MLP pre-activation)`` of the normed stream: one GEMM."""
         i = self.heads * self.head_dim
-        y = self._gemm(x, *self.operands("proj"))
+        y = self.producer_gemm("proj", x)
         return self._qkv_view(y[..., :3 * i]), y[..., 3 * i:]
 
     def norm1(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
@@ -374,5 +369,5 @@ class CompactFluxSingleBlock(_CompactFluxBlock):
         #    or fused with the next norm.
         z = torch.cat([ops.attention(joint, self.heads), F.gelu(f, approximate="tanh")], -1)
         if next_norm is None:
-            return self._gemm(z, *self.operands("out"), "gated_residual", gate=mod[:, 2], res=h), None
-        return ops.gated_residual_ln_modulate(h, mod[:, 2], self._gemm(z, *self.operands("out")), *next_norm)
+            return self.own_gemm("out", z, "gated_residual", gate=mod[:, 2], res=h), None
+        return ops.gated_residual_ln_modulate(h, mod[:, 2], self.own_gemm("out", z), *next_norm)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mosaicdiff.core.gemm import SharedProducerRowsMixin
 from mosaicdiff.core.stages import frozen
 from mosaicdiff.families.flux.blocks import (
     CompactFluxDoubleBlock,
@@ -88,14 +89,6 @@ class FluxSharedProducers(nn.Module):
         parts = self.fields[name][1]
         return parts * self.head_dim if parts else 1
 
-    def rows(self, name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(weight, bias, scale)`` rows of the stored units ``start..stop`` of producer `name` (views);
-        ``scale`` the float8 weight's row scales (`mosaicdiff.quantize`) over the same rows, or None."""
-        r = self.unit_rows(name)
-        scale = getattr(self, name + "_weight_scale", None)
-        return (getattr(self, name + "_weight")[start * r:stop * r], getattr(self, name + "_bias")[start * r:stop * r],
-                None if scale is None else scale[start * r:stop * r])
-
     @classmethod
     def from_stage_weights(cls, orders: Mapping[str, Sequence[int]], weights: Sequence[Any],
                            head_dim: int) -> FluxSharedProducers:
@@ -145,9 +138,9 @@ def storage_class(kind: str) -> type[FluxSharedProducers]:
     return FluxSharedDoubleProducers if kind == "double" else FluxSharedSingleProducers
 
 
-class _SharedFluxBlock:
-    """Makes a compact Flux block one whose producers (and q/k norms) are row ranges of a
-    `FluxSharedProducers` held by reference; put it before the block class in the bases."""
+class _SharedFluxBlock(SharedProducerRowsMixin):
+    """Makes a compact Flux block one whose producer operands (`_producer_rows`) and q/k norms are views
+    of a `FluxSharedProducers` held by reference; put it before the block class in the bases."""
 
     qkv_layout = "heads"
     consumer_fields: ClassVar[tuple[str, ...]]
@@ -177,12 +170,12 @@ class _SharedFluxBlock:
     def width(self) -> int:
         return int(self._producers.qkv_weight.shape[1])
 
-    def operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """As the block's, with a producer's ``(weight, bias, scale)`` this stage's rows of the storage."""
+    def _producer_rows(self, name: str) -> list[slice]:
+        """This stage's rows of the stored producer ``name``: its run of units, `unit_rows` each."""
         p = self._producers
-        if name not in p.fields:
-            return super().operands(name)
-        return p.rows(name, *self.ranges[p.fields[name][0]])
+        a, b = self.ranges[p.fields[name][0]]
+        r = p.unit_rows(name)
+        return [slice(a * r, b * r)]
 
     def _norm(self, name: str) -> torch.Tensor:
         return getattr(self._producers, name)
@@ -198,7 +191,7 @@ class _SharedFluxBlock:
         out.update({n: getattr(p, n).detach() for n in _LAYOUT[p.kind][2]})
         rows = {}
         for name, (_, parts) in p.fields.items():
-            w, b = (t.detach() for t in self.operands(name)[:2])
+            w, b = (t.detach() for t in self.operands(name)[0][:2])
             rows[name] = (lay.part_major(w, parts, h, hd), lay.part_major(b, parts, h, hd)) if parts else (w, b)
         kept = {f"kept_{k}": getattr(self, f"kept_{k}") for k in p.kinds}
         if p.kind == "double":
@@ -242,7 +235,7 @@ class SharedFluxSingleBlock(_SharedFluxBlock, CompactFluxSingleBlock):
     fp8_weights = ("out_weight",)
 
     def producer_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._qkv_view(self._gemm(x, *self.operands("qkv"))), self._gemm(x, *self.operands("mlp"))
+        return self._qkv_view(self.producer_gemm("qkv", x)), self.producer_gemm("mlp", x)
 
 
 def _block_class(kind: str) -> type:

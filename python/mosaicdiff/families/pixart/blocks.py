@@ -91,16 +91,13 @@ class CompactPixArtBlock(TextBlockMixin, nn.Module):
     def __init__(self, weights: CompactPixArtBlockWeights, head_dim: int, eps: float = 1e-6):
         super().__init__(weights, head_dim, eps)
 
-    # the field checks, heads, mlp_width, weights(), the qkv1 / q2 / kv2 accessors, their layouts ("qkv",
-    # "parts"; head-major in a shared-producer block: `mosaicdiff.families.pixart.producers`) and cross_kv:
-    # `TextBlockMixin`
+    # the field checks, heads, mlp_width, weights(), the qkv1 / kv2 layouts ("qkv", "parts"; head-major in a
+    # shared-producer block: `mosaicdiff.families.pixart.producers`) and cross_kv: `TextBlockMixin`; the GEMM
+    # operands: `mosaicdiff.core.gemm.FP8GemmMixin.operands`
 
     @property
     def width(self) -> int:
         return int(self.out1_bias.shape[0])
-
-    def ff1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ff1_weight, self.ff1_bias
 
     def norm1(self, h: torch.Tensor, mod: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``LN(h) * (1 + scale_msa) + shift_msa``: what `forward_normed` takes as ``x``."""

@@ -293,27 +293,8 @@ class CompactSD3Block(FP8GemmMixin, nn.Module):
         return CompactSD3BlockWeights(**{k: getattr(self, k) for k in SD3_INDEX_FIELDS},
                                       **{k: getattr(self, k).detach() for k in self.shapes()})
 
-    # the producers and the q/k norms, as (weight, bias) / (q, k): views of the storage in a shared block
-    def qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.qkv_weight, self.qkv_bias
-
-    def add_qkv_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.add_qkv_weight, self.add_qkv_bias
-
-    def qkv2_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.qkv2_weight, self.qkv2_bias
-
-    def ff1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ff1_weight, self.ff1_bias
-
-    def ffc1_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ffc1_weight, self.ffc1_bias
-
-    def producer_scale(self, name: str) -> torch.Tensor | None:
-        """The fp32 row scale of the float8 producer ``name`` (``"qkv"``, ..., ``"ffc1"``; rows as its
-        ``*_params``), or None before `mosaicdiff.quantize`."""
-        return self.weight_scale(name)
-
+    # the q/k norms (views of the storage in a shared block); the GEMM operands:
+    # `mosaicdiff.core.gemm.FP8GemmMixin.operands`
     def qk_norms(self, prefix: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (q, k) RMSNorm weights ``norm_*`` / ``norm_added_*`` / ``norm2_*``, or None without qk-norm."""
         if not self.kind.qk_norm:
@@ -365,8 +346,8 @@ class CompactSD3Block(FP8GemmMixin, nn.Module):
         ops = _ops()
         hd, eps, kind = self.head_dim, self.eps, self.kind
         # 1. Joint attention over [image | text] on the kept heads.
-        streams = [(qkv_heads(self._producer(x, "qkv"), self.heads, hd, self.qkv_layout), self.qk_norms("norm")),
-                   (qkv_heads(self._producer(xc, "add_qkv"), self.heads, hd, self.qkv_layout),
+        streams = [(qkv_heads(self.producer_gemm("qkv", x), self.heads, hd, self.qkv_layout), self.qk_norms("norm")),
+                   (qkv_heads(self.producer_gemm("add_qkv", xc), self.heads, hd, self.qkv_layout),
                     self.qk_norms("norm_added"))]
         a_img, a_txt = joint_attention(joint_qkv(streams, self.qk_eps), self.heads, (x.shape[1], xc.shape[1]))
         y, gate = self.own_gemm("out", a_img), mod[:, 2]
@@ -374,25 +355,21 @@ class CompactSD3Block(FP8GemmMixin, nn.Module):
         if kind.dual_attention:
             x2 = ops.ln_modulate(h, mod[:, 6], mod[:, 7], eps)
             h = ops.gated_residual(h, gate, y)
-            qkv2 = qkv_heads(self._producer(x2, "qkv2"), self.heads2, hd, self.qkv_layout)
+            qkv2 = qkv_heads(self.producer_gemm("qkv2", x2), self.heads2, hd, self.qkv_layout)
             (a2,) = joint_attention(joint_qkv([(qkv2, self.qk_norms("norm2"))], self.qk_eps), self.heads2,
                                     (x.shape[1],))
             y, gate = self.own_gemm("out2", a2), mod[:, 8]
         # 3. Image MLP: the attention's gated residual fused with norm2; tanh-GELU epilogue.
         h, xf = ops.gated_residual_ln_modulate(h, gate, y, mod[:, 3], mod[:, 4], eps)
-        h, x_next = self._gated_out(h, self._producer(xf, "ff1", "gelu_tanh"), "ff2", mod[:, 5], next_norm)
+        h, x_next = self._gated_out(h, self.producer_gemm("ff1", xf, "gelu_tanh"), "ff2", mod[:, 5], next_norm)
         if kind.context_pre_only:
             return h, x_next, None, None
         # 4. Text stream: the same with to_add_out and ff_context.
         c, xcf = ops.gated_residual_ln_modulate(c, cmod[:, 2], self.own_gemm("add_out", a_txt), cmod[:, 3],
                                                 cmod[:, 4], eps)
-        c, xc_next = self._gated_out(c, self._producer(xcf, "ffc1", "gelu_tanh"), "ffc2", cmod[:, 5],
+        c, xc_next = self._gated_out(c, self.producer_gemm("ffc1", xcf, "gelu_tanh"), "ffc2", cmod[:, 5],
                                      next_context_norm)
         return h, x_next, c, xc_next
-
-    def _producer(self, x: torch.Tensor, name: str, epilogue: str = "none") -> torch.Tensor:
-        """The producer GEMM ``name`` (``"qkv"``, ..., ``"ffc1"``) on its kept rows."""
-        return self._gemm(x, *getattr(self, f"{name}_params")(), self.producer_scale(name), epilogue)
 
     def _gated_out(self, h: torch.Tensor, f: torch.Tensor, name: str, gate: torch.Tensor,
                    next_norm: NextNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:

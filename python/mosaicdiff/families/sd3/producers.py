@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mosaicdiff.core.gemm import SharedProducerRowsMixin
 from mosaicdiff.core.stages import frozen
 from mosaicdiff.families.sd3.blocks import (
     SD3_INDEX_FIELDS,
@@ -108,8 +109,9 @@ class SD3SharedProducers(nn.Module):
         return ", ".join(f"{k}={getattr(self, k).numel()}" for k in KINDS) + f", head_dim={self.head_dim}, {self.kind}"
 
 
-class SharedSD3Block(CompactSD3Block):
-    r"""A `CompactSD3Block` whose producer weights and q/k norms are row ranges of an `SD3SharedProducers`.
+class SharedSD3Block(SharedProducerRowsMixin, CompactSD3Block):
+    r"""A `CompactSD3Block` whose producer operands (`_producer_rows`) and q/k norms are views of an
+    `SD3SharedProducers`.
 
     Parameters:
         producers (`SD3SharedProducers`): the storage of this block position, owned by the model
@@ -149,38 +151,14 @@ class SharedSD3Block(CompactSD3Block):
     def producers(self) -> SD3SharedProducers:
         return self._producers
 
-    def _row_range(self, name: str) -> slice:
+    def _producer_rows(self, name: str) -> list[slice]:
         """This stage's rows of the stored producer ``name``: its run of units, rows per unit."""
         if name in _HEAD_PRODUCERS:
             kind, rows = _HEAD_PRODUCERS[name], 3 * self.head_dim
         else:
             kind, rows = _CHANNEL_PRODUCERS[name], 1
         a, b = self.ranges[kind]
-        return slice(a * rows, b * rows)
-
-    def _rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, p = self._row_range(name), self._producers
-        return getattr(p, name + "_weight")[rows], getattr(p, name + "_bias")[rows]
-
-    def qkv_params(self):
-        return self._rows("qkv")
-
-    def add_qkv_params(self):
-        return self._rows("add_qkv")
-
-    def qkv2_params(self):
-        return self._rows("qkv2")
-
-    def ff1_params(self):
-        return self._rows("ff1")
-
-    def ffc1_params(self):
-        return self._rows("ffc1")
-
-    def producer_scale(self, name: str) -> torch.Tensor | None:
-        """The storage's float8 row scales (`mosaicdiff.quantize`) of this stage's rows of ``name``, or None."""
-        scale = getattr(self._producers, f"{name}_weight_scale", None)
-        return None if scale is None else scale[self._row_range(name)]
+        return [slice(a * rows, b * rows)]
 
     def qk_norms(self, prefix: str):
         if not self.kind.qk_norm:
@@ -202,11 +180,11 @@ class SharedSD3Block(CompactSD3Block):
         for name, kind in _HEAD_PRODUCERS.items():
             if name + "_weight" in self._producers.fields:
                 heads = self.heads2 if kind == "heads2" else self.heads
-                for suffix, t in zip(("_weight", "_bias"), self._rows(name)):
+                for suffix, t in zip(("_weight", "_bias"), self.operands(name)[0][:2]):
                     out[name + suffix] = layout.part_major(t.detach(), 3, heads, self.head_dim)
         for name in _CHANNEL_PRODUCERS:
             if name + "_weight" in self._producers.fields:
-                out[name + "_weight"], out[name + "_bias"] = (t.detach() for t in self._rows(name))
+                out[name + "_weight"], out[name + "_bias"] = (t.detach() for t in self.operands(name)[0][:2])
         for name in self._producers.fields:
             if name.startswith("norm"):
                 out[name] = getattr(self._producers, name).detach()

@@ -105,14 +105,9 @@ class CompactUNetBlock(TextBlockMixin, nn.Module):
     def __init__(self, weights: CompactUNetBlockWeights, head_dim: int, eps: float = 1e-5):
         super().__init__(weights, head_dim, eps)
 
-    # the field checks, heads, mlp_width, weights(), the qkv1 / q2 / kv2 accessors, their layouts ("qkv",
-    # "parts"; head-major in a shared-producer block: `mosaicdiff.families.unet.producers`) and cross_kv:
-    # `TextBlockMixin`
-
-    def ff1_params(self) -> tuple[torch.Tensor, ...]:
-        """``linear_geglu``'s weight operands: ``(weight, bias)`` of ``[value | gate]`` rows, or
-        ``(value weight, value bias, gate weight, gate bias)``."""
-        return self.ff1_weight, self.ff1_bias
+    # the field checks, heads, mlp_width, weights(), the qkv1 / kv2 layouts ("qkv", "parts"; head-major in a
+    # shared-producer block: `mosaicdiff.families.unet.producers`) and cross_kv: `TextBlockMixin`; the GEMM
+    # operands: `mosaicdiff.core.gemm.FP8GemmMixin.operands`
 
     def _norm(self, k: int, h: torch.Tensor) -> torch.Tensor:
         return _ops().layer_norm(h, getattr(self, f"norm{k}_weight"), getattr(self, f"norm{k}_bias"), self.eps)

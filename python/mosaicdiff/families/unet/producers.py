@@ -75,7 +75,7 @@ class UNetSharedProducers(TextSharedProducers):
 
 class SharedUNetBlock(SharedTextBlockMixin, CompactUNetBlock):
     r"""A `CompactUNetBlock` whose producer weights are row ranges of a `UNetSharedProducers`
-    (`mosaicdiff.core.shared_producers.SharedTextBlockMixin`); ``ff1_params`` gives the value and
+    (`mosaicdiff.core.shared_producers.SharedTextBlockMixin`); ``operands("ff1")`` gives the value and
     gate rows as two views.
 
     Parameters:

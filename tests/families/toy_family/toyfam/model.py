@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from mosaicdiff.core.gemm import FP8GemmMixin
+from mosaicdiff.core.gemm import FP8GemmMixin, SharedProducerRowsMixin
 from mosaicdiff.core.model import MosaicModel
 from mosaicdiff.core.stages import check_stage_ranges, frozen
 from mosaicdiff.method.producer_layout import interval_order, unit_ranges
@@ -44,15 +44,12 @@ class CompactToyBlock(FP8GemmMixin, nn.Module):
         self.fc1_weight = frozen(torch.empty(channels, width))
         self.fc1_bias = frozen(torch.empty(channels))
 
-    def fc1(self):
-        return self.fc1_weight, self.fc1_bias, self.weight_scale("fc1")
-
     def forward(self, h, cond):
-        f = F.gelu(self._gemm(self.norm(h) + cond, *self.fc1()))
+        f = F.gelu(self.producer_gemm("fc1", self.norm(h) + cond))
         return h + self.own_gemm("fc2", f)
 
 
-class SharedToyBlock(CompactToyBlock):
+class SharedToyBlock(SharedProducerRowsMixin, CompactToyBlock):
     """A block whose fc1 rows are a row range of the position's `ToyProducers`."""
 
     fp8_weights = ("fc2_weight",)
@@ -65,10 +62,8 @@ class SharedToyBlock(CompactToyBlock):
         object.__setattr__(self, "_producers", producers)  # a reference, not a submodule: saved once
         self.rows = rows
 
-    def fc1(self):
-        p, rows = self._producers, slice(*self.rows)
-        scale = getattr(p, "fc1_weight_scale", None)
-        return p.fc1_weight[rows], p.fc1_bias[rows], None if scale is None else scale[rows]
+    def _producer_rows(self, name):
+        return [slice(*self.rows)]
 
 
 class MosaicToy(MosaicModel):
