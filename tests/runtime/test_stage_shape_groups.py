@@ -115,3 +115,22 @@ def test_a_changed_batch_in_the_same_stage_selects_again(recorder):
             x, labels = inputs(batch=batch)
             mosaic(x, timestep=900, class_labels=labels)
     assert [items[0][1][0] for items, _ in recorder.calls if items[0][0] == "attention"] == [2, 4]
+
+
+def test_a_quantized_stage_selects_and_tunes_no_bf16_gemm_configs(recorder):
+    """Its GEMMs run as ``fp8_gemm``, which has no per-shape config: only the other ops are selected."""
+    import mosaicdiff
+    from mosaicdiff.core.runtime import GEMM_OPS
+
+    mosaic = hand_mosaic()
+    x, labels = inputs(batch=2)
+    with torch.no_grad():
+        mosaic(x, timestep=900, class_labels=labels)
+    assert any(op in GEMM_OPS for op, _, _ in recorder.calls[-1][0]), "the unquantized stage selects its GEMMs"
+    mosaicdiff.quantize(mosaic, "fp8")
+    recorder.calls.clear()
+    with torch.no_grad():
+        mosaic(x, timestep=100, class_labels=labels)
+    mosaic.autotune_kernels(2, TOKENS, torch.float32, ops=("attention", "linear_gelu"))
+    assert recorder.calls and all(op not in GEMM_OPS for items, _ in recorder.calls for op, _, _ in items)
+    assert any(op == "attention" for items, _ in recorder.calls for op, _, _ in items)

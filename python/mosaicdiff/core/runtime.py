@@ -22,7 +22,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StageRuntimeMixin"]
+__all__ = ["GEMM_OPS", "StageRuntimeMixin"]
+
+#: The GEMM ops of ``stage_kernel_shapes``. A quantized stage (`mosaicdiff.quantize`) runs its GEMMs
+#: as ``fp8_gemm``, which has no per-shape config: their bf16 configs are not selected or tuned.
+GEMM_OPS = frozenset({"linear_gelu", "linear_gated_residual", "linear_geglu", "linear_residual"})
 
 
 class StageRuntimeMixin:
@@ -49,7 +53,7 @@ class StageRuntimeMixin:
         self._last_stage_key = key
         from mosaic_kernels import configs as kernel_configs
 
-        items = self.stage_kernel_shapes(stage, batch, tokens, dtype)
+        items = self._selectable_kernel_shapes(stage, batch, tokens, dtype)
         shapes = (frozenset(items), device)
         if shapes != self._last_stage_shapes:
             self._last_stage_shapes = shapes
@@ -70,6 +74,14 @@ class StageRuntimeMixin:
             ``(M, N, K)``, ``M = B*L``, attention with ``(B, L, heads, head_dim)``.
         """
         return []
+
+    def _selectable_kernel_shapes(self, stage: int, batch: int, tokens: int,
+                                  dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """`stage_kernel_shapes` less the `GEMM_OPS` when the stage's weights are float8."""
+        items = self.stage_kernel_shapes(stage, batch, tokens, dtype)
+        if any(p.dtype == torch.float8_e4m3fn for p in self.stage_blocks[stage].parameters()):
+            items = [it for it in items if it[0] not in GEMM_OPS]
+        return items
 
     def stage_shape_groups(self, batch: int, tokens: int, dtype: torch.dtype | None = None) -> list[list[int]]:
         """The stages grouped by identical kernel shapes (equal widths): the stages of a group
@@ -112,7 +124,7 @@ class StageRuntimeMixin:
 
         dtype = dtype or self.dtype
         items = {it: None for stage in range(self.num_stages)  # distinct, in first-seen order
-                 for it in self.stage_kernel_shapes(stage, batch, tokens, dtype) if it[0] in ops}
+                 for it in self._selectable_kernel_shapes(stage, batch, tokens, dtype) if it[0] in ops}
         return kernel_configs.select_configs_for_shapes(list(items), self.device, tune=True)
 
     def enable_cuda_graphs(self, enabled: bool = True):
