@@ -12,8 +12,9 @@ images of each `--seeds` noise, pooled), side by side in one run:
 - ``searched``: the searched ten-stage schedule. ``--searched run`` searches here
   (`mosaicdiff.app.searched`, minutes per sparsity); ``--searched FILE`` re-prunes the per-stage
   sparsities a stored search found (its ``searches`` entry, as `scripts/compare_schedule_search.py`
-  and a ``--searched run`` of this script write) with that search's calibration settings, so the model is the searched one without
-  searching again (its pruning time is then the stored search's ``seconds``).
+  and a ``--searched run`` of this script write) with that search's calibration settings, so the
+  model is the searched one without searching again (its pruning time is then the stored search's
+  ``seconds``).
 
 Reported per model: FID, class accuracy, PSNR and SSIM to dense with 95% intervals, memory ratio
 and pruning seconds; paired differences stepwise - each other. The JSON is rewritten atomically
@@ -38,7 +39,7 @@ from mosaicdiff.families import family_for
 from mosaicdiff.search.cache import StagePruneCache
 from mosaicdiff.search.search import uniform_stages
 
-from _digits_run import prepare_run
+from _digits_run import prepare_run, summary_line
 
 METHODS = ("mosaic", "stepwise", "stepwise-copies", "searched")
 
@@ -61,18 +62,20 @@ def build(run, method: str, sparsity: float, searched: str, searches: dict,
     """The model `method` at `sparsity` and its pruning seconds; a search run here adds its log to
     `searches` (the report's ``searches``: the report can then be a later run's ``--searched FILE``);
     `stepwise`: more `mosaicdiff.prune` options of the stepwise models (``s_max``)."""
-    stepwise = stepwise or {}
     if method == "searched" and searched != "run":
         return stored_searched(run, Path(searched), sparsity)
     if method == "searched":
         model, log = searched_mosaic(run, sparsity, run.subject.guidance_scale)
         searches[f"{sparsity:g}"] = log
         return model, float(log["seconds"])
+    if not method.startswith("stepwise"):
+        return run.prune(method, sparsity)  # mosaic
+    options = dict(stepwise or {})
     if method == "stepwise-copies":
-        return run.prune("stepwise", sparsity, share_producers=False, **stepwise)
-    if method.startswith("stepwise-k"):  # nested stepwise with fewer (or more) stages: --stepwise-stages
-        return run.prune("stepwise", sparsity, num_stages=int(method.removeprefix("stepwise-k")), **stepwise)
-    return run.prune(method, sparsity, **(stepwise if method == "stepwise" else {}))
+        options["share_producers"] = False
+    elif method.startswith("stepwise-k"):  # nested stepwise with fewer (or more) stages: --stepwise-stages
+        options["num_stages"] = int(method.removeprefix("stepwise-k"))
+    return run.prune("stepwise", sparsity, **options)
 
 
 def main(argv=None) -> int:
@@ -113,10 +116,8 @@ def main(argv=None) -> int:
                 "realized_mean_sparsity": (model.meta or {}).get("realized_mean_sparsity")}
             write_json_atomic(args.out, json_safe(report), indent=2)
             c = report["configs"][f"{sp:g}/{method}"]
-            iv = c["intervals"]["psnr_to_dense"]
-            print(f"{sp:g} {method:16s} PSNR {c['psnr_to_dense']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}] "
-                  f"SSIM {c['ssim_to_dense']:.4f} acc {c['class_accuracy']:.3f} FID {c['fid']:.1f} "
-                  f"memory {c['memory_ratio']:.2f} prune {c['prune_seconds']:.1f} s", flush=True)
+            print(f"{sp:g} {method:16s} {summary_line(c)}, memory {c['memory_ratio']:.2f}, "
+                  f"prune {c['prune_seconds']:.1f} s", flush=True)
         leads = [m for m in measured if m.startswith("stepwise")]  # each pair once, the earlier lead first
         for i, lead in enumerate(leads):
             for other in measured:
